@@ -1,0 +1,36 @@
+"""Evaluate a checkpoint on the val split. `python eval.py` evaluates the demo's best checkpoint.
+
+Prints and appends to output_path/eval.log:  result:{'acc': A, 'top_5_accuracy': B} ckpt=PATH
+Example:
+  python eval.py --config_path configs/mobilenetv2_imagenet.yaml --dataset_path /data/imagenet \
+      --pretrain_ckpt output/checkpoint/best.ckpt
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from src.config import load_config
+from src.errors import run_cli
+from src.logs import quiet_mindspore, setup_console_logging
+
+
+def main(argv: Sequence[str]) -> int:
+    cfg = load_config(argv, description=__doc__)
+    setup_console_logging()
+    quiet_mindspore()
+    from src.evaluate import evaluate
+
+    result = evaluate(cfg)
+    line = result.line()
+    print(line, flush=True)
+    log_path = Path(cfg.output_path) / "eval.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

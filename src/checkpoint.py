@@ -1,0 +1,95 @@
+"""Checkpoint files: atomic saves with metadata, checked loading with messages that say what to do."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+
+from src.errors import UserError
+
+META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1")
+OPTIMIZER_MARKERS = ("moments.", "global_step")
+NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint of this package says about itself (absent fields are None)."""
+
+    epoch_num: int | None = None
+    step_num: int | None = None
+    model: str | None = None
+    num_classes: int | None = None
+    image_size: int | None = None
+    width: float | None = None
+    class_names: list[str] | None = None
+    val_top1: float | None = None
+
+
+def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
+    """Write `obj` (a Cell) with metadata to `path` via a temp file and rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    append = {k: (json.dumps(v) if k == "class_names" else v) for k, v in meta.items() if v is not None}
+    ms.save_checkpoint(obj, str(tmp), append_dict=append)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, CheckpointMeta]:
+    """Parameters and metadata of a checkpoint file; UserError if it is missing or not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found (check the path; training writes "
+                        "output_path/checkpoint/best.ckpt and <model>-<epoch>_<step>.ckpt)")
+    try:
+        raw = ms.load_checkpoint(str(path))
+    except (ValueError, RuntimeError, TypeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{what} {path} is not a readable MindSpore checkpoint: {first[:200]} "
+                        "(pass a .ckpt file written by MindSpore)") from None
+    meta = CheckpointMeta()
+    params = {}
+    for name, value in raw.items():
+        if name in META_KEYS:
+            if isinstance(value, ms.Parameter):
+                value = value.asnumpy().item()
+            setattr(meta, name, json.loads(value) if name == "class_names" else value)
+        else:
+            params[name] = value
+    return params, meta
+
+
+def has_optimizer_state(params: dict) -> bool:
+    return any(name.startswith(OPTIMIZER_MARKERS) for name in params)
+
+
+def check_compatible(meta: CheckpointMeta, path: Path, model: str, num_classes: int, width: float) -> None:
+    """Refuse a checkpoint whose recorded model settings differ from the config, naming the flag to change."""
+    for key, want in (("model", model), ("num_classes", num_classes), ("width", width)):
+        have = getattr(meta, key)
+        if have is not None and have != want:
+            raise UserError(f"checkpoint {path} was trained with {key}={have} but the config has {key}={want} "
+                            f"(pass --{key} {have}, or the --config_path it was trained with)")
+
+
+def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Load matching parameters into `cell`; a shape mismatch is an error naming the parameter.
+
+    Returns the names of the cell's parameters that the checkpoint did not provide.
+    """
+    own = {p.name: p for p in cell.get_parameters()}
+    for name, value in params.items():
+        if name in own and name not in skip and tuple(own[name].shape) != tuple(value.shape):
+            raise UserError(f"checkpoint {path}: parameter {name} has shape {tuple(value.shape)} but the net "
+                            f"expects {tuple(own[name].shape)} (use the --model, --num_classes and --width "
+                            "it was trained with)")
+    usable = {k: v for k, v in params.items() if k in own and k not in skip}
+    if not any(k in usable for k in own if not k.startswith(OPTIMIZER_MARKERS)):
+        raise UserError(f"checkpoint {path} holds none of this net's parameters (is it a checkpoint of "
+                        "another model? pass the matching --model)")
+    ms.load_param_into_net(cell, usable, strict_load=False)
+    return [k for k in own if k not in usable and k not in skip]

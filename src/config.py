@@ -1,0 +1,245 @@
+"""YAML + command line -> one validated, immutable Config.
+
+Every field of `Config` is a YAML key and a `--key value` flag. A YAML file (chosen with
+`--config_path`, default configs/demo.yaml) only sets the defaults; flags override it. Unknown keys
+or flags, wrong types, out-of-range values and bad choices raise UserError naming the valid options.
+Built inside main(), never at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from src.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
+MODEL_NAMES = ("mobilenetv2", "resnet50", "resnet101")
+TRUE_WORDS = ("True", "true", "1")
+FALSE_WORDS = ("False", "false", "0")
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None,
+         min: float | None = None, max: float | None = None, nullable: bool = False) -> Any:
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
+            "nullable": nullable}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every option of train.py, eval.py and benchmark-style tools; names follow the ModelZoo."""
+
+    # what to train
+    model: str = _opt("mobilenetv2", "network", choices=MODEL_NAMES)
+    dataset: str = _opt("imagefolder", "dataset format: imagefolder (train/ and val/ class folders) "
+                        "or cifar10 (binary batches)", choices=("imagefolder", "cifar10"))
+    dataset_path: str = _opt("data/digits", "dataset root; relative paths that do not exist from the "
+                             "current folder are looked up in the package folder")
+    num_classes: int = _opt(10, "number of classes (must equal the class folders found)", min=2)
+    image_size: int = _opt(32, "network input size in pixels", min=16, max=1024)
+    width: float = _opt(1.0, "MobileNetV2 width multiplier", min=0.1, max=4.0)
+    dropout: float = _opt(0.0, "dropout before the classifier", min=0.0, max=0.9)
+    # where and how
+    platform: str = _opt("CPU", "device to run on", choices=("CPU", "GPU", "Ascend"))
+    device_id: int = _opt(0, "device index on GPU/Ascend", min=0, max=15)
+    output_path: str = _opt("./output", "folder for checkpoints, logs, metrics and curves")
+    seed: int = _opt(1, "random seed (numpy, mindspore, dataset)", min=0)
+    debug: bool = _opt(False, "show tracebacks for user errors")
+    # data pipeline
+    batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
+    num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)
+    crop_scale_min: float = _opt(0.08, "smallest area fraction of the random resized crop", min=0.01, max=1.0)
+    random_flip: float = _opt(0.5, "probability of a horizontal flip (0 disables)", min=0.0, max=1.0)
+    color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength (0 disables)",
+                               min=0.0, max=1.0)
+    # optimisation
+    epoch_size: int = _opt(30, "number of epochs", min=1)
+    lr_decay_mode: str = _opt("cosine", "learning-rate schedule",
+                              choices=("cosine", "steps", "poly", "linear"))
+    lr_init: float = _opt(0.0, "learning rate at the start of warmup", min=0.0)
+    lr_max: float = _opt(0.1, "peak learning rate (after warmup)", min=0.0)
+    lr_end: float = _opt(0.0, "final learning rate (cosine, linear)", min=0.0)
+    warmup_epochs: float = _opt(0.0, "epochs of linear warmup from lr_init to lr_max", min=0.0)
+    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    weight_decay: float = _opt(4e-5, "weight decay (not applied to BatchNorm and biases)", min=0.0)
+    label_smooth: float = _opt(0.1, "label smoothing factor", min=0.0, max=0.99)
+    # mixed precision
+    amp_level: str = _opt("O0", "mixed precision level", choices=("O0", "O1", "O2", "O3"))
+    keep_batchnorm_fp32: bool = _opt(True, "keep BatchNorm in float32 at O2/O3")
+    loss_scale_type: str = _opt("fixed", "loss scale manager (CPU supports fixed only)",
+                                choices=("fixed", "dynamic"))
+    loss_scale: float = _opt(1.0, "(initial) loss scale", min=1.0)
+    drop_overflow_update: bool = _opt(False, "skip the update on overflow with a fixed loss scale (GPU/Ascend)")
+    # checkpoints and evaluation
+    save_checkpoint_epochs: int = _opt(1, "save a checkpoint every N epochs", min=1)
+    keep_checkpoint_max: int = _opt(5, "keep at most N periodic checkpoints", min=1)
+    run_eval: bool = _opt(True, "evaluate on the val set during training and keep checkpoint/best.ckpt")
+    eval_interval: int = _opt(1, "evaluate every N epochs", min=1)
+    print_freq: int = _opt(20, "log the top1/top5/speed line every N steps", min=1)
+    pretrain_ckpt: str | None = _opt(None, "checkpoint to start from (train) or to evaluate (eval; default: "
+                                     "output_path/checkpoint/best.ckpt)", nullable=True)
+    resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step)",
+                                   nullable=True)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.lr_init > self.lr_max and self.warmup_epochs > 0:
+            raise UserError(f"lr_init {self.lr_init} is above lr_max {self.lr_max} "
+                            "(warmup rises from lr_init to lr_max; lower --lr_init)")
+        if self.warmup_epochs >= self.epoch_size and self.warmup_epochs > 0:
+            raise UserError(f"warmup_epochs {self.warmup_epochs} must be below epoch_size {self.epoch_size} "
+                            "(lower --warmup_epochs or raise --epoch_size)")
+        if self.model != "mobilenetv2" and self.width != 1.0:
+            raise UserError(f"width applies to mobilenetv2 only (drop --width for {self.model})")
+        if self.model.startswith("resnet") and self.image_size < 32:
+            raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_dataset_path(self) -> Path:
+        """The dataset folder: as given, or relative to the package when that is where it exists."""
+        path = Path(os.path.expanduser(self.dataset_path))
+        if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+            return ROOT / path
+        return path
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "True or False"}.get(
+        _base_type(f), "a string")
+
+
+def _base_type(f: dataclasses.Field) -> str:
+    return str(f.type).split("|")[0].strip()
+
+
+def _convert(f: dataclasses.Field, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise UserError."""
+    kind = _base_type(f)
+    if f.metadata["nullable"] and (value is None or (isinstance(value, str) and value in ("", "None", "null"))):
+        return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value)
+        if text in TRUE_WORDS:
+            return True
+        if text in FALSE_WORDS:
+            return False
+        raise UserError(f"--{f.name} got {value!r} (use one of True/False/true/false/1/0)")
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{f.name} got {value!r} (use {_type_name(f)})") from None
+    if value is None:
+        raise UserError(f"--{f.name} needs a value ({f.metadata['help']})")
+    return str(value)
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"--{f.name} got {value!r} (choose from {', '.join(meta['choices'])})")
+    if meta["min"] is not None and value < meta["min"]:
+        raise UserError(f"--{f.name} got {value} (must be at least {meta['min']})")
+    if meta["max"] is not None and value > meta["max"]:
+        raise UserError(f"--{f.name} got {value} (must be at most {meta['max']})")
+
+
+def _unknown(name: str, where: str) -> UserError:
+    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.7)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    return UserError(f"unknown {where} '{name}' ({hint}valid keys: {', '.join(FIELDS)})")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found (pass an existing file with --config_path, "
+                        f"e.g. {DEFAULT_CONFIG.relative_to(ROOT)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]} "
+                        "(fix the file)") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value (fix the file)")
+    for key in data:
+        if key not in FIELDS:
+            raise _unknown(str(key), f"key in {path}")
+    return data
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit
+        raise UserError(f"{message} (see --help)")
+
+
+def _split_config_path(argv: Sequence[str]) -> tuple[Path, list[str]]:
+    rest, path = [], DEFAULT_CONFIG
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg == "--config_path":
+            if i + 1 >= len(argv):
+                raise UserError("--config_path needs a value (a YAML file in configs/)")
+            path = Path(argv[i + 1])
+            next(it, None)
+        elif arg.startswith("--config_path="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        path = ROOT / path
+    return path, rest
+
+
+def load_config(argv: Sequence[str], description: str = "") -> Config:
+    """Parse argv (without the program name) into a Config."""
+    config_path, rest = _split_config_path(argv)
+    values = read_yaml(config_path)
+    parser = _Parser(description=description, allow_abbrev=False,
+                     epilog=f"Defaults come from --config_path (default {DEFAULT_CONFIG.relative_to(ROOT)}).")
+    parser.add_argument("--config_path", default=str(config_path), help="YAML file with the defaults")
+    for name, f in FIELDS.items():
+        default = values.get(name, f.default)
+        choices = f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else ""
+        parser.add_argument(f"--{name}", default=default, type=str, metavar=_base_type(f).upper(),
+                            help=f"{f.metadata['help']}{choices} (default: {default})")
+    parsed, unknown = parser.parse_known_args(list(rest))
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        if not flag.startswith("-"):
+            raise UserError(f"unexpected argument '{flag}' (options are written --key value)")
+        raise _unknown(flag.lstrip("-").split("=")[0], "flag")
+    kwargs = {name: _convert(f, getattr(parsed, name)) for name, f in FIELDS.items()}
+    return Config(**kwargs)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

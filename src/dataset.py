@@ -1,0 +1,220 @@
+"""Dataset readers and transforms on mindspore.dataset: ImageFolder (also the built-in demo) and CIFAR-10 binary.
+
+Everything a user can get wrong about the data is checked here, before any graph is compiled:
+missing folders, empty classes, a class count that differs from num_classes, and files that claim
+to be images but are not (these fail, naming the file: a silently skipped image would change the
+data set without anyone noticing). Files without an image extension are ignored with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.config import Config
+from src.errors import UserError
+
+log = logging.getLogger("train")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_MAGIC = {".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",), ".png": (b"\x89PNG\r\n\x1a\n",),
+          ".bmp": (b"BM",)}
+VAL_FOLDERS = ("val", "validation_preprocess")
+IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+CIFAR_MEAN = [0.4914 * 255, 0.4822 * 255, 0.4465 * 255]
+CIFAR_STD = [0.2023 * 255, 0.1994 * 255, 0.2010 * 255]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_RECORD = 1 + 32 * 32 * 3
+CIFAR_FILE_RECORDS = 10_000  # MindSpore's reader expects whole batches of this many records
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST_FILES = ("test_batch.bin",)
+
+
+@dataclass
+class Split:
+    """One checked split: where it is, its size and (for image folders) the extensions present."""
+
+    path: Path
+    num_images: int
+    extensions: set[str] = field(default_factory=set)
+
+
+@dataclass
+class DataSource:
+    """The checked layout of a data set: class names and the train and val splits."""
+
+    kind: str
+    class_names: list[str]
+    train: Split | None
+    val: Split | None
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why this file cannot be an image of the type its extension claims, or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not head:
+        return "is empty"
+    if not head.startswith(_MAGIC[path.suffix.lower()]):
+        return f"is not a {path.suffix.lower().lstrip('.').upper()} image"
+    return None
+
+
+def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], Split]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders (put each class's images in "
+                        f"{split_dir}/<class_name>/)")
+    if class_names is not None:
+        extra = sorted(set(classes) - set(class_names))
+        if extra:
+            raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra[:5])} "
+                            "(train and val need the same class folder names)")
+    images, ignored, exts = [], 0, set()
+    for name in classes:
+        count = 0
+        for entry in os.scandir(split_dir / name):
+            if not entry.is_file() or entry.name.startswith("."):
+                continue
+            suffix = os.path.splitext(entry.name)[1]
+            if suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(Path(entry.path))
+                exts.add(suffix)
+                count += 1
+            else:
+                ignored += 1
+        if count == 0 and class_names is None:
+            raise UserError(f"class folder {split_dir / name} has no images (add .jpg/.jpeg/.png/.bmp files "
+                            "or remove the folder)")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        problems = [(p, why) for p, why in zip(images, pool.map(_image_problem, images)) if why]
+    if problems:
+        path, why = problems[0]
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise UserError(f"{path} {why}{more} (delete or re-encode the file)")
+    if ignored:
+        log.warning("%s: ignored %d files without an image extension (%s)", split_dir, ignored,
+                    "/".join(IMAGE_EXTENSIONS))
+    return classes, Split(split_dir, len(images), exts)
+
+
+def check_imagefolder(root: Path, num_classes: int, need_train: bool, need_val: bool) -> DataSource:
+    if not root.is_dir():
+        raise UserError(f"dataset_path {root} does not exist (pass the folder that holds train/ and val/ "
+                        "with --dataset_path)")
+    train_dir = root / "train"
+    val_dir = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
+    if not train_dir.is_dir():
+        if need_train or val_dir is None:
+            raise UserError(f"{root} has no train/ folder (ImageFolder layout: {root}/train/<class>/*.jpg "
+                            f"and {root}/val/<class>/*.jpg)")
+    if need_val and val_dir is None:
+        raise UserError(f"{root} has no val/ (or validation_preprocess/) folder (add one, or train with "
+                        "--run_eval False)")
+    class_names, train = (None, None)
+    if train_dir.is_dir():
+        class_names, train = _scan_split(train_dir, None)
+    val = None
+    if val_dir is not None and (need_val or class_names is None):
+        val_classes, val = _scan_split(val_dir, class_names)
+        class_names = class_names or val_classes
+    if len(class_names) != num_classes:
+        raise UserError(f"found {len(class_names)} class folders in {train_dir if train else val_dir} but "
+                        f"num_classes is {num_classes} (pass --num_classes {len(class_names)})")
+    return DataSource("imagefolder", class_names, train, val)
+
+
+def _cifar_dir(root: Path, files: tuple[str, ...], sub: str) -> Path | None:
+    for cand in (root, root / "cifar-10-batches-bin", root / sub):
+        if all((cand / f).is_file() for f in files):
+            return cand
+    return None
+
+
+def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool) -> DataSource:
+    if not root.is_dir():
+        raise UserError(f"dataset_path {root} does not exist (pass the folder with the CIFAR-10 binary "
+                        "files data_batch_1..5.bin and test_batch.bin)")
+    if num_classes != 10:
+        raise UserError(f"CIFAR-10 has 10 classes but num_classes is {num_classes} (pass --num_classes 10)")
+    splits = []
+    for files, sub, needed in ((CIFAR_TRAIN_FILES, "train", need_train), (CIFAR_TEST_FILES, "test", need_val)):
+        folder = _cifar_dir(root, files, sub)
+        if folder is None:
+            if needed:
+                raise UserError(f"{root} lacks the CIFAR-10 binary files {', '.join(files)} (looked in "
+                                f"{root}, {root}/cifar-10-batches-bin and {root}/{sub}; download the "
+                                "'CIFAR-10 binary version')")
+            splits.append(None)
+            continue
+        for f in files:
+            size = (folder / f).stat().st_size
+            if size != CIFAR_FILE_RECORDS * CIFAR_RECORD:
+                raise UserError(f"{folder / f} has {size} bytes, but a CIFAR-10 binary batch has "
+                                f"{CIFAR_FILE_RECORDS * CIFAR_RECORD} ({CIFAR_FILE_RECORDS} records of "
+                                f"{CIFAR_RECORD} bytes; download the file again)")
+        splits.append(Split(folder, CIFAR_FILE_RECORDS * len(files)))
+    return DataSource("cifar10", list(CIFAR_CLASSES), splits[0], splits[1])
+
+
+def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -> DataSource:
+    """Check the dataset layout against the config; raises UserError with the fix."""
+    root = cfg.resolved_dataset_path()
+    check = check_cifar10 if cfg.dataset == "cifar10" else check_imagefolder
+    return check(root, cfg.num_classes, need_train, need_val)
+
+
+def _image_transforms(cfg: Config, kind: str, training: bool) -> list:
+    import mindspore.dataset.vision as vision
+
+    size = cfg.image_size
+    ops = []
+    if kind == "cifar10":
+        if training:
+            ops += [vision.RandomCrop((32, 32), (4, 4, 4, 4))]
+        if size != 32:
+            ops += [vision.Resize((size, size))]
+        mean, std = CIFAR_MEAN, CIFAR_STD
+    else:
+        if training:
+            ops += [vision.RandomCropDecodeResize(size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3))]
+        else:
+            ops += [vision.Decode(), vision.Resize(int(round(size * 256 / 224))), vision.CenterCrop(size)]
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if training and cfg.random_flip > 0:
+        ops += [vision.RandomHorizontalFlip(prob=cfg.random_flip)]
+    if training and cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        ops += [vision.RandomColorAdjust(brightness=j, contrast=j, saturation=j)]
+    ops += [vision.Normalize(mean=mean, std=std), vision.HWC2CHW()]
+    return ops
+
+
+def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
+                   num_shards: int | None = None, shard_id: int | None = None):
+    """A batched mindspore.dataset pipeline for one split; training shuffles, augments and drops the remainder."""
+    import mindspore as ms
+    import mindspore.dataset as ds
+    import mindspore.dataset.transforms as transforms
+
+    split = source.train if training else source.val
+    workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
+    common = {"num_parallel_workers": workers, "shuffle": training, "num_shards": num_shards,
+              "shard_id": shard_id}
+    if source.kind == "cifar10":
+        data = ds.Cifar10Dataset(str(split.path), usage="train" if training else "test", **common)
+    else:
+        class_indexing = {name: i for i, name in enumerate(source.class_names)}
+        data = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions),
+                                     class_indexing=class_indexing, decode=False, **common)
+    data = data.map(operations=_image_transforms(cfg, source.kind, training), input_columns="image",
+                    num_parallel_workers=workers)
+    data = data.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
+                    num_parallel_workers=1)
+    return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)

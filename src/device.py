@@ -1,0 +1,102 @@
+"""Platform setup: CPU kernel settings, device selection, seeds. One code path for CPU, GPU and Ascend."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from src.config import Config
+from src.errors import UserError
+
+log = logging.getLogger("train")
+ISA_VAR = "ONEDNN_MAX_CPU_ISA"
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def prepare_cpu_environment() -> str | None:
+    """Cap oneDNN at AVX2 on AVX-512 CPUs, before MindSpore runs its first convolution.
+
+    Measured with MindSpore 2.10: on AVX-512 CPUs oneDNN picks its reference kernel for every k x k
+    convolution (ONEDNN_VERBOSE shows `jit_uni_ncsp:conv+ref:any`); capped at AVX2 it uses the jit
+    gemm path, ~9x faster for MobileNetV2 training. A value the user already set is left alone.
+    Returns a note to log once, or None when nothing was changed.
+    """
+    if ISA_VAR in os.environ:
+        return None
+    if not _cpu_has_avx512():
+        return None
+    os.environ[ISA_VAR] = "AVX2"
+    return (f"CPU: set {ISA_VAR}=AVX2 (MindSpore's oneDNN falls back to reference convolution kernels "
+            f"on AVX-512; export {ISA_VAR} yourself to choose another value)")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """MindSpore's device probes print library-loading noise on C++ stderr; hide it."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def setup_device(cfg: Config) -> None:
+    """Select the platform (graph mode) and seed every generator. Call before building datasets or nets."""
+    note = prepare_cpu_environment() if cfg.platform == "CPU" else None
+    import mindspore as ms
+
+    if cfg.platform != "CPU":
+        with _quiet_stderr():
+            available = ms.hal.is_available(cfg.platform)
+        if not available:
+            raise UserError(f"platform {cfg.platform} is not available on this machine (MindSpore finds no "
+                            f"{cfg.platform} device or driver; use --platform CPU or install the "
+                            f"{cfg.platform} runtime)")
+        ms.set_device(cfg.platform, cfg.device_id)
+    else:
+        ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    if note:
+        log.info(note)
+    set_seed(cfg.seed)
+
+
+def set_seed(seed: int) -> None:
+    import mindspore as ms
+    import mindspore.dataset as ds
+
+    random.seed(seed)
+    np.random.seed(seed)
+    ms.set_seed(seed)
+    ds.config.set_seed(seed)
+
+
+def amp_speed_warning(cfg: Config) -> str | None:
+    """Paddle-style warning when mixed precision cannot make this device faster."""
+    if cfg.amp_level == "O0":
+        return None
+    if cfg.platform == "CPU":
+        return (f"AMP {cfg.amp_level} brings no speed-up on CPU (float16 runs no faster than float32 there); "
+                "it trains, but use --amp_level O0 for speed")
+    if cfg.platform == "GPU":
+        import mindspore as ms
+
+        major, minor = ms.hal.get_device_capability(cfg.device_id)
+        if major < 7:
+            name = ms.hal.get_device_name(cfg.device_id)
+            return (f"AMP only speeds up NVIDIA GPUs with Compute Capability 7.0 or higher, current GPU is: "
+                    f"{name}, with Compute Capability: {major}.{minor}")
+    return None

@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint on the val split and append the ModelZoo result line to eval.log."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mindspore import nn
+from mindspore.train import Model
+
+from src.checkpoint import check_compatible, load_into, read_checkpoint
+from src.config import Config
+from src.dataset import check_dataset, create_dataset
+from src.device import setup_device
+from src.errors import UserError
+from src.models import create_model
+from src.trainer import EvalNet, apply_amp
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class EvalResult:
+    acc: float
+    top_5_accuracy: float
+    ckpt: Path
+    num_images: int
+
+    def line(self) -> str:
+        return (f"result:{{'acc': {self.acc:.4f}, 'top_5_accuracy': {self.top_5_accuracy:.4f}}} "
+                f"ckpt={self.ckpt}")
+
+
+def default_checkpoint(cfg: Config) -> Path:
+    return Path(cfg.output_path) / "checkpoint" / "best.ckpt"
+
+
+def evaluate(cfg: Config) -> EvalResult:
+    ckpt = Path(cfg.pretrain_ckpt) if cfg.pretrain_ckpt else default_checkpoint(cfg)
+    if not cfg.pretrain_ckpt and not ckpt.is_file():
+        raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --pretrain_ckpt PATH)")
+    params, meta = read_checkpoint(ckpt, "pretrain_ckpt")
+    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    source = check_dataset(cfg, need_train=False, need_val=True)
+    if meta.class_names and source.class_names != meta.class_names:
+        log.warning("the val class folders differ from the classes %s was trained on; labels may not match",
+                    ckpt)
+    setup_device(cfg)
+    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    missing = load_into(net, params, ckpt)
+    if missing:
+        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
+                        "(pass a checkpoint of the same --model)")
+    net.set_train(False)
+    dataset = create_dataset(cfg, source, training=False)
+    eval_net = EvalNet(apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))).set_train(False)
+    model = Model(eval_net, eval_network=eval_net,
+                  metrics={"acc": nn.Accuracy(), "top_5_accuracy": nn.Top5CategoricalAccuracy()})
+    result = model.eval(dataset, dataset_sink_mode=False)
+    return EvalResult(float(result["acc"]), float(result["top_5_accuracy"]), ckpt, source.val.num_images)

@@ -1,0 +1,94 @@
+"""ResNet-50/101 (He et al., 2016; stride on the 3x3 conv as in torchvision) with ModelZoo parameter names.
+
+Backbone: conv1, bn1, layer1..layer4; head: end_point (the ModelZoo's name for the classifier).
+The last BatchNorm of each block starts at zero (identity residuals), as in the ModelZoo.
+"""
+from __future__ import annotations
+
+from mindspore import nn
+from mindspore.common.initializer import HeNormal
+
+from src.models.common import ClassifierNet, GlobalAvgPooling
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride, pad_mode="pad", padding=(k - 1) // 2,
+                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+
+
+def _bn(channels: int, last: bool = False) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, momentum=0.9, gamma_init="zeros" if last else "ones")
+
+
+class ResidualBlock(nn.Cell):
+    expansion = 4
+
+    def __init__(self, in_channel: int, out_channel: int, stride: int = 1):
+        super().__init__()
+        channel = out_channel // self.expansion
+        self.conv1, self.bn1 = _conv(in_channel, channel, 1), _bn(channel)
+        self.conv2, self.bn2 = _conv(channel, channel, 3, stride), _bn(channel)
+        self.conv3, self.bn3 = _conv(channel, out_channel, 1), _bn(out_channel, last=True)
+        self.relu = nn.ReLU()
+        self.down_sample = stride != 1 or in_channel != out_channel
+        self.down_sample_layer = (nn.SequentialCell([_conv(in_channel, out_channel, 1, stride), _bn(out_channel)])
+                                  if self.down_sample else None)
+
+    def construct(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.down_sample:
+            identity = self.down_sample_layer(x)
+        return self.relu(out + identity)
+
+
+class ResNetBackbone(nn.Cell):
+    def __init__(self, layer_nums: tuple[int, int, int, int]):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(3, 64, 7, 2), _bn(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        in_channels, out_channels = (64, 256, 512, 1024), (256, 512, 1024, 2048)
+        strides = (1, 2, 2, 2)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            nn.SequentialCell([ResidualBlock(in_channels[i] if j == 0 else out_channels[i], out_channels[i],
+                                             strides[i] if j == 0 else 1) for j in range(layer_nums[i])])
+            for i in range(4))
+        self.out_channels = out_channels[-1]
+
+    def construct(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class ResNetHead(nn.Cell):
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.pool = GlobalAvgPooling()
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        self.end_point = nn.Dense(in_channels, num_classes, has_bias=True)
+
+    def construct(self, x):
+        x = self.pool(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.end_point(x)
+
+
+def _resnet(layer_nums, num_classes: int, dropout: float) -> ClassifierNet:
+    backbone = ResNetBackbone(layer_nums)
+    return ClassifierNet(backbone, ResNetHead(backbone.out_channels, num_classes, dropout),
+                         head_prefixes=("end_point.",))
+
+
+def resnet50(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
+    return _resnet((3, 4, 6, 3), num_classes, dropout)
+
+
+def resnet101(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
+    return _resnet((3, 4, 23, 3), num_classes, dropout)
+
+
+

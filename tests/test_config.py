@@ -1,0 +1,89 @@
+"""Config contract: every YAML key is a flag, strict bools, checked choices/ranges, clear unknown-key errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.config import FIELDS, ROOT, load_config, save_config
+from src.errors import UserError
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_come_from_demo_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo data and config are found from any folder
+    cfg = load_config([])
+    assert cfg.model == "mobilenetv2" and cfg.dataset_path == "data/digits" and cfg.platform == "CPU"
+    assert cfg.resolved_dataset_path() == ROOT / "data" / "digits"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(["--config_path", str(path)])
+    assert set(yaml.safe_load(path.read_text())) <= set(FIELDS)
+    assert cfg.num_classes >= 2
+
+
+def test_required_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "mobilenetv2_imagenet.yaml", "mobilenetv2_cifar10.yaml", "resnet50_imagenet.yaml",
+            "resnet50_cifar10.yaml", "resnet101_imagenet.yaml"} <= names
+
+
+def test_seed_recipes():
+    mbv2 = load_config(["--config_path", "configs/mobilenetv2_imagenet.yaml"])
+    assert (mbv2.momentum, mbv2.weight_decay, mbv2.label_smooth, mbv2.lr_decay_mode) == (0.9, 4e-5, 0.1, "cosine")
+    assert mbv2.warmup_epochs > 0
+    r50 = load_config(["--config_path", "configs/resnet50_cifar10.yaml"])
+    assert (r50.lr_decay_mode, r50.lr_max, r50.loss_scale) == ("poly", 0.1, 1024.0)
+
+
+def test_every_key_is_a_flag_and_overrides_yaml():
+    cfg = load_config(["--batch_size", "7", "--lr_max=0.5", "--pretrain_ckpt", "x.ckpt", "--model", "resnet50"])
+    assert (cfg.batch_size, cfg.lr_max, cfg.pretrain_ckpt, cfg.model) == (7, 0.5, "x.ckpt", "resnet50")
+
+
+@pytest.mark.parametrize("word,value", [("True", True), ("true", True), ("1", True),
+                                        ("False", False), ("false", False), ("0", False)])
+def test_bools_accept_only_the_six_words(word, value):
+    assert load_config(["--run_eval", word]).run_eval is value
+
+
+@pytest.mark.parametrize("word", ["yes", "no", "TRUE", "", "2"])
+def test_other_bool_words_are_refused(word):
+    with pytest.raises(UserError, match="True/False/true/false/1/0"):
+        load_config(["--run_eval", word])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bach_size", "3"], r"unknown flag 'bach_size' \(did you mean --batch_size\?.*valid keys: model,"),
+    (["--platform", "TPU"], r"--platform got 'TPU' \(choose from CPU, GPU, Ascend\)"),
+    (["--batch_size", "0"], r"--batch_size got 0 \(must be at least 1\)"),
+    (["--batch_size", "3.5"], r"--batch_size got '3.5' \(use an integer\)"),
+    (["--lr_max", "fast"], r"--lr_max got 'fast' \(use a number\)"),
+    (["--amp_level", "O4"], r"choose from O0, O1, O2, O3"),
+    (["--model", "vgg16"], r"choose from mobilenetv2, resnet50, resnet101"),
+    (["stray"], r"unexpected argument 'stray'"),
+    (["--config_path", "nope.yaml"], r"config file nope.yaml not found"),
+    (["--warmup_epochs", "40", "--epoch_size", "30"], r"warmup_epochs 40.0 must be below epoch_size 30"),
+    (["--model", "resnet50", "--width", "0.5"], r"width applies to mobilenetv2 only"),
+])
+def test_bad_input_names_the_fix(argv, message):
+    with pytest.raises(UserError, match=message):
+        load_config(argv)
+
+
+def test_unknown_yaml_key_is_refused(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: mobilenetv2\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match=r"unknown key in .*bad.yaml 'learning_rate'.*valid keys"):
+        load_config(["--config_path", str(bad)])
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    cfg = load_config(["--epoch_size", "3", "--pretrain_ckpt", "a.ckpt"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(["--config_path", str(tmp_path / "config.yaml")])
+    assert again == cfg

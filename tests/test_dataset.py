@@ -1,0 +1,168 @@
+"""Dataset layouts, the checks that run before compile, and what the pipelines produce."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_imagefolder, write_image
+
+from src.config import Config
+from src.dataset import CIFAR_RECORD, check_dataset, create_dataset
+from src.errors import UserError
+
+
+def _cfg(path: Path, **kw) -> Config:
+    base = {"dataset_path": str(path), "num_classes": 2, "image_size": 16, "batch_size": 2, "num_parallel_workers": 1}
+    return Config(**{**base, **kw})
+
+
+def _batches(cfg, source, training, **kw):
+    return list(create_dataset(cfg, source, training, **kw).create_tuple_iterator(output_numpy=True, num_epochs=1))
+
+
+def test_imagefolder_train_and_val(tiny_folder):
+    source = check_dataset(_cfg(tiny_folder))
+    assert source.class_names == ["cat", "dog"]
+    assert (source.train.num_images, source.val.num_images) == (12, 6)
+    train = _batches(_cfg(tiny_folder), source, True)
+    assert len(train) == 6 and train[0][0].shape == (2, 3, 16, 16) and train[0][0].dtype == np.float32
+    assert train[0][1].dtype == np.int32
+    val = _batches(_cfg(tiny_folder, batch_size=4), source, False)
+    labels = np.concatenate([b[1] for b in val])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]  # eval keeps the remainder batch
+
+
+def test_grayscale_cmyk_jpeg_and_png_become_rgb(tmp_path):
+    root = tmp_path / "mixed"
+    write_image(root / "train" / "a" / "gray.png", mode="L")
+    write_image(root / "train" / "a" / "cmyk.jpg", mode="CMYK", fmt="JPEG")
+    write_image(root / "train" / "b" / "rgba.png", mode="RGBA")
+    write_image(root / "train" / "b" / "rgb.JPEG", fmt="JPEG")
+    for name in ("a", "b"):
+        write_image(root / "val" / name / "x.png")
+    cfg = _cfg(root, batch_size=1)
+    source = check_dataset(cfg)
+    assert source.train.num_images == 4
+    images = [b[0] for b in _batches(cfg, source, True)]
+    assert len(images) == 4 and all(i.shape == (1, 3, 16, 16) for i in images)
+
+
+def test_cmyk_colours_match_pillow(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "c"
+    write_image(root / "val" / "a" / "x.jpg", size=(16, 16), mode="CMYK", fmt="JPEG", value=60)
+    write_image(root / "val" / "b" / "y.png", size=(16, 16), value=0)
+    cfg = _cfg(root, batch_size=1, image_size=16)
+    source = check_dataset(cfg, need_train=False)
+    ours = _batches(cfg, source, False)[0][0][0]
+    pil = np.asarray(Image.open(root / "val" / "a" / "x.jpg").convert("RGB"), np.float32)
+    mean = np.array([0.485, 0.456, 0.406]) * 255
+    std = np.array([0.229, 0.224, 0.225]) * 255
+    expected = (pil.mean(axis=(0, 1)) - mean) / std
+    np.testing.assert_allclose(ours.mean(axis=(1, 2)), expected, atol=0.05)
+
+
+def test_validation_preprocess_folder_is_accepted(tmp_path):
+    root = make_imagefolder(tmp_path / "d")
+    (root / "val").rename(root / "validation_preprocess")
+    assert check_dataset(_cfg(root)).val.path.name == "validation_preprocess"
+
+
+def test_sharding_splits_the_train_set(tiny_folder):
+    cfg = _cfg(tiny_folder, batch_size=1)
+    source = check_dataset(cfg)
+    shards = [_batches(cfg, source, True, num_shards=2, shard_id=i) for i in range(2)]
+    assert [len(s) for s in shards] == [6, 6]
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda r: r / "missing", r"dataset_path .*missing does not exist \(pass the folder that holds train/"),
+    (lambda r: (r / "train").rename(r / "training") or r, r"has no train/ folder"),
+    (lambda r: __import__("shutil").rmtree(r / "val") or r, r"has no val/ \(or validation_preprocess/\) folder"),
+    (lambda r: (r / "train" / "bird").mkdir() or r, r"class folder .*train/bird has no images"),
+    (lambda r: (r / "val" / "bird").mkdir() or r, r"val has class folders that train/ lacks: bird"),
+])
+def test_layout_errors_say_how_to_fix(tiny_folder, setup, message):
+    with pytest.raises(UserError, match=message):
+        check_dataset(_cfg(setup(tiny_folder)))
+
+
+def test_class_count_must_equal_num_classes(tiny_folder):
+    with pytest.raises(UserError, match=r"found 2 class folders in .*train but num_classes is 5 "
+                                        r"\(pass --num_classes 2\)"):
+        check_dataset(_cfg(tiny_folder, num_classes=5))
+
+
+def test_corrupt_image_is_named(tiny_folder):
+    bad = tiny_folder / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(UserError, match=rf"{bad} is not a JPG image \(delete or re-encode the file\)"):
+        check_dataset(_cfg(tiny_folder))
+
+
+def test_empty_image_is_named(tiny_folder):
+    (tiny_folder / "val" / "cat" / "zero.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"zero.png is empty"):
+        check_dataset(_cfg(tiny_folder))
+
+
+def test_non_image_files_are_ignored_with_a_warning(tiny_folder, caplog):
+    (tiny_folder / "train" / "cat" / "notes.txt").write_text("hello")
+    with caplog.at_level("WARNING", logger="train"):
+        source = check_dataset(_cfg(tiny_folder))
+    assert source.train.num_images == 12 and "ignored 1 files" in caplog.text
+
+
+def _write_cifar(folder: Path, names, corrupt=None):
+    """Files in the real CIFAR-10 binary format (10,000 records each; sparse, so they cost no disk):
+    the first 8 records carry labels 0..7 and random pixels, the rest are zeros."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    head = np.zeros((8, CIFAR_RECORD), np.uint8)
+    head[:, 0] = np.arange(8)
+    head[:, 1:] = rng.integers(0, 256, (8, CIFAR_RECORD - 1))
+    for name in names:
+        with open(folder / name, "wb") as fh:
+            fh.write(head.tobytes())
+            fh.truncate(10_000 * CIFAR_RECORD - (5 if name == corrupt else 0))
+
+
+TRAIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("layout", ["flat", "cifar-10-batches-bin", "train_test"])
+def test_cifar10_layouts(tmp_path, layout):
+    root = tmp_path / "cifar"
+    if layout == "train_test":
+        _write_cifar(root / "train", TRAIN)
+        _write_cifar(root / "test", ["test_batch.bin"])
+    else:
+        folder = root if layout == "flat" else root / layout
+        _write_cifar(folder, TRAIN + ["test_batch.bin"])
+    cfg = _cfg(root, dataset="cifar10", num_classes=10, image_size=40, batch_size=4)
+    source = check_dataset(cfg)
+    assert (source.train.num_images, source.val.num_images) == (50_000, 10_000)
+    assert source.class_names[0] == "airplane"
+    train = create_dataset(cfg, source, True)
+    assert train.get_dataset_size() == 12_500
+    image, _ = next(train.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert image.shape == (4, 3, 40, 40)
+    val = create_dataset(cfg, source, False)
+    _, label = next(val.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert label.tolist() == [0, 1, 2, 3]  # eval reads in file order
+
+
+def test_cifar10_errors(tmp_path):
+    root = tmp_path / "cifar"
+    _write_cifar(root, TRAIN[:3])
+    cfg = _cfg(root, dataset="cifar10", num_classes=10, image_size=32)
+    with pytest.raises(UserError, match=r"lacks the CIFAR-10 binary files data_batch_1.bin"):
+        check_dataset(cfg)
+    _write_cifar(root, TRAIN + ["test_batch.bin"], corrupt="data_batch_4.bin")
+    with pytest.raises(UserError, match=r"data_batch_4.bin has 30729995 bytes, but a CIFAR-10 binary batch has "
+                                        r"30730000 \(10000 records of 3073 bytes; download the file again\)"):
+        check_dataset(cfg)
+    with pytest.raises(UserError, match=r"CIFAR-10 has 10 classes but num_classes is 2"):
+        check_dataset(_cfg(root, dataset="cifar10"))

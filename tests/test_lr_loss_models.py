@@ -1,0 +1,80 @@
+"""LR schedules against hand-computed values, the smoothed loss, and the nets' parameter counts."""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from src.loss import CrossEntropySmooth
+from src.lr_schedule import build_lr_schedule
+from src.models import MODELS, count_trainable_params, create_model
+
+
+def test_cosine_with_warmup_by_hand():
+    # 4 epochs x 2 steps, 2 warmup epochs: 0, .1, .2, .3 then cosine from .4 to 0 over 4 steps
+    lr = build_lr_schedule("cosine", 0.0, 0.4, 0.0, 2, 4, 2)
+    expected = [0.0, 0.1, 0.2, 0.3] + [0.4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    np.testing.assert_allclose(lr, expected, rtol=1e-6, atol=1e-7)
+    assert lr.dtype == np.float32
+
+
+def test_cosine_ends_near_lr_end():
+    lr = build_lr_schedule("cosine", 0.0, 1.0, 0.1, 0, 10, 10)
+    assert lr[0] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.1, abs=3e-3)
+
+
+def test_steps_decay_at_30_60_80_percent():
+    lr = build_lr_schedule("steps", 0.0, 1.0, 0.0, 0, 10, 1)
+    np.testing.assert_allclose(lr, [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_poly_as_in_the_mixed_precision_lab():
+    # warmup 2 steps from 0.01 to 0.1, then 0.1 * (1 - (i-2)/8)^2
+    lr = build_lr_schedule("poly", 0.01, 0.1, 0.0, 1, 5, 2)
+    expected = [0.01, 0.055] + [0.1 * (1 - k / 8) ** 2 for k in range(8)]
+    np.testing.assert_allclose(lr, expected, rtol=1e-5)
+
+
+def test_linear():
+    lr = build_lr_schedule("linear", 0.0, 1.0, 0.2, 1, 3, 2)
+    np.testing.assert_allclose(lr, [0.0, 0.5, 1.0, 0.8, 0.6, 0.4], rtol=1e-6)
+
+
+def test_start_step_slices_the_same_curve():
+    full = build_lr_schedule("cosine", 0.0, 0.4, 0.0, 1, 5, 3)
+    np.testing.assert_array_equal(build_lr_schedule("cosine", 0.0, 0.4, 0.0, 1, 5, 3, start_step=6), full[6:])
+
+
+def test_label_smoothing_values():
+    logits = np.array([[2.0, 1.0, 0.0, -1.0]], np.float32)
+    loss = CrossEntropySmooth(4, 0.3)(ms.Tensor(logits), ms.Tensor(np.array([1], np.int32)))
+    logp = logits[0] - np.log(np.exp(logits[0]).sum())
+    target = np.array([0.1, 0.7, 0.1, 0.1])  # on 1-s, off s/(C-1)
+    assert float(loss.asnumpy()) == pytest.approx(-(target * logp).sum(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name,count", [("mobilenetv2", 3_504_872), ("resnet50", 25_557_032),
+                                        ("resnet101", 44_549_160)])
+def test_parameter_counts_equal_torchvision(name, count):
+    assert count_trainable_params(create_model(name, 1000)) == count
+
+
+def test_registry_names_and_head_split():
+    assert set(MODELS) == {"mobilenetv2", "resnet50", "resnet101"}
+    net = create_model("mobilenetv2", 10, width=0.5)
+    head = [p.name for p in net.head.get_parameters()]
+    backbone = [p.name for p in net.backbone.get_parameters()]
+    assert head == ["head.1.weight", "head.1.bias"]
+    assert all(n.startswith("features.") for n in backbone)
+    names = [p.name for p in net.get_parameters()]
+    assert names == backbone + head  # no "backbone."/"head." prefix: full checkpoints load into the backbone
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+def test_forward_shape(name):
+    net = create_model(name, 7, width=0.35 if name == "mobilenetv2" else 1.0)
+    net.set_train(False)
+    out = net(ms.Tensor(np.zeros((2, 3, 32, 32), np.float32)))
+    assert out.shape == (2, 7)

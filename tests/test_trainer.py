@@ -1,0 +1,77 @@
+"""The training step: identical to MindSpore's TrainOneStepCell, plus logits; loss scaling and AMP on CPU."""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from src.config import Config
+from src.loss import CrossEntropySmooth
+from src.trainer import LossAndLogits, TrainStep, build_training, loss_scale_sense
+
+ms.set_context(mode=ms.GRAPH_MODE)
+
+
+class TinyNet(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, weight_init="ones")
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Dense(4, 3, weight_init="ones", bias_init="zeros")
+
+    def construct(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    return Tensor(rng.standard_normal((4, 3, 8, 8)).astype(np.float32)), Tensor(np.array([0, 1, 2, 1], np.int32))
+
+
+def _weights(net):
+    return {p.name: p.asnumpy().copy() for p in net.trainable_params()}
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_train_step_matches_mindspore_train_one_step(scale):
+    x, y = _batch()
+    ref_net, our_net = TinyNet(), TinyNet()
+    loss = CrossEntropySmooth(3, 0.1)
+    ref = nn.TrainOneStepCell(nn.WithLossCell(ref_net, loss), nn.Momentum(ref_net.trainable_params(), 0.1, 0.9))
+    ours = TrainStep(LossAndLogits(our_net, loss), nn.Momentum(our_net.trainable_params(), 0.1, 0.9),
+                     Tensor(scale, ms.float32), check_overflow=False)
+    ref.set_train()
+    ours.set_train()
+    for _ in range(2):
+        ref_loss = ref(x, y)
+        our_loss, logits = ours(x, y)
+        np.testing.assert_allclose(our_loss.asnumpy(), ref_loss.asnumpy(), rtol=1e-5)
+    assert logits.shape == (4, 3)
+    for name, value in _weights(ref_net).items():
+        np.testing.assert_allclose(_weights(our_net)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_dynamic_loss_scale_falls_back_to_fixed(caplog):
+    cfg = Config(platform="CPU", loss_scale_type="dynamic", loss_scale=1024.0)
+    with caplog.at_level("WARNING", logger="train"):
+        sense, check = loss_scale_sense(cfg)
+    assert check is False and float(sense.asnumpy()) == 1024.0
+    assert "fixed loss scale" in caplog.text
+
+
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_amp_levels_train_on_cpu(level, tmp_path, monkeypatch):
+    from src.lr_schedule import build_lr_schedule
+    from src.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config(model="mobilenetv2", width=0.25, num_classes=3, amp_level=level, loss_scale=1024.0,
+                 keep_batchnorm_fp32=level != "O3", output_path=str(tmp_path / "out"))
+    net = create_model("mobilenetv2", 3, 0.25)
+    step, _ = build_training(net, cfg, build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 3))
+    x = Tensor(np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    y = Tensor(np.array([0, 2], np.int32))
+    losses = [float(step(x, y)[0].asnumpy()) for _ in range(3)]
+    assert all(np.isfinite(losses)), losses
+    assert not (tmp_path / "rewritten_network").exists()  # MindSpore's O1 rewrite stays in output_path

@@ -1,0 +1,36 @@
+"""Train an image classifier. `python train.py` trains the built-in demo (UCI digits) on CPU.
+
+Examples:
+  python train.py --config_path configs/mobilenetv2_imagenet.yaml --dataset_path /data/imagenet
+  python train.py --config_path configs/resnet50_cifar10.yaml --dataset_path /data/cifar10 --amp_level O2
+  python train.py --resume_ckpt output/checkpoint/mobilenetv2-10_44.ckpt --epoch_size 20
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from src.config import load_config
+from src.errors import run_cli
+from src.logs import quiet_mindspore, setup_console_logging
+
+
+def main(argv: Sequence[str]) -> int:
+    cfg = load_config(argv, description=__doc__)
+    log = setup_console_logging()
+    quiet_mindspore()
+    from src.trainer import train
+
+    result = train(cfg)
+    log.info("done in %.1f s", result.elapsed_s)
+    if result.best_ckpt:
+        log.info("best val top1: %.4f, checkpoint: %s", result.best_top1, result.best_ckpt)
+    if result.last_ckpt:
+        log.info("last checkpoint (with optimizer state, for --resume_ckpt): %s", result.last_ckpt)
+    log.info("metrics: %s  curves: %s  log: %s", result.output_path / "metrics.csv",
+             result.output_path / "curves.png", result.output_path / "train.log")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
