@@ -17,6 +17,7 @@ import numpy as np
 from mindspore.train import Callback
 
 from src.checkpoint import save_checkpoint
+from src.metrics import topk_hits
 
 log = logging.getLogger("train")
 METRICS_COLUMNS = ("epoch", "step", "lr", "loss", "val_top1", "val_top5", "epoch_time_s")
@@ -44,13 +45,6 @@ class History:
     @property
     def last(self) -> EpochRecord:
         return self.records[-1]
-
-
-def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the k largest logits."""
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == labels[:, None], axis=1)))
 
 
 class TrainMonitor(Callback):

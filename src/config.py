@@ -42,8 +42,8 @@ class Config:
     model: str = _opt("mobilenetv2", "network", choices=MODEL_NAMES)
     dataset: str = _opt("imagefolder", "dataset format: imagefolder (train/ and val/ class folders) "
                         "or cifar10 (binary batches)", choices=("imagefolder", "cifar10"))
-    dataset_path: str = _opt("data/digits", "dataset root; relative paths that do not exist from the "
-                             "current folder are looked up in the package folder")
+    dataset_path: str = _opt("", "dataset root; relative paths that do not exist from the current folder "
+                             "are looked up in the package folder (the demo's data/digits)")
     num_classes: int = _opt(10, "number of classes (must equal the class folders found)", min=2)
     image_size: int = _opt(32, "network input size in pixels", min=16, max=1024)
     width: float = _opt(1.0, "MobileNetV2 width multiplier", min=0.1, max=4.0)

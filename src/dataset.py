@@ -53,16 +53,30 @@ class DataSource:
 
 
 def _image_problem(path: Path) -> str | None:
-    """Why this file cannot be an image of the type its extension claims, or None."""
+    """Why this file cannot be a whole image of the type its extension claims, or None.
+
+    Checks the signature and the end marker (JPEG EOI, PNG IEND, BMP declared size): a truncated
+    download crashes MindSpore 2.10's decoder with SIGFPE instead of raising, so it must be caught here.
+    """
+    suffix = path.suffix.lower()
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - 1024))
+            tail = fh.read()
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
     if not head:
         return "is empty"
-    if not head.startswith(_MAGIC[path.suffix.lower()]):
-        return f"is not a {path.suffix.lower().lstrip('.').upper()} image"
+    if not head.startswith(_MAGIC[suffix]):
+        return f"is not a {suffix.lstrip('.').upper()} image"
+    if suffix in (".jpg", ".jpeg") and b"\xff\xd9" not in tail:
+        return "is truncated (no JPEG end-of-image marker)"
+    if suffix == ".png" and b"IEND" not in tail:
+        return "is truncated (no PNG IEND chunk)"
+    if suffix == ".bmp" and (len(head) < 6 or size < int.from_bytes(head[2:6], "little")):
+        return "is truncated (shorter than its BMP header says)"
     return None
 
 
@@ -165,6 +179,9 @@ def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool
 
 def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -> DataSource:
     """Check the dataset layout against the config; raises UserError with the fix."""
+    if not cfg.dataset_path:
+        raise UserError(f"dataset_path is not set (pass --dataset_path, the folder with your "
+                        f"{'CIFAR-10 binary files' if cfg.dataset == 'cifar10' else 'train/ and val/ folders'})")
     root = cfg.resolved_dataset_path()
     check = check_cifar10 if cfg.dataset == "cifar10" else check_imagefolder
     return check(root, cfg.num_classes, need_train, need_val)

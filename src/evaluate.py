@@ -5,7 +5,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mindspore import nn
 from mindspore.train import Model
 
 from src.checkpoint import check_compatible, load_into, read_checkpoint
@@ -13,6 +12,7 @@ from src.config import Config
 from src.dataset import check_dataset, create_dataset
 from src.device import setup_device
 from src.errors import UserError
+from src.metrics import accuracy_metrics
 from src.models import create_model
 from src.trainer import EvalNet, apply_amp
 
@@ -55,6 +55,6 @@ def evaluate(cfg: Config) -> EvalResult:
     dataset = create_dataset(cfg, source, training=False)
     eval_net = EvalNet(apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))).set_train(False)
     model = Model(eval_net, eval_network=eval_net,
-                  metrics={"acc": nn.Accuracy(), "top_5_accuracy": nn.Top5CategoricalAccuracy()})
+                  metrics=accuracy_metrics())
     result = model.eval(dataset, dataset_sink_mode=False)
     return EvalResult(float(result["acc"]), float(result["top_5_accuracy"]), ckpt, source.val.num_images)

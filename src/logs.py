@@ -9,6 +9,17 @@ from pathlib import Path
 LOGGER = "train"
 
 
+class _EarlyLines(logging.Handler):
+    """Keeps the lines logged before the output folder exists, for the log file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
@@ -33,10 +44,7 @@ def setup_console_logging() -> logging.Logger:
         handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logging.captureWarnings(True)
-    warnings_logger = logging.getLogger("py.warnings")
-    warnings_logger.propagate = False
-    warnings_logger.handlers = logger.handlers
+        logger.addHandler(_EarlyLines())
     return logger
 
 
@@ -48,4 +56,8 @@ def attach_log_file(path: Path, append: bool = False) -> None:
         h.close()
     handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
+    for early in [h for h in logger.handlers if isinstance(h, _EarlyLines)]:
+        for record in early.records:
+            handler.handle(record)
+        logger.removeHandler(early)
     logger.addHandler(handler)

@@ -41,6 +41,7 @@ from src.errors import UserError
 from src.logs import attach_log_file
 from src.loss import CrossEntropySmooth
 from src.lr_schedule import build_lr_schedule
+from src.metrics import accuracy_metrics
 from src.models import create_model
 
 log = logging.getLogger("train")
@@ -221,9 +222,7 @@ def train(cfg: Config) -> TrainResult:
     setup_device(cfg)
     warning = amp_speed_warning(cfg)
     if warning:
-        import warnings
-
-        warnings.warn(warning, UserWarning, stacklevel=1)
+        log.warning("UserWarning: %s", warning)
 
     train_ds = create_dataset(cfg, source, training=True)
     steps = train_ds.get_dataset_size()
@@ -260,7 +259,7 @@ def train(cfg: Config) -> TrainResult:
         if r.val_top1 is not None and r.val_top1 > history.best_top1:
             history.best_top1, history.best_epoch = r.val_top1, r.epoch
     model = Model(train_step, eval_network=eval_net,
-                  metrics={"acc": nn.Accuracy(), "top_5_accuracy": nn.Top5CategoricalAccuracy()})
+                  metrics=accuracy_metrics())
     meta = checkpoint_meta(cfg, source)
     callbacks = [TrainMonitor(history, lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size)]
     if val_ds is not None:

@@ -89,6 +89,11 @@ def test_layout_errors_say_how_to_fix(tiny_folder, setup, message):
         check_dataset(_cfg(setup(tiny_folder)))
 
 
+def test_dataset_path_must_be_set():
+    with pytest.raises(UserError, match=r"dataset_path is not set \(pass --dataset_path, the folder with your train/"):
+        check_dataset(Config(dataset_path=""))
+
+
 def test_class_count_must_equal_num_classes(tiny_folder):
     with pytest.raises(UserError, match=r"found 2 class folders in .*train but num_classes is 5 "
                                         r"\(pass --num_classes 2\)"):
@@ -99,6 +104,17 @@ def test_corrupt_image_is_named(tiny_folder):
     bad = tiny_folder / "train" / "dog" / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
     with pytest.raises(UserError, match=rf"{bad} is not a JPG image \(delete or re-encode the file\)"):
+        check_dataset(_cfg(tiny_folder))
+
+
+@pytest.mark.parametrize("name,fmt,why", [("cut.jpg", "JPEG", "no JPEG end-of-image marker"),
+                                          ("cut.png", "PNG", "no PNG IEND chunk"),
+                                          ("cut.bmp", "BMP", "shorter than its BMP header says")])
+def test_truncated_image_is_named(tiny_folder, name, fmt, why):
+    path = tiny_folder / "train" / "cat" / name
+    write_image(path, size=(40, 40), fmt=fmt)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    with pytest.raises(UserError, match=rf"{name} is truncated \({why}\)"):
         check_dataset(_cfg(tiny_folder))
 
 

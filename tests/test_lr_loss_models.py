@@ -78,3 +78,14 @@ def test_forward_shape(name):
     net.set_train(False)
     out = net(ms.Tensor(np.zeros((2, 3, 32, 32), np.float32)))
     assert out.shape == (2, 7)
+
+
+def test_topk_accuracy_caps_k_at_the_class_count():
+    from src.metrics import TopKAccuracy, topk_hits
+
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], np.float32)
+    labels = np.array([1, 1, 1], np.int32)
+    assert topk_hits(logits, labels, 1) == pytest.approx(2 / 3)
+    metric = TopKAccuracy(5)
+    metric.update(logits, labels)
+    assert metric.eval() == 1.0

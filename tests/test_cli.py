@@ -1,0 +1,157 @@
+"""train.py / eval.py end to end on a tiny image folder: outputs, log lines, resume, and user errors."""
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_imagefolder, run_cli
+
+TINY = ["--width", "0.25", "--image_size", "32", "--batch_size", "4", "--num_classes", "2", "--print_freq", "2",
+        "--lr_max", "0.05", "--warmup_epochs", "0", "--num_parallel_workers", "1"]
+PADDLE_LINE = re.compile(r"^\[Epoch (\d+), iter: (\d+)\] top1: [01]\.\d{5}, top5: [01]\.\d{5}, lr: (\d+\.\d{5}), "
+                         r"loss: \d+\.\d{5}, avg_reader_cost: \d+\.\d{5} sec, avg_batch_cost: \d+\.\d{5} sec, "
+                         r"avg_samples: 4\.0, avg_ips: \d+\.\d{5} images/sec\.$", re.M)
+RESULT_LINE = re.compile(r"^result:\{'acc': (\d\.\d{4}), 'top_5_accuracy': (\d\.\d{4})\} ckpt=(\S+)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real 2-epoch training run shared by the tests below."""
+    root = tmp_path_factory.mktemp("run")
+    data = make_imagefolder(root / "data")
+    out = root / "out"
+    proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), "--epoch_size", "2",
+                   "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "5", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, out, proc
+
+
+def test_outputs_and_log_lines(trained):
+    data, out, proc = trained
+    ckpts = sorted(p.name for p in (out / "checkpoint").iterdir())
+    assert ckpts == ["best.ckpt", "mobilenetv2-1_3.ckpt", "mobilenetv2-2_3.ckpt"]
+    for name in ("config.yaml", "train.log", "metrics.csv", "curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob(".tmp-*"))
+    text = proc.stdout
+    assert re.search(r"^epoch: 2 step: 3, loss is \d+\.\d+", text, re.M)
+    assert re.search(r"^epoch time: \d+\.\d{3} ms, per step time: \d+\.\d{3} ms$", text, re.M)
+    assert [m[:2] for m in PADDLE_LINE.findall(text)] == [("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
+    assert f"checkpoint: {out / 'checkpoint' / 'best.ckpt'}" in text
+    assert f"curves: {out / 'curves.png'}" in text
+    log = (out / "train.log").read_text()
+    assert PADDLE_LINE.search(log) and "epoch: 1 step: 3, loss is" in log
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert list(rows[0]) == ["epoch", "step", "lr", "loss", "val_top1", "val_top5", "epoch_time_s"]
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "3"), ("2", "6")]
+    assert all(0 <= float(r["val_top1"]) <= 1 and float(r["epoch_time_s"]) > 0 for r in rows)
+    saved = (out / "config.yaml").read_text()
+    assert "epoch_size: 2" in saved and f"dataset_path: {data}" in saved
+
+
+def test_eval_prints_and_appends_the_result_line(trained):
+    data, out, _ = trained
+    args = ["eval.py", "--dataset_path", str(data), "--output_path", str(out), *TINY]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    acc, top5, ckpt = RESULT_LINE.search(first.stdout).groups()
+    assert Path(ckpt) == out / "checkpoint" / "best.ckpt" and float(top5) == 1.0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert float(acc) == pytest.approx(max(float(r["val_top1"]) for r in rows), abs=1e-4)
+    assert RESULT_LINE.findall((out / "eval.log").read_text()) == [(acc, top5, ckpt)] * 2
+    assert second.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+
+
+def test_resume_continues_epoch_and_lr(trained, tmp_path):
+    data, out, full = trained
+    resumed_out = tmp_path / "resumed"
+    shutil.copytree(out, resumed_out)
+    proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(resumed_out), "--epoch_size", "2",
+                   "--resume_ckpt", str(resumed_out / "checkpoint" / "mobilenetv2-1_3.ckpt"), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "from epoch 1 (global step 3)" in proc.stdout
+    lines = PADDLE_LINE.findall(proc.stdout)
+    assert [m[:2] for m in lines] == [("2", "0"), ("2", "2")]  # epoch 1 is not trained again
+    full_lr = {m[:2]: m[2] for m in PADDLE_LINE.findall(full.stdout)}
+    assert [m[2] for m in lines] == [full_lr[("2", "0")], full_lr[("2", "2")]]  # same LR curve, no new warmup
+    rows = list(csv.DictReader(open(resumed_out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def _error_run(*args, cwd=None):
+    proc = run_cli(*args, cwd=cwd)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_bad_dataset_path_is_one_line_and_writes_nothing(tmp_path):
+    line = _error_run("train.py", "--dataset_path", str(tmp_path / "nope"), "--output_path", str(tmp_path / "o"))
+    assert "does not exist" in line and "--dataset_path" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_flag(tmp_path):
+    line = _error_run("train.py", "--epochs", "3")
+    assert "unknown flag 'epochs'" in line and "--epoch_size" in line
+
+
+def test_missing_device_is_refused_before_anything_is_written(tmp_path):
+    line = _error_run("train.py", "--platform", "GPU", "--output_path", str(tmp_path / "o"))
+    assert "platform GPU is not available" in line and "--platform CPU" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_class_count_mismatch_names_the_flag(tmp_path):
+    data = make_imagefolder(tmp_path / "d", classes=("a", "b", "c"), per_class=(1, 1))
+    line = _error_run("train.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "o"))
+    assert "found 3 class folders" in line and "--num_classes 3" in line
+
+
+def test_eval_errors(trained, tmp_path):
+    data, out, _ = trained
+    line = _error_run("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "empty"))
+    assert "no checkpoint at" in line and "python train.py" in line
+    line = _error_run("eval.py", "--dataset_path", str(data), "--pretrain_ckpt", str(out / "checkpoint/best.ckpt"),
+                      *TINY[:-4], "--num_classes", "5")
+    assert "num_classes=2" in line and "--num_classes 2" in line
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    line = _error_run("eval.py", "--dataset_path", str(data), "--pretrain_ckpt", str(junk), *TINY)
+    assert "is not a readable MindSpore checkpoint" in line
+
+
+def test_resume_from_best_ckpt_is_refused(trained, tmp_path):
+    data, out, _ = trained
+    line = _error_run("train.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "o"),
+                      "--resume_ckpt", str(out / "checkpoint" / "best.ckpt"), *TINY)
+    assert "has no optimizer state" in line and "--pretrain_ckpt" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_cli("train.py", "--dataset_path", str(tmp_path / "nope"), "--debug", "True")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "error: dataset_path" in proc.stderr
+
+
+def test_imagenet_config_with_overrides(tmp_path):
+    """A user's own photo folder with the ImageNet recipe, scaled down by flags."""
+    data = make_imagefolder(tmp_path / "photos", size=(40, 30))
+    proc = run_cli("train.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
+                   "--platform", "CPU", "--output_path", str(tmp_path / "o"), "--epoch_size", "1", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "o" / "checkpoint" / "best.ckpt").is_file()
+    # the recipe's O2 + loss scale 1024 trains on CPU, with Paddle's warning that it is no faster there
+    warning = "UserWarning: AMP O2 brings no speed-up on CPU"
+    assert warning in proc.stdout and warning in (tmp_path / "o" / "train.log").read_text()
+    assert "ONEDNN_MAX_CPU_ISA" in (tmp_path / "o" / "train.log").read_text() or "avx512" not in open(
+        "/proc/cpuinfo").read()
+    evaluation = run_cli("eval.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
+                         "--platform", "CPU", "--output_path", str(tmp_path / "o"), *TINY)
+    assert evaluation.returncode == 0 and RESULT_LINE.search(evaluation.stdout), evaluation.stderr[-3000:]
