@@ -87,3 +87,9 @@ def test_resolved_config_round_trips(tmp_path: Path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(["--config_path", str(tmp_path / "config.yaml")])
     assert again == cfg
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in FIELDS if f"`{name}`" not in readme]
+    assert not missing, f"README lacks keys: {missing}"
