@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from src.config import load_config
 from src.errors import run_cli
@@ -20,15 +19,10 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(argv, description=__doc__)
     setup_console_logging()
     quiet_mindspore()
-    from src.evaluate import evaluate
+    from src.evaluate import evaluate, report
 
     result = evaluate(cfg)
-    line = result.line()
-    print(line, flush=True)
-    log_path = Path(cfg.output_path) / "eval.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
+    report(result, cfg.output_path)
     return 0
 
 

@@ -144,12 +144,17 @@ class EvalCallback(Callback):
 
 
 class CheckpointCallback(Callback):
-    """Save `<model>-<epoch>_<step>.ckpt` (net + optimizer state) every N epochs; keep the newest `keep`."""
+    """Save `<model>-<epoch>_<step>.ckpt` (net + optimizer state) every N epochs; keep the newest `keep`.
 
-    def __init__(self, train_net, directory: Path, prefix: str, every: int, keep: int, total_epochs: int,
+    `cells` are saved together (the train step and the full net, which differ when only the head trains).
+    """
+
+    def __init__(self, cells: list, directory: Path, prefix: str, every: int, keep: int, total_epochs: int,
                  steps_per_epoch: int, meta: dict):
         super().__init__()
-        self.train_net, self.directory, self.prefix, self.every, self.keep = train_net, directory, prefix, every, keep
+        params = {p.name: p for cell in cells for p in cell.get_parameters()}
+        self.params = [{"name": name, "data": p} for name, p in params.items()]
+        self.directory, self.prefix, self.every, self.keep = directory, prefix, every, keep
         self.total_epochs, self.steps_per_epoch, self.meta = total_epochs, steps_per_epoch, meta
 
     def on_train_epoch_end(self, run_context):
@@ -157,7 +162,7 @@ class CheckpointCallback(Callback):
         if epoch % self.every and epoch != self.total_epochs:
             return
         path = self.directory / f"{self.prefix}-{epoch}_{self.steps_per_epoch}.ckpt"
-        save_checkpoint(self.train_net, path, {**self.meta, "epoch_num": epoch,
+        save_checkpoint(self.params, path, {**self.meta, "epoch_num": epoch,
                                                "step_num": epoch * self.steps_per_epoch})
         for old in periodic_checkpoints(self.directory, self.prefix)[:-self.keep]:
             old.unlink()

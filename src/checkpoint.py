@@ -76,7 +76,10 @@ def check_compatible(meta: CheckpointMeta, path: Path, model: str, num_classes: 
                             f"(pass --{key} {have}, or the --config_path it was trained with)")
 
 
-def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = ()) -> list[str]:
+SHAPE_HINT = "use the --model, --num_classes and --width it was trained with"
+
+
+def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = (), hint: str = SHAPE_HINT) -> list[str]:
     """Load matching parameters into `cell`; a shape mismatch is an error naming the parameter.
 
     Returns the names of the cell's parameters that the checkpoint did not provide.
@@ -85,8 +88,7 @@ def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = ()) -> lis
     for name, value in params.items():
         if name in own and name not in skip and tuple(own[name].shape) != tuple(value.shape):
             raise UserError(f"checkpoint {path}: parameter {name} has shape {tuple(value.shape)} but the net "
-                            f"expects {tuple(own[name].shape)} (use the --model, --num_classes and --width "
-                            "it was trained with)")
+                            f"expects {tuple(own[name].shape)} ({hint})")
     usable = {k: v for k, v in params.items() if k in own and k not in skip}
     if not any(k in usable for k in own if not k.startswith(OPTIMIZER_MARKERS)):
         raise UserError(f"checkpoint {path} holds none of this net's parameters (is it a checkpoint of "

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +87,17 @@ class Config:
     print_freq: int = _opt(20, "log the top1/top5/speed line every N steps", min=1)
     pretrain_ckpt: str | None = _opt(None, "checkpoint to start from (train) or to evaluate (eval; default: "
                                      "output_path/checkpoint/best.ckpt)", nullable=True)
+    filter_head: bool = _opt(False, "drop the checkpoint's classifier before loading (fine-tune onto other classes)")
+    freeze_layer: str = _opt("none", "backbone: train only the head, on backbone features cached under "
+                             "output_path/feature_cache", choices=("none", "backbone"))
     resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step)",
                                    nullable=True)
+    # export
+    ckpt_file: str | None = _opt(None, "checkpoint to export or predict with (default: "
+                                 "output_path/checkpoint/best.ckpt)", nullable=True)
+    file_name: str | None = _opt(None, "exported model path without extension (default: output_path/<model>)",
+                                 nullable=True)
+    file_format: str = _opt("MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -101,6 +110,9 @@ class Config:
                             "(lower --warmup_epochs or raise --epoch_size)")
         if self.model != "mobilenetv2" and self.width != 1.0:
             raise UserError(f"width applies to mobilenetv2 only (drop --width for {self.model})")
+        if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):
+            raise UserError("--freeze_layer backbone needs --pretrain_ckpt (a frozen random backbone learns nothing; "
+                            "pass the checkpoint to fine-tune from)")
         if self.model.startswith("resnet") and self.image_size < 32:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
 
@@ -216,10 +228,17 @@ def _split_config_path(argv: Sequence[str]) -> tuple[Path, list[str]]:
     return path, rest
 
 
-def load_config(argv: Sequence[str], description: str = "") -> Config:
-    """Parse argv (without the program name) into a Config."""
+def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[str, Any] | None = None,
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                ) -> Config | tuple[Config, argparse.Namespace]:
+    """Parse argv (without the program name) into a Config.
+
+    `tool_defaults` take precedence over the YAML but not over flags (export's batch_size 1).
+    `add_arguments` lets a tool add its own arguments (e.g. predict's image paths); then the return
+    value is (Config, namespace of those arguments).
+    """
     config_path, rest = _split_config_path(argv)
-    values = read_yaml(config_path)
+    values = {**read_yaml(config_path), **(tool_defaults or {})}
     parser = _Parser(description=description, allow_abbrev=False,
                      epilog=f"Defaults come from --config_path (default {DEFAULT_CONFIG.relative_to(ROOT)}).")
     parser.add_argument("--config_path", default=str(config_path), help="YAML file with the defaults")
@@ -228,14 +247,20 @@ def load_config(argv: Sequence[str], description: str = "") -> Config:
         choices = f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else ""
         parser.add_argument(f"--{name}", default=default, type=str, metavar=_base_type(f).upper(),
                             help=f"{f.metadata['help']}{choices} (default: {default})")
-    parsed, unknown = parser.parse_known_args(list(rest))
+    own = set(vars(parser.parse_args([])))
+    if add_arguments:
+        add_arguments(parser)
+    parsed, unknown = parser.parse_known_intermixed_args(list(rest))
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         if not flag.startswith("-"):
             raise UserError(f"unexpected argument '{flag}' (options are written --key value)")
         raise _unknown(flag.lstrip("-").split("=")[0], "flag")
     kwargs = {name: _convert(f, getattr(parsed, name)) for name, f in FIELDS.items()}
-    return Config(**kwargs)
+    cfg = Config(**kwargs)
+    if add_arguments is None:
+        return cfg
+    return cfg, argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k not in own})
 
 
 def save_config(cfg: Config, path: Path) -> None:

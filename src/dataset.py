@@ -7,6 +7,7 @@ data set without anyone noticing). Files without an image extension are ignored 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ class Split:
     path: Path
     num_images: int
     extensions: set[str] = field(default_factory=set)
+    fingerprint: str = ""  # hash of every file's name, size and mtime: changes when the data changes
 
 
 @dataclass
@@ -52,7 +54,7 @@ class DataSource:
     val: Split | None
 
 
-def _image_problem(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
     """Why this file cannot be a whole image of the type its extension claims, or None.
 
     Checks the signature and the end marker (JPEG EOI, PNG IEND, BMP declared size): a truncated
@@ -91,9 +93,10 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
             raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra[:5])} "
                             "(train and val need the same class folder names)")
     images, ignored, exts = [], 0, set()
+    digest = hashlib.sha256()
     for name in classes:
         count = 0
-        for entry in os.scandir(split_dir / name):
+        for entry in sorted(os.scandir(split_dir / name), key=lambda e: e.name):
             if not entry.is_file() or entry.name.startswith("."):
                 continue
             suffix = os.path.splitext(entry.name)[1]
@@ -101,13 +104,15 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
                 images.append(Path(entry.path))
                 exts.add(suffix)
                 count += 1
+                stat = entry.stat()
+                digest.update(f"{name}/{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             else:
                 ignored += 1
         if count == 0 and class_names is None:
             raise UserError(f"class folder {split_dir / name} has no images (add .jpg/.jpeg/.png/.bmp files "
                             "or remove the folder)")
     with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = [(p, why) for p, why in zip(images, pool.map(_image_problem, images)) if why]
+        problems = [(p, why) for p, why in zip(images, pool.map(image_problem, images)) if why]
     if problems:
         path, why = problems[0]
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
@@ -115,7 +120,7 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
     if ignored:
         log.warning("%s: ignored %d files without an image extension (%s)", split_dir, ignored,
                     "/".join(IMAGE_EXTENSIONS))
-    return classes, Split(split_dir, len(images), exts)
+    return classes, Split(split_dir, len(images), exts, digest.hexdigest())
 
 
 def check_imagefolder(root: Path, num_classes: int, need_train: bool, need_val: bool) -> DataSource:
@@ -167,13 +172,16 @@ def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool
                                 "'CIFAR-10 binary version')")
             splits.append(None)
             continue
+        digest = hashlib.sha256()
         for f in files:
-            size = (folder / f).stat().st_size
+            stat = (folder / f).stat()
+            size = stat.st_size
+            digest.update(f"{f}\0{size}\0{stat.st_mtime_ns}\n".encode())
             if size != CIFAR_FILE_RECORDS * CIFAR_RECORD:
                 raise UserError(f"{folder / f} has {size} bytes, but a CIFAR-10 binary batch has "
                                 f"{CIFAR_FILE_RECORDS * CIFAR_RECORD} ({CIFAR_FILE_RECORDS} records of "
                                 f"{CIFAR_RECORD} bytes; download the file again)")
-        splits.append(Split(folder, CIFAR_FILE_RECORDS * len(files)))
+        splits.append(Split(folder, CIFAR_FILE_RECORDS * len(files), fingerprint=digest.hexdigest()))
     return DataSource("cifar10", list(CIFAR_CLASSES), splits[0], splits[1])
 
 
@@ -185,6 +193,11 @@ def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -
     root = cfg.resolved_dataset_path()
     check = check_cifar10 if cfg.dataset == "cifar10" else check_imagefolder
     return check(root, cfg.num_classes, need_train, need_val)
+
+
+def eval_transforms(cfg: Config, kind: str) -> list:
+    """The val preprocessing (decode for image files), also used by predict.py."""
+    return _image_transforms(cfg, kind, training=False)
 
 
 def _image_transforms(cfg: Config, kind: str, training: bool) -> list:
@@ -214,18 +227,22 @@ def _image_transforms(cfg: Config, kind: str, training: bool) -> list:
 
 
 def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
-                   num_shards: int | None = None, shard_id: int | None = None):
-    """A batched mindspore.dataset pipeline for one split; training shuffles, augments and drops the remainder."""
+                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None):
+    """A batched mindspore.dataset pipeline; training shuffles, augments and drops the remainder.
+
+    `split` ("train"/"val") defaults to the train split when training and to val otherwise.
+    """
     import mindspore as ms
     import mindspore.dataset as ds
     import mindspore.dataset.transforms as transforms
 
-    split = source.train if training else source.val
+    split_name = split or ("train" if training else "val")
+    split = source.train if split_name == "train" else source.val
     workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
     common = {"num_parallel_workers": workers, "shuffle": training, "num_shards": num_shards,
               "shard_id": shard_id}
     if source.kind == "cifar10":
-        data = ds.Cifar10Dataset(str(split.path), usage="train" if training else "test", **common)
+        data = ds.Cifar10Dataset(str(split.path), usage="train" if split_name == "train" else "test", **common)
     else:
         class_indexing = {name: i for i, name in enumerate(source.class_names)}
         data = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions),

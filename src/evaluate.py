@@ -31,6 +31,15 @@ class EvalResult:
                 f"ckpt={self.ckpt}")
 
 
+def report(result: EvalResult, output_path: str | Path) -> None:
+    """Print the result line and append it to output_path/eval.log."""
+    print(result.line(), flush=True)
+    log_path = Path(output_path) / "eval.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(result.line() + "\n")
+
+
 def default_checkpoint(cfg: Config) -> Path:
     return Path(cfg.output_path) / "checkpoint" / "best.ckpt"
 

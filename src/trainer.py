@@ -38,11 +38,13 @@ from src.config import Config, save_config
 from src.dataset import DataSource, check_dataset, create_dataset
 from src.device import amp_speed_warning, setup_device
 from src.errors import UserError
+from src.finetune import cached_features, check_pretrained, feature_datasets, load_pretrained
 from src.logs import attach_log_file
 from src.loss import CrossEntropySmooth
 from src.lr_schedule import build_lr_schedule
 from src.metrics import accuracy_metrics
 from src.models import create_model
+from src.models.common import HeadOnFeatures
 
 log = logging.getLogger("train")
 
@@ -211,6 +213,24 @@ def _prepare_output(cfg: Config, resuming: bool) -> tuple[Path, Path]:
     return out, ckpt_dir
 
 
+def _build_data_and_net(cfg: Config, source: DataSource, resume, pretrain):
+    """(train_ds, val_ds, net, trainable): `trainable` is the net itself, or only its head on cached features."""
+    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    if resume:
+        load_into(net, resume[0], Path(cfg.resume_ckpt))
+    elif pretrain:
+        load_pretrained(net, pretrain[0], pretrain[1], Path(cfg.pretrain_ckpt), cfg)
+    if cfg.freeze_layer == "backbone":
+        feats = cached_features(cfg, source, net)
+        train_ds, val_ds = feature_datasets(cfg, feats)
+        if not cfg.run_eval:
+            val_ds = None
+        return train_ds, val_ds, net, HeadOnFeatures(net)
+    train_ds = create_dataset(cfg, source, training=True)
+    val_ds = create_dataset(cfg, source, training=False) if cfg.run_eval else None
+    return train_ds, val_ds, net, net
+
+
 def train(cfg: Config) -> TrainResult:
     start = time.perf_counter()
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
@@ -218,27 +238,20 @@ def train(cfg: Config) -> TrainResult:
     pretrain = None
     if cfg.pretrain_ckpt and not resume:
         pretrain = read_checkpoint(cfg.pretrain_ckpt, "pretrain_ckpt")
-        check_compatible(pretrain[1], Path(cfg.pretrain_ckpt), cfg.model, cfg.num_classes, cfg.width)
+        check_pretrained(pretrain[1], Path(cfg.pretrain_ckpt), cfg)
+    if source.train.num_images < cfg.batch_size:
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the {source.train.num_images} training images "
+                        f"(lower --batch_size below {source.train.num_images})")
     setup_device(cfg)
     warning = amp_speed_warning(cfg)
     if warning:
         log.warning("UserWarning: %s", warning)
 
-    train_ds = create_dataset(cfg, source, training=True)
+    train_ds, val_ds, net, trainable = _build_data_and_net(cfg, source, resume, pretrain)
     steps = train_ds.get_dataset_size()
-    if steps == 0:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the {source.train.num_images} training images "
-                        f"(lower --batch_size below {source.train.num_images})")
-    val_ds = create_dataset(cfg, source, training=False) if cfg.run_eval else None
-
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
-    if pretrain:
-        missing = load_into(net, pretrain[0], Path(cfg.pretrain_ckpt))
-        log.info("loaded %s (%d parameters left at init%s)", cfg.pretrain_ckpt, len(missing),
-                 f": {', '.join(missing[:3])}..." if missing else "")
     lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
                            cfg.epoch_size, steps)
-    train_step, eval_net = build_training(net, cfg, lr)
+    train_step, eval_net = build_training(trainable, cfg, lr)
     initial_epoch = 0
     if resume:
         params, meta = resume
@@ -250,22 +263,22 @@ def train(cfg: Config) -> TrainResult:
     out, ckpt_dir = _prepare_output(cfg, resuming=bool(resume))
     attach_log_file(out / "train.log", append=bool(resume))
     save_config(cfg, out / "config.yaml")
-    log.info("%s on %s: %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
-             "amp %s", cfg.model, cfg.platform, source.train.num_images, cfg.num_classes, steps, cfg.epoch_size,
-             cfg.batch_size, cfg.image_size, cfg.amp_level)
+    what = "head only, on cached backbone features" if trainable is not net else "full net"
+    log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
+             "amp %s", cfg.model, cfg.platform, what, source.train.num_images, cfg.num_classes, steps,
+             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level)
 
     history = History(records=read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     for r in history.records:
         if r.val_top1 is not None and r.val_top1 > history.best_top1:
             history.best_top1, history.best_epoch = r.val_top1, r.epoch
-    model = Model(train_step, eval_network=eval_net,
-                  metrics=accuracy_metrics())
+    model = Model(train_step, eval_network=eval_net, metrics=accuracy_metrics())
     meta = checkpoint_meta(cfg, source)
     callbacks = [TrainMonitor(history, lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size)]
     if val_ds is not None:
         callbacks.append(EvalCallback(model, val_ds, history, cfg.eval_interval, cfg.epoch_size, net,
                                       ckpt_dir / "best.ckpt", meta))
-    callbacks += [CheckpointCallback(train_step, ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
+    callbacks += [CheckpointCallback([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
                                      cfg.keep_checkpoint_max, cfg.epoch_size, steps, meta),
                   MetricsCallback(history, out / "metrics.csv", out / "curves.png")]
     model.train(cfg.epoch_size, train_ds, callbacks=callbacks, dataset_sink_mode=False, initial_epoch=initial_epoch)

@@ -14,7 +14,8 @@ class GlobalAvgPooling(nn.Cell):
 class ClassifierNet(nn.Cell):
     """Backbone and head side by side without a name prefix, so a full checkpoint loads into the backbone.
 
-    `head_prefixes` name the parameters that belong to the classifier (used to filter or freeze them).
+    The head has `pool(feature_map) -> N x C` and `classify(pooled) -> logits`. `head_prefixes` name
+    the classifier's parameters (dropped by --filter_head).
     """
 
     def __init__(self, backbone: nn.Cell, head: nn.Cell, head_prefixes: tuple[str, ...]):
@@ -25,3 +26,25 @@ class ClassifierNet(nn.Cell):
 
     def construct(self, x):
         return self.head(self.backbone(x))
+
+
+class PooledFeatures(nn.Cell):
+    """Backbone + pooling: the features a frozen-backbone run caches."""
+
+    def __init__(self, net: ClassifierNet):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, x):
+        return self.net.head.pool(self.net.backbone(x))
+
+
+class HeadOnFeatures(nn.Cell):
+    """The classifier alone, on pooled features; parameter names stay those of the full net."""
+
+    def __init__(self, net: ClassifierNet):
+        super().__init__(auto_prefix=False)
+        self.head = net.head
+
+    def construct(self, x):
+        return self.head.classify(x)

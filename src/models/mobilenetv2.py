@@ -83,10 +83,17 @@ class MobileNetV2Head(nn.Cell):
         self.head = nn.SequentialCell([GlobalAvgPooling(), dense])
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
 
-    def construct(self, x):
+    def pool(self, x):
+        return self.head[0](x)
+
+    def classify(self, x):
+        """Logits from pooled features (N x C), used directly when training on cached features."""
         if self.dropout is not None:
             x = self.dropout(x)
-        return self.head(x)
+        return self.head[1](x)
+
+    def construct(self, x):
+        return self.classify(self.pool(x))
 
 
 def mobilenetv2(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:

@@ -49,7 +49,10 @@ class ResNetBackbone(nn.Cell):
         super().__init__()
         self.conv1, self.bn1 = _conv(3, 64, 7, 2), _bn(64)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        # zero padding equals torchvision's -inf padding here (the input is post-ReLU, >= 0) and, unlike
+        # MaxPool2d(pad_mode="pad"), exports to ONNX
+        self.pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1)))
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
         in_channels, out_channels = (64, 256, 512, 1024), (256, 512, 1024, 2048)
         strides = (1, 2, 2, 2)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
@@ -59,7 +62,7 @@ class ResNetBackbone(nn.Cell):
         self.out_channels = out_channels[-1]
 
     def construct(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.pad(self.relu(self.bn1(self.conv1(x)))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
@@ -70,11 +73,14 @@ class ResNetHead(nn.Cell):
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
         self.end_point = nn.Dense(in_channels, num_classes, has_bias=True)
 
-    def construct(self, x):
-        x = self.pool(x)
+    def classify(self, x):
+        """Logits from pooled features (N x C), used directly when training on cached features."""
         if self.dropout is not None:
             x = self.dropout(x)
         return self.end_point(x)
+
+    def construct(self, x):
+        return self.classify(self.pool(x))
 
 
 def _resnet(layer_nums, num_classes: int, dropout: float) -> ClassifierNet:

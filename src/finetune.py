@@ -1,0 +1,128 @@
+"""Fine-tuning: load a checkpoint with its classifier filtered out, and head-only training on cached features.
+
+With `--freeze_layer backbone` the backbone runs once over the train and val images (eval transforms)
+and the pooled features are cached under output_path/feature_cache/, keyed by the backbone's weights,
+the data files (names, sizes, mtimes) and the preprocessing settings, so a changed checkpoint or
+data set is never served stale features. The head then trains on those features with the same
+trainer, logs and checkpoints as any other run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mindspore.dataset as ds
+import numpy as np
+
+from src.checkpoint import CheckpointMeta, load_into
+from src.config import Config
+from src.dataset import DataSource, create_dataset
+from src.errors import UserError
+from src.models.common import ClassifierNet, PooledFeatures
+
+log = logging.getLogger("train")
+CACHE_VERSION = 1
+FILTER_HINT = "fine-tune onto other classes with --filter_head True, or pass the --model/--width it was trained with"
+
+
+@dataclass
+class LoadReport:
+    loaded: int
+    dropped: list[str]
+    left_at_init: list[str]
+
+
+def check_pretrained(meta: CheckpointMeta, path: Path, cfg: Config) -> None:
+    """Refuse a checkpoint of another model, width or class count (unless its head is filtered)."""
+    for key in ("model", "width"):
+        have, want = getattr(meta, key), getattr(cfg, key)
+        if have is not None and have != want:
+            raise UserError(f"pretrain_ckpt {path} was trained with {key}={have} but the config has {key}={want} "
+                            f"(pass --{key} {have})")
+    if not cfg.filter_head and meta.num_classes is not None and meta.num_classes != cfg.num_classes:
+        raise UserError(f"pretrain_ckpt {path} has a {meta.num_classes}-class classifier but num_classes is "
+                        f"{cfg.num_classes} (pass --filter_head True to drop it and train a new one, or "
+                        f"--num_classes {meta.num_classes})")
+
+
+def load_pretrained(net: ClassifierNet, params: dict, meta: CheckpointMeta, path: Path, cfg: Config) -> LoadReport:
+    """Load `params` into `net`; with cfg.filter_head the classifier's parameters are dropped first."""
+    check_pretrained(meta, path, cfg)
+    dropped = sorted(n for n in params if n.startswith(net.head_prefixes)) if cfg.filter_head else []
+    kept = {k: v for k, v in params.items() if k not in dropped}
+    left = load_into(net, kept, path, hint=FILTER_HINT)
+    total = len(list(net.get_parameters()))
+    report = LoadReport(total - len(left), dropped, left)
+    log.info("pretrain_ckpt %s: loaded %d parameters, dropped %d classifier parameters%s, %d left at init%s", path,
+             report.loaded, len(dropped), f" ({', '.join(dropped)})" if dropped else "", len(left),
+             f" ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})" if left else "")
+    return report
+
+
+def cache_key(cfg: Config, source: DataSource, net: ClassifierNet) -> str:
+    """Fingerprint of everything the cached features depend on."""
+    digest = hashlib.sha256()
+    settings = {"version": CACHE_VERSION, "model": cfg.model, "width": cfg.width, "image_size": cfg.image_size,
+                "dataset": source.kind, "classes": source.class_names,
+                "train": source.train.fingerprint, "val": source.val.fingerprint if source.val else None}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for param in net.backbone.get_parameters():
+        digest.update(param.name.encode())
+        digest.update(param.asnumpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _extract(extractor: PooledFeatures, dataset) -> tuple[np.ndarray, np.ndarray]:
+    feats, labels = [], []
+    for image, label in dataset.create_tuple_iterator(num_epochs=1):
+        feats.append(extractor(image).asnumpy())
+        labels.append(label.asnumpy())
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
+
+
+def cached_features(cfg: Config, source: DataSource, net: ClassifierNet) -> dict[str, np.ndarray]:
+    """Pooled backbone features of the train and val splits (eval transforms), from the cache or computed once."""
+    folder = Path(cfg.output_path) / "feature_cache"
+    path = folder / f"{cfg.model}-{cache_key(cfg, source, net)}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            feats = {k: data[k] for k in data.files}
+        log.info("feature cache hit: %s (%d train, %d val features)", path, len(feats["train_y"]),
+                 len(feats.get("val_y", [])))
+        return feats
+    start = time.perf_counter()
+    log.info("feature cache miss: running the frozen backbone once over %d train + %d val images",
+             source.train.num_images, source.val.num_images if source.val else 0)
+    extractor = PooledFeatures(net)
+    extractor.set_train(False)
+    feats = {}
+    splits = [("train", source.train)] + ([("val", source.val)] if source.val else [])
+    for name, _ in splits:
+        data = create_dataset(cfg, source, training=False, split=name)
+        feats[f"{name}_x"], feats[f"{name}_y"] = _extract(extractor, data)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}-{path.name}"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **feats)
+    os.replace(tmp, path)
+    log.info("feature cache written: %s (%.1f s)", path, time.perf_counter() - start)
+    return feats
+
+
+def feature_datasets(cfg: Config, feats: dict[str, np.ndarray], num_shards: int | None = None,
+                     shard_id: int | None = None):
+    """Batched (feature, label) datasets for head-only training and evaluation."""
+    train = ds.NumpySlicesDataset((feats["train_x"], feats["train_y"]), column_names=["image", "label"],
+                                  shuffle=True, num_shards=num_shards, shard_id=shard_id)
+    train = train.batch(cfg.batch_size, drop_remainder=True)
+    val = None
+    if "val_x" in feats:
+        val = ds.NumpySlicesDataset((feats["val_x"], feats["val_y"]), column_names=["image", "label"],
+                                    shuffle=False).batch(cfg.batch_size)
+    return train, val
+

@@ -1,0 +1,71 @@
+"""Classify single images with the eval preprocessing, through MindSpore or onnxruntime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from src.config import Config
+from src.dataset import IMAGE_EXTENSIONS, eval_transforms, image_problem
+from src.errors import UserError
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def load_images(cfg: Config, paths: list[str]) -> np.ndarray:
+    """N x 3 x S x S float32, preprocessed exactly as the val pipeline does."""
+    import mindspore.dataset.transforms as transforms
+
+    pipeline = transforms.Compose(eval_transforms(cfg, "imagefolder"))
+    batch = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise UserError(f"image {p} not found (check the path)")
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise UserError(f"{p} is not a {'/'.join(IMAGE_EXTENSIONS)} file (convert it to JPEG or PNG)")
+        problem = image_problem(p)
+        if problem:
+            raise UserError(f"{p} {problem} (pass a valid image)")
+        batch.append(pipeline(np.fromfile(p, dtype=np.uint8)))
+    return np.stack(batch).astype(np.float32)
+
+
+def predict_images(cfg: Config, paths: list[str], onnx_file: str | None, k: int = 5):
+    """[(path, [(class_name, probability), ...top k])]."""
+    if onnx_file:
+        from src.onnx_runtime import load_onnx
+
+        model = load_onnx(onnx_file)
+        model.check(cfg.image_size, cfg.num_classes)
+        logits, names = model(load_images(cfg, paths)), model.class_names
+    else:
+        logits, names = _predict_ckpt(cfg, paths)
+    probs = _softmax(logits)
+    names = names or [str(i) for i in range(probs.shape[1])]
+    out = []
+    for path, row in zip(paths, probs):
+        order = np.argsort(-row)[:k]
+        out.append((path, [(names[i], float(row[i])) for i in order]))
+    return out
+
+
+def _predict_ckpt(cfg: Config, paths: list[str]):
+    import mindspore as ms
+
+    from src.checkpoint import check_compatible, load_into, read_checkpoint
+    from src.device import setup_device
+    from src.export import default_checkpoint
+    from src.models import create_model
+
+    ckpt = Path(cfg.ckpt_file) if cfg.ckpt_file else default_checkpoint(cfg)
+    params, meta = read_checkpoint(ckpt, "ckpt_file")
+    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    images = load_images(cfg, paths)
+    setup_device(cfg)
+    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    load_into(net, params, ckpt)
+    net.set_train(False)
+    return net(ms.Tensor(images)).asnumpy(), meta.class_names
