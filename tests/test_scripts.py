@@ -29,3 +29,14 @@ def test_run_train_passes_overrides_to_train_py(tmp_path):
     # a bad override reaches train.py, which refuses it with its own one-line error
     proc = _sh("scripts/run_train.sh", "CPU", str(tmp_path), "--epoch_size", "zero")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --epoch_size got 'zero' (use an integer)"
+
+
+def test_run_export_and_eval_onnx_checks(tmp_path):
+    assert "usage: sh scripts/run_export.sh" in _sh("scripts/run_export.sh", "x.ckpt").stderr
+    proc = _sh("scripts/run_export.sh", str(tmp_path / "x.ckpt"), "PDF")
+    assert proc.returncode == 2 and "'PDF' is not one of MINDIR, ONNX, AIR" in proc.stderr
+    proc = _sh("scripts/run_export.sh", str(tmp_path / "x.ckpt"), "ONNX")
+    assert proc.returncode == 2 and "CKPT_FILE" in proc.stderr and "not found" in proc.stderr
+    assert "usage: sh scripts/run_eval_onnx.sh" in _sh("scripts/run_eval_onnx.sh", str(tmp_path)).stderr
+    proc = _sh("scripts/run_eval_onnx.sh", str(tmp_path), str(tmp_path / "m.onnx"))
+    assert proc.returncode == 2 and "ONNX_FILE" in proc.stderr and "not found" in proc.stderr
