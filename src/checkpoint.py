@@ -95,3 +95,30 @@ def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = (), hint: 
                         "another model? pass the matching --model)")
     ms.load_param_into_net(cell, usable, strict_load=False)
     return [k for k in own if k not in usable and k not in skip]
+
+
+def best_checkpoint(output_path: str | Path) -> Path:
+    return Path(output_path) / "checkpoint" / "best.ckpt"
+
+
+def open_for_inference(cfg, path: str | None, flag: str) -> tuple[Path, dict, CheckpointMeta]:
+    """The checkpoint named by --`flag` (default: the run's best.ckpt), read and checked against the config."""
+    ckpt = Path(path) if path else best_checkpoint(cfg.output_path)
+    if not path and not ckpt.is_file():
+        raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
+    params, meta = read_checkpoint(ckpt, flag)
+    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    return ckpt, params, meta
+
+
+def inference_net(cfg, params: dict, ckpt: Path):
+    """A fresh net in eval mode with every parameter loaded from `params`."""
+    from src.models import create_model
+
+    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    missing = load_into(net, params, ckpt)
+    if missing:
+        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
+                        "(pass a checkpoint of the same --model)")
+    net.set_train(False)
+    return net

@@ -7,13 +7,11 @@ from pathlib import Path
 
 from mindspore.train import Model
 
-from src.checkpoint import check_compatible, load_into, read_checkpoint
+from src.checkpoint import inference_net, open_for_inference
 from src.config import Config
 from src.dataset import check_dataset, create_dataset
 from src.device import setup_device
-from src.errors import UserError
 from src.metrics import accuracy_metrics
-from src.models import create_model
 from src.trainer import EvalNet, apply_amp
 
 log = logging.getLogger("train")
@@ -40,30 +38,16 @@ def report(result: EvalResult, output_path: str | Path) -> None:
         fh.write(result.line() + "\n")
 
 
-def default_checkpoint(cfg: Config) -> Path:
-    return Path(cfg.output_path) / "checkpoint" / "best.ckpt"
-
-
 def evaluate(cfg: Config) -> EvalResult:
-    ckpt = Path(cfg.pretrain_ckpt) if cfg.pretrain_ckpt else default_checkpoint(cfg)
-    if not cfg.pretrain_ckpt and not ckpt.is_file():
-        raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --pretrain_ckpt PATH)")
-    params, meta = read_checkpoint(ckpt, "pretrain_ckpt")
-    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    ckpt, params, meta = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
     source = check_dataset(cfg, need_train=False, need_val=True)
     if meta.class_names and source.class_names != meta.class_names:
         log.warning("the val class folders differ from the classes %s was trained on; labels may not match",
                     ckpt)
     setup_device(cfg)
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
-    missing = load_into(net, params, ckpt)
-    if missing:
-        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
-                        "(pass a checkpoint of the same --model)")
-    net.set_train(False)
+    net = inference_net(cfg, params, ckpt)
     dataset = create_dataset(cfg, source, training=False)
     eval_net = EvalNet(apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))).set_train(False)
-    model = Model(eval_net, eval_network=eval_net,
-                  metrics=accuracy_metrics())
+    model = Model(eval_net, eval_network=eval_net, metrics=accuracy_metrics())
     result = model.eval(dataset, dataset_sink_mode=False)
     return EvalResult(float(result["acc"]), float(result["top_5_accuracy"]), ckpt, source.val.num_images)

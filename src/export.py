@@ -11,12 +11,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.checkpoint import CheckpointMeta, check_compatible, load_into, read_checkpoint
+from src.checkpoint import CheckpointMeta, inference_net, open_for_inference
 from src.config import Config
 from src.dataset import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from src.device import setup_device
 from src.errors import UserError
-from src.models import create_model
 
 log = logging.getLogger("train")
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
@@ -28,10 +27,6 @@ class ExportResult:
     path: Path
     size_bytes: int
     max_abs_diff: float | None
-
-
-def default_checkpoint(cfg: Config) -> Path:
-    return Path(cfg.output_path) / "checkpoint" / "best.ckpt"
 
 
 def export_path(cfg: Config) -> Path:
@@ -48,39 +43,27 @@ def model_metadata(cfg: Config, meta: CheckpointMeta) -> dict[str, str]:
             "class_names": json.dumps(names), "mean": json.dumps(mean), "std": json.dumps(std)}
 
 
-def _load_net(cfg: Config, params: dict, ckpt: Path) -> nn.Cell:
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
-    missing = load_into(net, params, ckpt)
-    if missing:
-        raise UserError(f"ckpt_file {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
-                        "(pass a checkpoint of the same --model)")
-    net.set_train(False)
-    return net
-
-
 def _tmp_base(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{path.stem}")
 
 
 def export_model(cfg: Config) -> ExportResult:
-    ckpt = Path(cfg.ckpt_file) if cfg.ckpt_file else default_checkpoint(cfg)
     if cfg.file_format == "AIR" and cfg.platform != "Ascend":
         raise UserError("AIR export needs an Ascend device (MindSpore builds AIR files only on Ascend; use "
                         "--file_format MINDIR or ONNX here, or run with --platform Ascend on an Ascend machine)")
-    params, meta = read_checkpoint(ckpt, "ckpt_file")
-    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     setup_device(cfg)
     path = export_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, cfg.image_size, cfg.image_size))
     x = Tensor(x.astype(np.float32))
-    net = _load_net(cfg, params, ckpt)
+    net = inference_net(cfg, params, ckpt)
     reference = net(x).asnumpy()
     tmp = _tmp_base(path)
     diff = None
     if cfg.file_format == "ONNX":
         # MindSpore cannot export one net instance twice: always export from a fresh one
-        ms.onnx.export(_load_net(cfg, params, ckpt), x, file_name=str(tmp) + ".onnx", input_names=["image"],
+        ms.onnx.export(inference_net(cfg, params, ckpt), x, file_name=str(tmp) + ".onnx", input_names=["image"],
                        output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
         tmp_file = Path(str(tmp) + ".onnx")
         diff = _finish_onnx(tmp_file, x.asnumpy(), reference, model_metadata(cfg, meta))

@@ -55,17 +55,10 @@ def predict_images(cfg: Config, paths: list[str], onnx_file: str | None, k: int 
 def _predict_ckpt(cfg: Config, paths: list[str]):
     import mindspore as ms
 
-    from src.checkpoint import check_compatible, load_into, read_checkpoint
+    from src.checkpoint import inference_net, open_for_inference
     from src.device import setup_device
-    from src.export import default_checkpoint
-    from src.models import create_model
 
-    ckpt = Path(cfg.ckpt_file) if cfg.ckpt_file else default_checkpoint(cfg)
-    params, meta = read_checkpoint(ckpt, "ckpt_file")
-    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     images = load_images(cfg, paths)
     setup_device(cfg)
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
-    load_into(net, params, ckpt)
-    net.set_train(False)
-    return net(ms.Tensor(images)).asnumpy(), meta.class_names
+    return inference_net(cfg, params, ckpt)(ms.Tensor(images)).asnumpy(), meta.class_names
