@@ -5,6 +5,7 @@ They share one `History` so each epoch's record (loss, lr, time, val accuracy) i
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
@@ -51,8 +52,10 @@ class TrainMonitor(Callback):
     """The MindSpore loss line, the epoch time line, the Paddle speed line every print_freq steps, a tqdm bar."""
 
     def __init__(self, history: History, lr: np.ndarray, batch_size: int, steps_per_epoch: int,
-                 print_freq: int, total_epochs: int, progress_bar: bool | None = None):
+                 print_freq: int, total_epochs: int, progress_bar: bool | None = None, fingerprint_data: bool = False):
         super().__init__()
+        self.fingerprint_data = fingerprint_data
+        self.data_digest = hashlib.sha256()  # what this rank trained on (distributed runs log it)
         self.history, self.lr, self.batch_size = history, lr, batch_size
         self.steps_per_epoch, self.print_freq, self.total_epochs = steps_per_epoch, print_freq, total_epochs
         self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
@@ -76,6 +79,9 @@ class TrainMonitor(Callback):
         cb = run_context.original_args()
         loss, logits = cb.net_outputs
         loss_value = float(loss.asnumpy())
+        if self.fingerprint_data:
+            for tensor in cb.train_dataset_element:
+                self.data_digest.update(tensor.asnumpy().tobytes())
         if not np.isfinite(loss_value):
             log.error("loss is %s at epoch %d step %d; stopping (lower --lr_max or --loss_scale)",
                       loss_value, cb.cur_epoch_num, self.iter + 1)

@@ -50,7 +50,10 @@ class Config:
     dropout: float = _opt(0.0, "dropout before the classifier", min=0.0, max=0.9)
     # where and how
     platform: str = _opt("CPU", "device to run on", choices=("CPU", "GPU", "Ascend"))
-    device_id: int = _opt(0, "device index on GPU/Ascend", min=0, max=15)
+    device_id: int = _opt(0, "device index on GPU/Ascend (distributed runs take DEVICE_ID from the launcher)",
+                          min=0, max=15)
+    run_distribute: bool = _opt(False, "data-parallel training across the processes started by "
+                                "scripts/run_train.sh (set by the script)")
     output_path: str = _opt("./output", "folder for checkpoints, logs, metrics and curves")
     seed: int = _opt(1, "random seed (numpy, mindspore, dataset)", min=0)
     debug: bool = _opt(False, "show tracebacks for user errors")

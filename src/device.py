@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,29 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def setup_device(cfg: Config) -> None:
-    """Select the platform (graph mode) and seed every generator. Call before building datasets or nets."""
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    group_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> dict:
+        """num_shards/shard_id for the dataset readers (None when not distributed)."""
+        if self.group_size == 1:
+            return {"num_shards": None, "shard_id": None}
+        return {"num_shards": self.group_size, "shard_id": self.rank}
+
+
+def setup_device(cfg: Config, distributed: bool = False) -> RankInfo:
+    """Select the platform (graph mode), start data parallelism when asked, and seed every generator.
+
+    Call before building datasets or nets. With run_distribute the communication backend (HCCL on Ascend,
+    NCCL on GPU, MindSpore's own on CPU) is initialised and gradients are averaged over all ranks.
+    """
     note = prepare_cpu_environment() if cfg.platform == "CPU" else None
     import mindspore as ms
 
@@ -65,13 +87,37 @@ def setup_device(cfg: Config) -> None:
             raise UserError(f"platform {cfg.platform} is not available on this machine (MindSpore finds no "
                             f"{cfg.platform} device or driver; use --platform CPU or install the "
                             f"{cfg.platform} runtime)")
-        ms.set_device(cfg.platform, cfg.device_id)
+        device_id = int(os.environ.get("DEVICE_ID", cfg.device_id)) if distributed else cfg.device_id
+        if distributed and cfg.platform == "GPU":
+            ms.set_device("GPU")  # msrun assigns each worker its local GPU
+        else:
+            ms.set_device(cfg.platform, device_id)
     else:
         ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     if note:
         log.info(note)
+    info = _init_data_parallel() if distributed else RankInfo()
     set_seed(cfg.seed)
+    return info
+
+
+def _init_data_parallel() -> RankInfo:
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    try:
+        init()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "RuntimeError"
+        raise UserError(f"run_distribute could not start the communication backend: {first} (launch with "
+                        "sh scripts/run_train.sh, which sets up every rank)") from None
+    info = RankInfo(get_rank(), get_group_size())
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=info.group_size)
+    log.info("data parallel: rank %d of %d", info.rank, info.group_size)
+    return info
 
 
 def set_seed(seed: int) -> None:

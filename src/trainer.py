@@ -6,6 +6,7 @@ touched and before the first graph compiles.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -36,7 +37,7 @@ from src.checkpoint import (
 )
 from src.config import Config, save_config
 from src.dataset import DataSource, check_dataset, create_dataset
-from src.device import amp_speed_warning, setup_device
+from src.device import RankInfo, amp_speed_warning, setup_device
 from src.errors import UserError
 from src.finetune import cached_features, check_pretrained, feature_datasets, load_pretrained
 from src.logs import attach_log_file
@@ -169,6 +170,14 @@ def build_training(net: nn.Cell, cfg: Config, lr: np.ndarray):
     return train_step, EvalNet(amp_net)
 
 
+def weights_digest(net: nn.Cell) -> str:
+    """sha256 of every parameter: equal on all ranks after synchronous data-parallel training."""
+    digest = hashlib.sha256()
+    for p in net.trainable_params():
+        digest.update(p.asnumpy().tobytes())
+    return digest.hexdigest()
+
+
 def checkpoint_meta(cfg: Config, source: DataSource) -> dict:
     return {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
             "width": cfg.width, "class_names": source.class_names}
@@ -213,7 +222,7 @@ def _prepare_output(cfg: Config, resuming: bool) -> tuple[Path, Path]:
     return out, ckpt_dir
 
 
-def _build_data_and_net(cfg: Config, source: DataSource, resume, pretrain):
+def _build_data_and_net(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo):
     """(train_ds, val_ds, net, trainable): `trainable` is the net itself, or only its head on cached features."""
     net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
     if resume:
@@ -222,12 +231,11 @@ def _build_data_and_net(cfg: Config, source: DataSource, resume, pretrain):
         load_pretrained(net, pretrain[0], pretrain[1], Path(cfg.pretrain_ckpt), cfg)
     if cfg.freeze_layer == "backbone":
         feats = cached_features(cfg, source, net)
-        train_ds, val_ds = feature_datasets(cfg, feats)
-        if not cfg.run_eval:
-            val_ds = None
-        return train_ds, val_ds, net, HeadOnFeatures(net)
-    train_ds = create_dataset(cfg, source, training=True)
-    val_ds = create_dataset(cfg, source, training=False) if cfg.run_eval else None
+        train_ds, val_ds = feature_datasets(cfg, feats, **ranks.shard)
+        return train_ds, val_ds if cfg.run_eval and ranks.is_main else None, net, HeadOnFeatures(net)
+    train_ds = create_dataset(cfg, source, training=True, **ranks.shard)
+    # eval during training runs on rank 0 over the whole val set; the other ranks wait at the next step
+    val_ds = create_dataset(cfg, source, training=False) if cfg.run_eval and ranks.is_main else None
     return train_ds, val_ds, net, net
 
 
@@ -242,12 +250,15 @@ def train(cfg: Config) -> TrainResult:
     if source.train.num_images < cfg.batch_size:
         raise UserError(f"batch_size {cfg.batch_size} is larger than the {source.train.num_images} training images "
                         f"(lower --batch_size below {source.train.num_images})")
-    setup_device(cfg)
+    ranks = setup_device(cfg, distributed=cfg.run_distribute)
     warning = amp_speed_warning(cfg)
-    if warning:
+    if warning and ranks.is_main:
         log.warning("UserWarning: %s", warning)
+    if source.train.num_images // ranks.group_size < cfg.batch_size:
+        raise UserError(f"each of the {ranks.group_size} ranks gets {source.train.num_images // ranks.group_size} "
+                        f"training images, fewer than batch_size {cfg.batch_size} (lower --batch_size)")
 
-    train_ds, val_ds, net, trainable = _build_data_and_net(cfg, source, resume, pretrain)
+    train_ds, val_ds, net, trainable = _build_data_and_net(cfg, source, resume, pretrain, ranks)
     steps = train_ds.get_dataset_size()
     lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
                            cfg.epoch_size, steps)
@@ -260,9 +271,11 @@ def train(cfg: Config) -> TrainResult:
         log.info("resuming %s from epoch %d (global step %d)", cfg.resume_ckpt, initial_epoch,
                  int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
 
-    out, ckpt_dir = _prepare_output(cfg, resuming=bool(resume))
-    attach_log_file(out / "train.log", append=bool(resume))
-    save_config(cfg, out / "config.yaml")
+    out, ckpt_dir = Path(cfg.output_path), Path(cfg.output_path) / "checkpoint"
+    if ranks.is_main:  # only rank 0 writes outputs
+        out, ckpt_dir = _prepare_output(cfg, resuming=bool(resume))
+        attach_log_file(out / "train.log", append=bool(resume))
+        save_config(cfg, out / "config.yaml")
     what = "head only, on cached backbone features" if trainable is not net else "full net"
     log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
              "amp %s", cfg.model, cfg.platform, what, source.train.num_images, cfg.num_classes, steps,
@@ -274,14 +287,20 @@ def train(cfg: Config) -> TrainResult:
             history.best_top1, history.best_epoch = r.val_top1, r.epoch
     model = Model(train_step, eval_network=eval_net, metrics=accuracy_metrics())
     meta = checkpoint_meta(cfg, source)
-    callbacks = [TrainMonitor(history, lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size)]
+    monitor = TrainMonitor(history, lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
+                           fingerprint_data=ranks.group_size > 1)
+    callbacks = [monitor]
     if val_ds is not None:
         callbacks.append(EvalCallback(model, val_ds, history, cfg.eval_interval, cfg.epoch_size, net,
                                       ckpt_dir / "best.ckpt", meta))
-    callbacks += [CheckpointCallback([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
-                                     cfg.keep_checkpoint_max, cfg.epoch_size, steps, meta),
-                  MetricsCallback(history, out / "metrics.csv", out / "curves.png")]
+    if ranks.is_main:
+        callbacks += [CheckpointCallback([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
+                                         cfg.keep_checkpoint_max, cfg.epoch_size, steps, meta),
+                      MetricsCallback(history, out / "metrics.csv", out / "curves.png")]
     model.train(cfg.epoch_size, train_ds, callbacks=callbacks, dataset_sink_mode=False, initial_epoch=initial_epoch)
+    if ranks.group_size > 1:
+        log.info("rank %d of %d: trained on data sha256 %s; final weights sha256 %s", ranks.rank, ranks.group_size,
+                 monitor.data_digest.hexdigest()[:16], weights_digest(net)[:16])
 
     last = periodic_checkpoints(ckpt_dir, cfg.model)
     best = ckpt_dir / "best.ckpt"
