@@ -21,9 +21,11 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(argv, description=__doc__, tool_defaults={"batch_size": 1})
     setup_console_logging()
     quiet_mindspore()
+    from src.cloud import upload_outputs
     from src.export import export_model
 
     export_model(cfg)
+    upload_outputs(cfg)
     return 0
 
 

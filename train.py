@@ -19,9 +19,10 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(argv, description=__doc__)
     log = setup_console_logging()
     quiet_mindspore()
+    from src.cloud import sync_inputs
     from src.trainer import train
 
-    result = train(cfg)
+    result = train(sync_inputs(cfg))
     log.info("done in %.1f s", result.elapsed_s)
     if result.best_ckpt:
         log.info("best val top1: %.4f, checkpoint: %s", result.best_top1, result.best_ckpt)

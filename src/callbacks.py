@@ -181,6 +181,21 @@ def periodic_checkpoints(directory: Path, prefix: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class UploadCallback(Callback):
+    """ModelArts: upload output_path to train_url whenever a periodic checkpoint was written."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def on_train_epoch_end(self, run_context):
+        from src.cloud import upload_outputs
+
+        epoch = run_context.original_args().cur_epoch_num
+        if epoch % self.cfg.save_checkpoint_epochs == 0 and epoch != self.cfg.epoch_size:  # the end uploads anyway
+            upload_outputs(self.cfg)
+
+
 class MetricsCallback(Callback):
     """Rewrite metrics.csv and curves.png after every epoch (temp file + rename)."""
 

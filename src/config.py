@@ -95,6 +95,14 @@ class Config:
                              "output_path/feature_cache", choices=("none", "backbone"))
     resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step)",
                                    nullable=True)
+    # ModelArts / OBS
+    enable_modelarts: bool = _opt(False, "copy data_url (and checkpoint_url) from OBS/S3 before training and "
+                                  "upload output_path to train_url")
+    data_url: str | None = _opt(None, "obs:// or s3:// URL of the data set (downloaded into dataset_path, "
+                                "default /cache/data)", nullable=True)
+    train_url: str | None = _opt(None, "obs:// or s3:// URL the outputs are uploaded to", nullable=True)
+    checkpoint_url: str | None = _opt(None, "obs:// or s3:// URL of a checkpoint (file or folder) to use as "
+                                      "pretrain_ckpt", nullable=True)
     # export
     ckpt_file: str | None = _opt(None, "checkpoint to export or predict with (default: "
                                  "output_path/checkpoint/best.ckpt)", nullable=True)

@@ -24,6 +24,7 @@ from src.callbacks import (
     History,
     MetricsCallback,
     TrainMonitor,
+    UploadCallback,
     periodic_checkpoints,
     read_metrics,
 )
@@ -35,6 +36,7 @@ from src.checkpoint import (
     load_into,
     read_checkpoint,
 )
+from src.cloud import upload_outputs
 from src.config import Config, save_config
 from src.dataset import DataSource, check_dataset, create_dataset
 from src.device import RankInfo, amp_speed_warning, setup_device
@@ -297,11 +299,15 @@ def train(cfg: Config) -> TrainResult:
         callbacks += [CheckpointCallback([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
                                          cfg.keep_checkpoint_max, cfg.epoch_size, steps, meta),
                       MetricsCallback(history, out / "metrics.csv", out / "curves.png")]
+        if cfg.enable_modelarts:
+            callbacks.append(UploadCallback(cfg))
     model.train(cfg.epoch_size, train_ds, callbacks=callbacks, dataset_sink_mode=False, initial_epoch=initial_epoch)
     if ranks.group_size > 1:
         log.info("rank %d of %d: trained on data sha256 %s; final weights sha256 %s", ranks.rank, ranks.group_size,
                  monitor.data_digest.hexdigest()[:16], weights_digest(net)[:16])
 
+    if ranks.is_main:
+        upload_outputs(cfg)
     last = periodic_checkpoints(ckpt_dir, cfg.model)
     best = ckpt_dir / "best.ckpt"
     return TrainResult(out, best if best.exists() else None,

@@ -1,0 +1,192 @@
+"""ModelArts jobs: copy inputs from OBS (or any S3-compatible store) before training, upload outputs after.
+
+Transfer backend: MoXing's `mox.file.copy_parallel` when `import moxing` works (ModelArts provides it;
+the PyPI package of that name is unrelated and must not be installed), otherwise boto3 against the
+S3 protocol (OBS speaks it) for obs:// and s3:// URLs, with the endpoint from S3_ENDPOINT and the
+standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY credentials. Credentials are never logged or saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from src.config import Config
+from src.errors import UserError
+
+log = logging.getLogger("train")
+DEFAULT_DATA_DIR = "/cache/data"  # ModelArts' local disk
+DONE_MARKER = ".sync_done"
+SKIP_UPLOAD = ("feature_cache", "rewritten_network", "kernel_meta", "pretrained")
+
+
+def _lock_timeout() -> float:
+    return float(os.environ.get("MODELARTS_SYNC_TIMEOUT", "3600"))
+
+
+class S3Transfer:
+    """Copy folders between S3-compatible object storage and local disk with boto3."""
+
+    def __init__(self):
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        endpoint = os.environ.get("S3_ENDPOINT") or None
+        self.client = boto3.client("s3", endpoint_url=endpoint,
+                                   config=BotoConfig(retries={"max_attempts": 3}, connect_timeout=10))
+
+    @staticmethod
+    def split(url: str) -> tuple[str, str]:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("obs", "s3") or not parsed.netloc:
+            raise UserError(f"{url} is not an obs:// or s3:// URL (write obs://bucket/path)")
+        return parsed.netloc, parsed.path.lstrip("/")
+
+    def _call(self, url: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            return fn(*args, **kwargs)
+        except NoCredentialsError:
+            raise UserError(f"no credentials for {url} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket", "404", "NoSuchKey"):
+                raise UserError(f"{url} does not exist (check the bucket and path)") from None
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                raise UserError(f"the object store refused the credentials for {url} ({code}; check "
+                                "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and S3_ENDPOINT)") from None
+            raise UserError(f"transfer of {url} failed: {code or exc} (check the URL and S3_ENDPOINT)") from None
+        except BotoCoreError as exc:
+            raise UserError(f"cannot reach the object store for {url}: {type(exc).__name__} "
+                            "(check S3_ENDPOINT and the network)") from None
+
+    def download(self, url: str, local: Path) -> int:
+        """Copy every object under the URL's prefix (or the single object it names) into `local`."""
+        bucket, prefix = self.split(url)
+        keys = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in self._call(url, lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix))):
+            keys += [obj["Key"] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        if not keys:
+            raise UserError(f"{url} does not exist or is empty (check the bucket and path)")
+        base = prefix if prefix in keys else prefix.rstrip("/") + "/" if prefix else ""
+        for key in keys:
+            rel = Path(key).name if key == prefix else key[len(base):]
+            target = local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(url, self.client.download_file, bucket, key, str(target))
+        return len(keys)
+
+    def upload(self, local: Path, url: str) -> int:
+        bucket, prefix = self.split(url)
+        count = 0
+        for path in sorted(local.rglob("*")):
+            rel = path.relative_to(local)
+            if not path.is_file() or path.name.startswith(".tmp") or rel.parts[0] in SKIP_UPLOAD:
+                continue
+            key = f"{prefix.rstrip('/')}/{rel.as_posix()}" if prefix else rel.as_posix()
+            self._call(url, self.client.upload_file, str(path), bucket, key)
+            count += 1
+        return count
+
+
+class MoxTransfer:
+    """MoXing, as preinstalled on ModelArts."""
+
+    def __init__(self, mox):
+        self.mox = mox
+
+    def download(self, url: str, local: Path) -> int:
+        local.mkdir(parents=True, exist_ok=True)
+        self.mox.file.copy_parallel(src_url=url, dst_url=str(local))
+        return sum(1 for p in local.rglob("*") if p.is_file())
+
+    def upload(self, local: Path, url: str) -> int:
+        self.mox.file.copy_parallel(src_url=str(local), dst_url=url)
+        return sum(1 for p in local.rglob("*") if p.is_file())
+
+
+def transfer_backend():
+    try:
+        import moxing  # noqa: F401 - only present on ModelArts
+    except ImportError:
+        return S3Transfer()
+    import moxing as mox
+
+    return MoxTransfer(mox)
+
+
+def _unzip_all(folder: Path) -> None:
+    for archive in sorted(folder.rglob("*.zip")):
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(archive.parent)
+        except zipfile.BadZipFile:
+            raise UserError(f"{archive} is not a valid zip file (upload it again)") from None
+        log.info("unpacked %s", archive)
+
+
+def download_once(transfer, url: str, local: Path) -> None:
+    """Download `url` into `local` once per node: the first process copies, the others wait on a lock."""
+    local.mkdir(parents=True, exist_ok=True)
+    marker = local / DONE_MARKER
+    lock_path = local.parent / f".{local.name}.lock"
+    deadline = time.monotonic() + _lock_timeout()
+    with open(lock_path, "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"waited {_lock_timeout():.0f} s for another process to download {url} into "
+                                    f"{local} (check that process's log; remove {lock_path} if it died)") from None
+                time.sleep(1)
+        try:
+            if marker.exists() and marker.read_text() == url:
+                log.info("%s already holds %s", local, url)
+                return
+            start = time.perf_counter()
+            count = transfer.download(url, local)
+            _unzip_all(local)
+            marker.write_text(url)
+            log.info("downloaded %d files from %s to %s (%.1f s)", count, url, local, time.perf_counter() - start)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def sync_inputs(cfg: Config) -> Config:
+    """With enable_modelarts: fetch data (and a checkpoint) and return the config pointing at the local copies."""
+    if not cfg.enable_modelarts:
+        return cfg
+    if not cfg.data_url or not cfg.train_url:
+        raise UserError("enable_modelarts needs --data_url and --train_url (obs://bucket/path of the data set "
+                        "and of the output folder)")
+    transfer = transfer_backend()
+    local_data = Path(cfg.dataset_path or DEFAULT_DATA_DIR)
+    download_once(transfer, cfg.data_url, local_data)
+    changes = {"dataset_path": str(local_data)}
+    if cfg.checkpoint_url:
+        local_ckpt = Path(cfg.output_path) / "pretrained"
+        download_once(transfer, cfg.checkpoint_url, local_ckpt)
+        found = sorted(local_ckpt.rglob("*.ckpt"))
+        name = Path(cfg.pretrain_ckpt).name if cfg.pretrain_ckpt else None
+        chosen = next((p for p in found if p.name == name), None) if name else (found[0] if len(found) == 1 else None)
+        if chosen is None:
+            raise UserError(f"{cfg.checkpoint_url} holds {len(found)} .ckpt files; name the one to use with "
+                            "--pretrain_ckpt FILE_NAME")
+        changes["pretrain_ckpt"] = str(chosen)
+    return dataclasses.replace(cfg, **changes)
+
+
+def upload_outputs(cfg: Config) -> None:
+    if not cfg.enable_modelarts:
+        return
+    count = transfer_backend().upload(Path(cfg.output_path), cfg.train_url)
+    log.info("uploaded %d files from %s to %s", count, cfg.output_path, cfg.train_url)
