@@ -1,0 +1,61 @@
+"""benchmark.py's output format (not its speed) and the CPU kernel setting."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_imagefolder, run_cli
+
+from src import device
+
+SMALL = ["--width", "0.25", "--image_size", "32", "--batch_size", "2", "--num_classes", "10", "--steps", "2",
+         "--warmup", "1", "--json", "True"]
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_train_and_infer_report_json(mode):
+    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", mode, *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("img_per_s", "median_step_s", "compile_s", "peak_rss_mb"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["mode"] == mode and result["batch_size"] == 2 and result["image_size"] == 32
+    assert lines[0].startswith(f"{mode} mobilenetv2: ") and " images/s, median step " in lines[0]
+
+
+def test_data_mode_reports_the_cost_per_image(tmp_path):
+    data = make_imagefolder(tmp_path / "d", per_class=(6, 1), size=(48, 40))
+    proc = run_cli("benchmark.py", "--mode", "data", "--dataset_path", str(data), "--num_classes", "2",
+                   "--num_parallel_workers", "1", *SMALL[2:6], *SMALL[8:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["per_image_ms"] > 0 and result["img_per_s"] > 0 and result["workers"] == 1
+    assert "ms of CPU per image (1 workers)" in proc.stdout
+
+
+def test_data_mode_needs_a_dataset():
+    proc = run_cli("benchmark.py", "--mode", "data")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --mode data needs --dataset_path")
+
+
+def test_json_off_prints_no_json():
+    proc = run_cli("benchmark.py", "--mode", "infer", *SMALL[:-2])
+    assert proc.returncode == 0 and not proc.stdout.strip().splitlines()[-1].startswith("{")
+
+
+def test_cpu_setting_applied_once_and_overridable(monkeypatch):
+    monkeypatch.setattr(device, "_cpu_has_avx512", lambda: True)
+    monkeypatch.delenv(device.ISA_VAR, raising=False)
+    note = device.prepare_cpu_environment()
+    assert note and "ONEDNN_MAX_CPU_ISA=AVX2" in note
+    assert device.os.environ[device.ISA_VAR] == "AVX2"
+    assert device.prepare_cpu_environment() is None  # already set: nothing changes, nothing logged again
+    monkeypatch.setenv(device.ISA_VAR, "AVX512_CORE")
+    assert device.prepare_cpu_environment() is None and device.os.environ[device.ISA_VAR] == "AVX512_CORE"
+
+
+def test_cpu_setting_not_applied_without_avx512(monkeypatch):
+    monkeypatch.setattr(device, "_cpu_has_avx512", lambda: False)
+    monkeypatch.delenv(device.ISA_VAR, raising=False)
+    assert device.prepare_cpu_environment() is None and device.ISA_VAR not in device.os.environ
