@@ -93,8 +93,8 @@ def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
     if not cfg.dataset_path:
         raise UserError("--mode data needs --dataset_path (a folder with train/<class>/ images)")
     source = check_dataset(cfg, need_train=True, need_val=False)
-    data = create_dataset(cfg, source, training=True)
-    iterator = data.create_tuple_iterator(output_numpy=True, num_epochs=-1)
+    data = create_dataset(cfg, source, training=True).repeat()  # endless, so any --steps fits
+    iterator = data.create_tuple_iterator(output_numpy=True, num_epochs=1)
     compile_s, times = _time_steps(lambda: next(iterator), steps, warmup)
     median = statistics.median(times)
     workers = min(cfg.num_parallel_workers, __import__("os").cpu_count() or 1)

@@ -45,6 +45,9 @@ def evaluate(cfg: Config) -> EvalResult:
         log.warning("the val class folders differ from the classes %s was trained on; labels may not match",
                     ckpt)
     setup_device(cfg)
+    if cfg.platform == "CPU":
+        log.info("CPU: onnxruntime is the faster path for inference here: python export.py --file_format ONNX, "
+                 "then python eval_onnx.py or predict.py --onnx_file")
     net = inference_net(cfg, params, ckpt)
     dataset = create_dataset(cfg, source, training=False)
     eval_net = EvalNet(apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))).set_train(False)

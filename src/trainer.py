@@ -249,16 +249,16 @@ def train(cfg: Config) -> TrainResult:
     if cfg.pretrain_ckpt and not resume:
         pretrain = read_checkpoint(cfg.pretrain_ckpt, "pretrain_ckpt")
         check_pretrained(pretrain[1], Path(cfg.pretrain_ckpt), cfg)
-    if source.train.num_images < cfg.batch_size:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the {source.train.num_images} training images "
-                        f"(lower --batch_size below {source.train.num_images})")
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
+    per_rank = source.train.num_images // ranks.group_size
+    if per_rank < cfg.batch_size:
+        where = f"each of the {ranks.group_size} ranks gets {per_rank}" if ranks.group_size > 1 else \
+            f"there are {per_rank}"
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the training set: {where} training images "
+                        f"(lower --batch_size to at most {per_rank})")
     warning = amp_speed_warning(cfg)
     if warning and ranks.is_main:
         log.warning("UserWarning: %s", warning)
-    if source.train.num_images // ranks.group_size < cfg.batch_size:
-        raise UserError(f"each of the {ranks.group_size} ranks gets {source.train.num_images // ranks.group_size} "
-                        f"training images, fewer than batch_size {cfg.batch_size} (lower --batch_size)")
 
     train_ds, val_ds, net, trainable = _build_data_and_net(cfg, source, resume, pretrain, ranks)
     steps = train_ds.get_dataset_size()

@@ -64,6 +64,7 @@ def test_eval_prints_and_appends_the_result_line(trained):
     assert float(acc) == pytest.approx(max(float(r["val_top1"]) for r in rows), abs=1e-4)
     assert RESULT_LINE.findall((out / "eval.log").read_text()) == [(acc, top5, ckpt)] * 2
     assert second.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+    assert "CPU: onnxruntime is the faster path for inference" in first.stdout
 
 
 def test_resume_continues_epoch_and_lr(trained, tmp_path):
@@ -155,3 +156,12 @@ def test_imagenet_config_with_overrides(tmp_path):
     evaluation = run_cli("eval.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
                          "--platform", "CPU", "--output_path", str(tmp_path / "o"), *TINY)
     assert evaluation.returncode == 0 and RESULT_LINE.search(evaluation.stdout), evaluation.stderr[-3000:]
+
+
+def test_batch_larger_than_the_training_set(tmp_path):
+    data = make_imagefolder(tmp_path / "d")
+    line = _error_run("train.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "o"),
+                      "--num_classes", "2", "--batch_size", "50")
+    assert line == ("error: batch_size 50 is larger than the training set: there are 12 training images "
+                    "(lower --batch_size to at most 12)")
+    assert not (tmp_path / "o").exists()
