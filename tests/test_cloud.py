@@ -137,3 +137,20 @@ def test_waiting_for_another_copy_times_out(tmp_path, monkeypatch):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UserError, match=r"waited 1 s for another process to download s3://b/d"):
             download_once(_SlowTransfer(), "s3://b/d", tmp_path / "data")
+
+
+@pytest.mark.parametrize("code", ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"])
+def test_refused_credentials_name_the_url_and_not_the_secret(code, monkeypatch):
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    transfer = S3Transfer()
+    with Stubber(transfer.client) as stub:
+        stub.add_client_error("list_objects_v2", service_error_code=code, http_status_code=403)
+        with pytest.raises(UserError) as err:
+            transfer.download("obs://bucket/data", Path("/nonexistent"))
+    message = str(err.value)
+    assert message.startswith("the object store refused the credentials for obs://bucket/data")
+    assert code in message and SECRET not in message
