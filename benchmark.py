@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from src.config import Config, load_config
 from src.errors import UserError, run_cli
@@ -78,7 +80,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int) -> dict:
             train_step(x, y)[0].asnumpy()
     else:
         net.set_train(False)
-        infer = apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, __import__("pathlib").Path(cfg.output_path))
+        infer = apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))
 
         def step():
             infer(x).asnumpy()
@@ -97,7 +99,7 @@ def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
     iterator = data.create_tuple_iterator(output_numpy=True, num_epochs=1)
     compile_s, times = _time_steps(lambda: next(iterator), steps, warmup)
     median = statistics.median(times)
-    workers = min(cfg.num_parallel_workers, __import__("os").cpu_count() or 1)
+    workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
     img_per_s = cfg.batch_size / median
     return {"img_per_s": img_per_s, "median_step_s": median, "compile_s": compile_s,
             "per_image_ms": 1000 * workers / img_per_s, "workers": workers}

@@ -147,8 +147,7 @@ def plan_launch(argv: list[str]) -> Plan:
             train_args += ["--filter_head", rest[3]]
     if device_num > 1:
         train_args += ["--run_distribute", "True"]
-    cfg = load_config(train_args + extra)  # every flag is checked once here, not in 8 failing ranks
-    assert isinstance(cfg, Config)
+    cfg: Config = load_config(train_args + extra)  # every flag is checked once here, not in 8 failing ranks
     output = Path(cfg.output_path).resolve()
     train_args += extra + ["--output_path", str(output)]
     plan = Plan(platform, device_num, devices, rank_table, train_args, output)
