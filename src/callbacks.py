@@ -153,11 +153,13 @@ class CheckpointCallback(Callback):
     """Save `<model>-<epoch>_<step>.ckpt` (net + optimizer state) every N epochs; keep the newest `keep`.
 
     `cells` are saved together (the train step and the full net, which differ when only the head trains).
+    `on_saved` runs after each save (ModelArts uploads the outputs then).
     """
 
     def __init__(self, cells: list, directory: Path, prefix: str, every: int, keep: int, total_epochs: int,
-                 steps_per_epoch: int, meta: dict):
+                 steps_per_epoch: int, meta: dict, on_saved=None):
         super().__init__()
+        self.on_saved = on_saved
         params = {p.name: p for cell in cells for p in cell.get_parameters()}
         self.params = [{"name": name, "data": p} for name, p in params.items()]
         self.directory, self.prefix, self.every, self.keep = directory, prefix, every, keep
@@ -172,6 +174,8 @@ class CheckpointCallback(Callback):
                                                "step_num": epoch * self.steps_per_epoch})
         for old in periodic_checkpoints(self.directory, self.prefix)[:-self.keep]:
             old.unlink()
+        if self.on_saved is not None:
+            self.on_saved()
 
 
 def periodic_checkpoints(directory: Path, prefix: str) -> list[Path]:
@@ -179,21 +183,6 @@ def periodic_checkpoints(directory: Path, prefix: str) -> list[Path]:
     pattern = re.compile(rf"{re.escape(prefix)}-(\d+)_(\d+)\.ckpt")
     found = [(int(m.group(1)), p) for p in directory.glob(f"{prefix}-*.ckpt") if (m := pattern.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
-
-
-class UploadCallback(Callback):
-    """ModelArts: upload output_path to train_url whenever a periodic checkpoint was written."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-
-    def on_train_epoch_end(self, run_context):
-        from src.cloud import upload_outputs
-
-        epoch = run_context.original_args().cur_epoch_num
-        if epoch % self.cfg.save_checkpoint_epochs == 0 and epoch != self.cfg.epoch_size:  # the end uploads anyway
-            upload_outputs(self.cfg)
 
 
 class MetricsCallback(Callback):

@@ -24,7 +24,6 @@ from src.callbacks import (
     History,
     MetricsCallback,
     TrainMonitor,
-    UploadCallback,
     periodic_checkpoints,
     read_metrics,
 )
@@ -296,18 +295,16 @@ def train(cfg: Config) -> TrainResult:
         callbacks.append(EvalCallback(model, val_ds, history, cfg.eval_interval, cfg.epoch_size, net,
                                       ckpt_dir / "best.ckpt", meta))
     if ranks.is_main:
-        callbacks += [CheckpointCallback([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
-                                         cfg.keep_checkpoint_max, cfg.epoch_size, steps, meta),
-                      MetricsCallback(history, out / "metrics.csv", out / "curves.png")]
-        if cfg.enable_modelarts:
-            callbacks.append(UploadCallback(cfg))
+        # metrics first, so an upload after a checkpoint (ModelArts; always at the last epoch) carries them too
+        callbacks += [MetricsCallback(history, out / "metrics.csv", out / "curves.png"),
+                      CheckpointCallback([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
+                                         cfg.keep_checkpoint_max, cfg.epoch_size, steps, meta,
+                                         on_saved=(lambda: upload_outputs(cfg)) if cfg.enable_modelarts else None)]
     model.train(cfg.epoch_size, train_ds, callbacks=callbacks, dataset_sink_mode=False, initial_epoch=initial_epoch)
     if ranks.group_size > 1:
         log.info("rank %d of %d: trained on data sha256 %s; final weights sha256 %s", ranks.rank, ranks.group_size,
                  monitor.data_digest.hexdigest()[:16], weights_digest(net)[:16])
 
-    if ranks.is_main:
-        upload_outputs(cfg)
     last = periodic_checkpoints(ckpt_dir, cfg.model)
     best = ckpt_dir / "best.ckpt"
     return TrainResult(out, best if best.exists() else None,
