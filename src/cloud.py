@@ -69,16 +69,17 @@ class S3Transfer:
     def download(self, url: str, local: Path) -> int:
         """Copy every object under the URL's prefix (or the single object it names) into `local`."""
         bucket, prefix = self.split(url)
+        folder = prefix.rstrip("/") + "/" if prefix else ""
         keys = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in self._call(url, lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix))):
-            keys += [obj["Key"] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+            # an S3 prefix matches by string: data/photos also lists data/photos2/..., which is not inside it
+            keys += [obj["Key"] for obj in page.get("Contents", [])
+                     if (obj["Key"] == prefix or obj["Key"].startswith(folder)) and not obj["Key"].endswith("/")]
         if not keys:
             raise UserError(f"{url} does not exist or is empty (check the bucket and path)")
-        base = prefix if prefix in keys else prefix.rstrip("/") + "/" if prefix else ""
         for key in keys:
-            rel = Path(key).name if key == prefix else key[len(base):]
-            target = local / rel
+            target = local / (Path(key).name if key == prefix else key[len(folder):])
             target.parent.mkdir(parents=True, exist_ok=True)
             self._call(url, self.client.download_file, bucket, key, str(target))
         return len(keys)

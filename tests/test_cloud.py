@@ -154,3 +154,13 @@ def test_refused_credentials_name_the_url_and_not_the_secret(code, monkeypatch):
     message = str(err.value)
     assert message.startswith("the object store refused the credentials for obs://bucket/data")
     assert code in message and SECRET not in message
+
+
+def test_download_takes_the_folder_not_its_string_prefix_siblings(s3, tmp_path):
+    s3.client.put_object(Bucket="bucket", Key="sib/photos/a/1.txt", Body=b"in")
+    s3.client.put_object(Bucket="bucket", Key="sib/photos2/b/2.txt", Body=b"out")
+    assert s3.download("s3://bucket/sib/photos", tmp_path / "d") == 1
+    assert (tmp_path / "d" / "a" / "1.txt").read_bytes() == b"in"
+    assert not list((tmp_path / "d").rglob("2.txt"))
+    assert s3.download("s3://bucket/sib/photos2/b/2.txt", tmp_path / "one") == 1  # a single object
+    assert (tmp_path / "one" / "2.txt").read_bytes() == b"out"
