@@ -64,14 +64,14 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int) -> dict:
 
     from src.device import setup_device
     from src.lr_schedule import build_lr_schedule
-    from src.models import create_model
+    from src.models import net_from_config
     from src.trainer import apply_amp, build_training
 
     setup_device(cfg)
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((cfg.batch_size, 3, cfg.image_size, cfg.image_size)).astype(np.float32))
     y = ms.Tensor(rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32))
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    net = net_from_config(cfg)
     if mode == "train":
         lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, steps + warmup + 1)
         train_step, _ = build_training(net, cfg, lr)

@@ -11,7 +11,8 @@ import mindspore as ms
 
 from src.errors import UserError
 
-META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1")
+META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
+             "pact_quant")
 OPTIMIZER_MARKERS = ("moments.", "global_step")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
 
@@ -28,6 +29,7 @@ class CheckpointMeta:
     width: float | None = None
     class_names: list[str] | None = None
     val_top1: float | None = None
+    pact_quant: bool | None = None
 
 
 def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
@@ -67,13 +69,21 @@ def has_optimizer_state(params: dict) -> bool:
     return any(name.startswith(OPTIMIZER_MARKERS) for name in params)
 
 
-def check_compatible(meta: CheckpointMeta, path: Path, model: str, num_classes: int, width: float) -> None:
+def check_compatible(meta: CheckpointMeta, path: Path, model: str, num_classes: int, width: float,
+                     pact_quant: bool = False) -> None:
     """Refuse a checkpoint whose recorded model settings differ from the config, naming the flag to change."""
     for key, want in (("model", model), ("num_classes", num_classes), ("width", width)):
         have = getattr(meta, key)
         if have is not None and have != want:
             raise UserError(f"checkpoint {path} was trained with {key}={have} but the config has {key}={want} "
                             f"(pass --{key} {have}, or the --config_path it was trained with)")
+    if bool(meta.pact_quant) != pact_quant:
+        if meta.pact_quant:
+            raise UserError(f"checkpoint {path} was trained with --pact_quant True (pass --pact_quant True to use "
+                            "its quantization scales)")
+        raise UserError(f"checkpoint {path} is a float checkpoint and has no quantization scales (quantize it by "
+                        f"QAT fine-tuning: python train.py --pact_quant True --pretrain_ckpt {path}; or drop "
+                        "--pact_quant)")
 
 
 SHAPE_HINT = "use the --model, --num_classes and --width it was trained with"
@@ -107,15 +117,15 @@ def open_for_inference(cfg, path: str | None, flag: str) -> tuple[Path, dict, Ch
     if not path and not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
     params, meta = read_checkpoint(ckpt, flag)
-    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width)
+    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width, cfg.pact_quant)
     return ckpt, params, meta
 
 
 def inference_net(cfg, params: dict, ckpt: Path):
     """A fresh net in eval mode with every parameter loaded from `params`."""
-    from src.models import create_model
+    from src.models import net_from_config
 
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    net = net_from_config(cfg)
     missing = load_into(net, params, ckpt)
     if missing:
         raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "

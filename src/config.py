@@ -22,7 +22,12 @@ from src.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
-MODEL_NAMES = ("mobilenetv2", "resnet50", "resnet101")
+MODEL_NAMES = ("mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101")
+# other spellings users bring from the PaddleClas / torchvision / Ascend ModelZoo seeds, e.g.
+# `--data-path=./ILSVRC2012 --lr=0.001 --batch-size=64 --epochs=10 --pretrained=x.ckpt --pact_quant`
+ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",), "dataset_path": ("data-path", "data_path"),
+           "batch_size": ("batch-size",), "pretrain_ckpt": ("pretrained",), "num_parallel_workers": ("workers",),
+           "print_freq": ("print-freq",), "weight_decay": ("wd", "weight-decay")}
 TRUE_WORDS = ("True", "true", "1")
 FALSE_WORDS = ("False", "false", "0")
 
@@ -46,7 +51,7 @@ class Config:
                              "are looked up in the package folder (the demo's data/digits)")
     num_classes: int = _opt(10, "number of classes (must equal the class folders found)", min=2)
     image_size: int = _opt(32, "network input size in pixels", min=16, max=1024)
-    width: float = _opt(1.0, "MobileNetV2 width multiplier", min=0.1, max=4.0)
+    width: float = _opt(1.0, "MobileNet width multiplier (channels rounded to multiples of 8)", min=0.1, max=4.0)
     dropout: float = _opt(0.0, "dropout before the classifier", min=0.0, max=0.9)
     # where and how
     platform: str = _opt("CPU", "device to run on", choices=("CPU", "GPU", "Ascend"))
@@ -77,6 +82,8 @@ class Config:
     label_smooth: float = _opt(0.1, "label smoothing factor", min=0.0, max=0.99)
     # mixed precision
     amp_level: str = _opt("O0", "mixed precision level", choices=("O0", "O1", "O2", "O3"))
+    pact_quant: bool = _opt(False, "PACT quantization-aware training: int8 fake-quantized weights (per channel) and "
+                            "activations (PACT clip + moving-average scale); for train, eval and export")
     keep_batchnorm_fp32: bool = _opt(True, "keep BatchNorm in float32 at O2/O3")
     loss_scale_type: str = _opt("fixed", "loss scale manager (CPU supports fixed only)",
                                 choices=("fixed", "dynamic"))
@@ -119,11 +126,14 @@ class Config:
         if self.warmup_epochs >= self.epoch_size and self.warmup_epochs > 0:
             raise UserError(f"warmup_epochs {self.warmup_epochs} must be below epoch_size {self.epoch_size} "
                             "(lower --warmup_epochs or raise --epoch_size)")
-        if self.model != "mobilenetv2" and self.width != 1.0:
-            raise UserError(f"width applies to mobilenetv2 only (drop --width for {self.model})")
+        if self.model.startswith("resnet") and self.width != 1.0:
+            raise UserError(f"width applies to the MobileNets only (drop --width for {self.model})")
         if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):
             raise UserError("--freeze_layer backbone needs --pretrain_ckpt (a frozen random backbone learns nothing; "
                             "pass the checkpoint to fine-tune from)")
+        if self.pact_quant and self.freeze_layer == "backbone":
+            raise UserError("--pact_quant True trains the whole net and cannot be combined with --freeze_layer "
+                            "backbone (drop one of them)")
         if self.model.startswith("resnet") and self.image_size < 32:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
 
@@ -193,8 +203,12 @@ def _check_value(f: dataclasses.Field, value: Any) -> None:
 
 
 def _unknown(name: str, where: str) -> UserError:
-    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.7)
-    hint = f"did you mean --{close[0]}? " if close else ""
+    alias_of = {alias: key for key, aliases in ALIASES.items() for alias in aliases}
+    close = difflib.get_close_matches(name, [*FIELDS, *alias_of], n=1, cutoff=0.7)
+    hint = ""
+    if close:
+        key = alias_of.get(close[0], close[0])
+        hint = f"did you mean --{key}? " if key == close[0] else f"did you mean --{close[0]} (= --{key})? "
     return UserError(f"unknown {where} '{name}' ({hint}valid keys: {', '.join(FIELDS)})")
 
 
@@ -256,8 +270,11 @@ def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[
     for name, f in FIELDS.items():
         default = values.get(name, f.default)
         choices = f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else ""
-        parser.add_argument(f"--{name}", default=default, type=str, metavar=_base_type(f).upper(),
-                            help=f"{f.metadata['help']}{choices} (default: {default})")
+        flags = [f"--{name}"] + [f"--{alias}" for alias in ALIASES.get(name, ())]
+        # a boolean flag alone means True (`--pact_quant`), as in the seeds
+        extra = {"nargs": "?", "const": "True"} if _base_type(f) == "bool" else {}
+        parser.add_argument(*flags, dest=name, default=default, type=str, metavar=_base_type(f).upper(),
+                            help=f"{f.metadata['help']}{choices} (default: {default})", **extra)
     own = set(vars(parser.parse_args([])))
     if add_arguments:
         add_arguments(parser)

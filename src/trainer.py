@@ -45,7 +45,7 @@ from src.logs import attach_log_file
 from src.loss import CrossEntropySmooth
 from src.lr_schedule import build_lr_schedule
 from src.metrics import accuracy_metrics
-from src.models import create_model
+from src.models import net_from_config
 from src.models.common import HeadOnFeatures
 
 log = logging.getLogger("train")
@@ -181,7 +181,7 @@ def weights_digest(net: nn.Cell) -> str:
 
 def checkpoint_meta(cfg: Config, source: DataSource) -> dict:
     return {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
-            "width": cfg.width, "class_names": source.class_names}
+            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant}
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _check_resume(cfg: Config) -> tuple[dict, CheckpointMeta] | None:
         return None
     path = Path(cfg.resume_ckpt)
     params, meta = read_checkpoint(path, "resume_ckpt")
-    check_compatible(meta, path, cfg.model, cfg.num_classes, cfg.width)
+    check_compatible(meta, path, cfg.model, cfg.num_classes, cfg.width, cfg.pact_quant)
     if not has_optimizer_state(params) or meta.epoch_num is None:
         raise UserError(f"resume_ckpt {path} has no optimizer state or epoch (resume from a periodic checkpoint "
                         f"checkpoint/{cfg.model}-<epoch>_<step>.ckpt; to start from weights use --pretrain_ckpt)")
@@ -225,7 +225,7 @@ def _prepare_output(cfg: Config, resuming: bool) -> tuple[Path, Path]:
 
 def _build_data_and_net(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo):
     """(train_ds, val_ds, net, trainable): `trainable` is the net itself, or only its head on cached features."""
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    net = net_from_config(cfg)
     if resume:
         load_into(net, resume[0], Path(cfg.resume_ckpt))
     elif pretrain:
@@ -279,8 +279,9 @@ def train(cfg: Config) -> TrainResult:
         save_config(cfg, out / "config.yaml")
     what = "head only, on cached backbone features" if trainable is not net else "full net"
     log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
-             "amp %s", cfg.model, cfg.platform, what, source.train.num_images, cfg.num_classes, steps,
-             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level)
+             "amp %s%s", cfg.model, cfg.platform, what, source.train.num_images, cfg.num_classes, steps,
+             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level,
+             ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
 
     history = History(records=read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     for r in history.records:

@@ -29,7 +29,8 @@ def test_every_shipped_config_loads(path):
 def test_required_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"demo.yaml", "mobilenetv2_imagenet.yaml", "mobilenetv2_cifar10.yaml", "resnet50_imagenet.yaml",
-            "resnet50_cifar10.yaml", "resnet101_imagenet.yaml"} <= names
+            "resnet50_cifar10.yaml", "resnet101_imagenet.yaml", "mobilenetv3_large_imagenet.yaml",
+            "mobilenetv3_small_imagenet.yaml"} <= names
 
 
 def test_seed_recipes():
@@ -38,6 +39,24 @@ def test_seed_recipes():
     assert mbv2.warmup_epochs > 0
     r50 = load_config(["--config_path", "configs/resnet50_cifar10.yaml"])
     assert (r50.lr_decay_mode, r50.lr_max, r50.loss_scale) == ("poly", 0.1, 1024.0)
+
+
+def test_mobilenetv3_recipes_are_mindcvs():
+    large = load_config(["--config_path", "configs/mobilenetv3_large_imagenet.yaml"])
+    small = load_config(["--config_path", "configs/mobilenetv3_small_imagenet.yaml"])
+    assert (large.model, large.lr_max, large.epoch_size, large.weight_decay, large.dropout) == (
+        "mobilenetv3_large", 1.08, 420, 2e-5, 0.2)
+    assert (small.model, small.lr_max, small.epoch_size, small.color_jitter) == ("mobilenetv3_small", 0.77, 470, 0.4)
+
+
+def test_seed_flag_spellings_map_to_the_config_keys():
+    cfg = load_config(["--data-path=/data/ILSVRC2012", "--lr=0.001", "--batch-size=64", "--epochs=10",
+                       "--pretrained=mobilenet_v3_small.ckpt", "--pact_quant", "--model", "mobilenetv3_small"])
+    assert (cfg.dataset_path, cfg.lr_max, cfg.batch_size, cfg.epoch_size, cfg.pretrain_ckpt, cfg.pact_quant) == (
+        "/data/ILSVRC2012", 0.001, 64, 10, "mobilenet_v3_small.ckpt", True)
+    assert load_config(["--pact_quant", "False", "--run_eval"]).pact_quant is False
+    with pytest.raises(UserError, match=r"did you mean --epochs \(= --epoch_size\)\?"):
+        load_config(["--epoch", "3"])
 
 
 def test_every_key_is_a_flag_and_overrides_yaml():
@@ -64,11 +83,11 @@ def test_other_bool_words_are_refused(word):
     (["--batch_size", "3.5"], r"--batch_size got '3.5' \(use an integer\)"),
     (["--lr_max", "fast"], r"--lr_max got 'fast' \(use a number\)"),
     (["--amp_level", "O4"], r"choose from O0, O1, O2, O3"),
-    (["--model", "vgg16"], r"choose from mobilenetv2, resnet50, resnet101"),
+    (["--model", "vgg16"], r"choose from mobilenetv2, mobilenetv3_large, mobilenetv3_small, resnet50, resnet101"),
     (["stray"], r"unexpected argument 'stray'"),
     (["--config_path", "nope.yaml"], r"config file nope.yaml not found"),
     (["--warmup_epochs", "40", "--epoch_size", "30"], r"warmup_epochs 40.0 must be below epoch_size 30"),
-    (["--model", "resnet50", "--width", "0.5"], r"width applies to mobilenetv2 only"),
+    (["--model", "resnet50", "--width", "0.5"], r"width applies to the MobileNets only"),
 ])
 def test_bad_input_names_the_fix(argv, message):
     with pytest.raises(UserError, match=message):

@@ -83,14 +83,16 @@ def test_predict_errors(trained, tmp_path):
     assert proc.returncode == 2 and "not found (export one with python export.py --file_format ONNX)" in proc.stderr
 
 
-@pytest.mark.parametrize("name,count", [("mobilenetv2", 3_504_872), ("resnet50", 25_557_032),
+@pytest.mark.parametrize("name,count", [("mobilenetv2", 3_504_872), ("mobilenetv3_large", 5_483_032),
+                                        ("mobilenetv3_small", 2_542_856), ("resnet50", 25_557_032),
                                         ("resnet101", 44_549_160)])
 def test_hub_create_network(name, count):
     assert count_trainable_params(create_network(name, num_classes=1000)) == count
 
 
 def test_hub_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown network 'vgg' \(known: mobilenetv2, resnet50, resnet101\)"):
+    with pytest.raises(ValueError, match=r"unknown network 'vgg' \(known: mobilenetv2, mobilenetv3_large, "
+                       r"mobilenetv3_small, resnet50, resnet101\)"):
         create_network("vgg")
 
 

@@ -55,14 +55,15 @@ def test_label_smoothing_values():
     assert float(loss.asnumpy()) == pytest.approx(-(target * logp).sum(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name,count", [("mobilenetv2", 3_504_872), ("resnet50", 25_557_032),
+@pytest.mark.parametrize("name,count", [("mobilenetv2", 3_504_872), ("mobilenetv3_large", 5_483_032),
+                                        ("mobilenetv3_small", 2_542_856), ("resnet50", 25_557_032),
                                         ("resnet101", 44_549_160)])
 def test_parameter_counts_equal_torchvision(name, count):
     assert count_trainable_params(create_model(name, 1000)) == count
 
 
 def test_registry_names_and_head_split():
-    assert set(MODELS) == {"mobilenetv2", "resnet50", "resnet101"}
+    assert set(MODELS) == {"mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101"}
     net = create_model("mobilenetv2", 10, width=0.5)
     head = [p.name for p in net.head.get_parameters()]
     backbone = [p.name for p in net.backbone.get_parameters()]
@@ -72,9 +73,25 @@ def test_registry_names_and_head_split():
     assert names == backbone + head  # no "backbone."/"head." prefix: full checkpoints load into the backbone
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("name,width,count", [("mobilenetv3_large", 0.75, 3_377_576),
+                                              ("mobilenetv3_small", 0.75, 1_653_920)])
+def test_mobilenetv3_width_multiplier_counts_equal_torchvision(name, width, count):
+    # torchvision's MobileNetV3(_width_mult=0.75) counted with torch: its channel rounding, SE width, last channel
+    assert count_trainable_params(create_model(name, 1000, width)) == count
+
+
+def test_mobilenetv3_head_split_drops_only_the_class_layer():
+    net = create_model("mobilenetv3_small", 5)
+    head = [p.name for p in net.head.get_parameters()]
+    assert head == ["classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"]
+    assert net.head_prefixes == ("classifier.3.",)
+    assert all(p.name.startswith("features.") for p in net.backbone.get_parameters())
+    assert net.backbone.out_channels == 576 and tuple(net.head.classifier[0].weight.shape) == (1024, 576)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50"])
 def test_forward_shape(name):
-    net = create_model(name, 7, width=0.35 if name == "mobilenetv2" else 1.0)
+    net = create_model(name, 7, width=0.35 if name.startswith("mobilenet") else 1.0)
     net.set_train(False)
     out = net(ms.Tensor(np.zeros((2, 3, 32, 32), np.float32)))
     assert out.shape == (2, 7)

@@ -48,3 +48,17 @@ class HeadOnFeatures(nn.Cell):
 
     def construct(self, x):
         return self.head.classify(x)
+
+
+class HSwish(nn.Cell):
+    """x * relu6(x + 3) / 6, from ops every exporter knows (MindSpore 2.10 cannot export its HSwish to ONNX)."""
+
+    def construct(self, x):
+        return x * ops.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+class HSigmoid(nn.Cell):
+    """relu6(x + 3) / 6, from ops every exporter knows."""
+
+    def construct(self, x):
+        return ops.relu6(x + 3.0) * (1.0 / 6.0)
