@@ -17,6 +17,7 @@ from src.config import Config
 from src.dataset import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from src.device import setup_device
 from src.errors import UserError
+from src.models.common import onnx_exportable
 from src.quant import QMAX, is_quant_param, quant_layers
 
 log = logging.getLogger("train")
@@ -69,7 +70,7 @@ def export_model(cfg: Config) -> ExportResult:
         # exported as its float twin and the quantization is written into the ONNX graph as QDQ nodes.
         float_cfg = dataclasses.replace(cfg, pact_quant=False)
         float_params = {k: v for k, v in params.items() if not is_quant_param(k)}
-        ms.onnx.export(inference_net(float_cfg, float_params, ckpt), x, file_name=str(tmp) + ".onnx",
+        ms.onnx.export(onnx_exportable(inference_net(float_cfg, float_params, ckpt)), x, file_name=str(tmp) + ".onnx",
                        input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
         tmp_file = Path(str(tmp) + ".onnx")
         diff = _finish_onnx(tmp_file, x.asnumpy(), reference, model_metadata(cfg, meta),

@@ -99,8 +99,8 @@ def test_bad_dataset_path_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_unknown_flag(tmp_path):
-    line = _error_run("train.py", "--epochs", "3")
-    assert "unknown flag 'epochs'" in line and "--epoch_size" in line
+    line = _error_run("train.py", "--epoch", "3")
+    assert "unknown flag 'epoch'" in line and "--epoch_size" in line
 
 
 def test_missing_device_is_refused_before_anything_is_written(tmp_path):

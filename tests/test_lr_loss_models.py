@@ -6,6 +6,7 @@ import math
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn
 
 from src.loss import CrossEntropySmooth
 from src.lr_schedule import build_lr_schedule
@@ -87,6 +88,20 @@ def test_mobilenetv3_head_split_drops_only_the_class_layer():
     assert net.head_prefixes == ("classifier.3.",)
     assert all(p.name.startswith("features.") for p in net.backbone.get_parameters())
     assert net.backbone.out_channels == 576 and tuple(net.head.classifier[0].weight.shape) == (1024, 576)
+
+
+def test_onnx_exportable_activations_compute_the_same_values():
+    from src.models.common import HSigmoid, HSwish, onnx_exportable
+
+    x = ms.Tensor(np.linspace(-5, 5, 41).astype(np.float32))
+    fused = [HSwish()(x).asnumpy(), HSigmoid()(x).asnumpy()]
+    net = nn.SequentialCell([HSwish(), HSigmoid()])
+    onnx_exportable(net)
+    formula = [net[0](x).asnumpy(), net[1](x).asnumpy()]
+    want_sigmoid = np.clip(x.asnumpy() + 3, 0, 6) / 6
+    np.testing.assert_allclose(fused[1], want_sigmoid, atol=1e-6)
+    np.testing.assert_allclose(fused[0], x.asnumpy() * want_sigmoid, atol=1e-6)
+    np.testing.assert_allclose(formula, fused, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50"])

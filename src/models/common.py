@@ -51,14 +51,34 @@ class HeadOnFeatures(nn.Cell):
 
 
 class HSwish(nn.Cell):
-    """x * relu6(x + 3) / 6, from ops every exporter knows (MindSpore 2.10 cannot export its HSwish to ONNX)."""
+    """h-swish: MindSpore's fused kernel, or x * relu6(x + 3) / 6 for ONNX (MindSpore 2.10 cannot export HSwish)."""
+
+    def __init__(self):
+        super().__init__()
+        self.exportable = False
 
     def construct(self, x):
-        return x * ops.relu6(x + 3.0) * (1.0 / 6.0)
+        if self.exportable:
+            return x * ops.relu6(x + 3.0) * (1.0 / 6.0)
+        return ops.hardswish(x)
 
 
 class HSigmoid(nn.Cell):
-    """relu6(x + 3) / 6, from ops every exporter knows."""
+    """Hard sigmoid: MindSpore's fused kernel, or relu6(x + 3) / 6 for ONNX."""
+
+    def __init__(self):
+        super().__init__()
+        self.exportable = False
 
     def construct(self, x):
-        return ops.relu6(x + 3.0) * (1.0 / 6.0)
+        if self.exportable:
+            return ops.relu6(x + 3.0) * (1.0 / 6.0)
+        return ops.hardsigmoid(x)
+
+
+def onnx_exportable(net: nn.Cell) -> nn.Cell:
+    """Switch the net's h-swish / hard-sigmoid cells to the formulas every ONNX exporter knows (same values)."""
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, (HSwish, HSigmoid)):
+            cell.exportable = True
+    return net

@@ -5,6 +5,7 @@ Layer for layer the torchvision model (same channel rounding, squeeze-excite wid
 follow mindcv's layout (`features.*`, `classifier.0.*`, `classifier.3.*`). The backbone ends with the
 last 1x1 conv (960 / 576 channels); the head is pooling + Dense + h-swish + dropout + Dense, and only
 the last Dense (`classifier.3.*`) depends on the number of classes, so --filter_head drops just that.
+h-swish and the hard sigmoid run MindSpore's fused kernels; export switches them to relu6 formulas for ONNX.
 """
 from __future__ import annotations
 
