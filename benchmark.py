@@ -10,7 +10,9 @@ optimizer and CPU settings as train.py); data runs the real train pipeline (deco
 crop, flip, normalize, batch) over a folder of images. Reported: images/s (median over the timed steps
 after warm-up), median step time, compile time (time to the first step), peak RSS and, for data, the
 CPU cost per image. With --json True the last line is one JSON object. --torch_reference runs the
-PyTorch reference script in the same run and prints the ratio.
+PyTorch reference script in the same run and prints the ratio; --rounds N alternates N timings of this
+project (the compiled step is reused) with N runs of the reference and reports the median of the N ratios,
+which is far steadier than one pair on a noisy machine.
 """
 from __future__ import annotations
 
@@ -38,10 +40,20 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--json", default="False", choices=("True", "False", "true", "false", "1", "0"))
     parser.add_argument("--torch_reference", default=None, help="path of shared/bench/torch_reference.py")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating timings of this project and the reference")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(step, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _time_steps(step, steps: int, warmup: int) -> tuple[float, list[float]]:
@@ -50,12 +62,7 @@ def _time_steps(step, steps: int, warmup: int) -> tuple[float, list[float]]:
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return compile_s, times
+    return compile_s, _timed(step, steps)
 
 
 def bench_net(cfg: Config, mode: str, steps: int, warmup: int) -> dict:
@@ -86,7 +93,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int) -> dict:
             infer(x).asnumpy()
     compile_s, times = _time_steps(step, steps, warmup)
     median = statistics.median(times)
-    return {"img_per_s": cfg.batch_size / median, "median_step_s": median, "compile_s": compile_s}
+    return {"img_per_s": cfg.batch_size / median, "median_step_s": median, "compile_s": compile_s, "step": step}
 
 
 def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
@@ -123,10 +130,13 @@ def main(argv: Sequence[str]) -> int:
                             tool_defaults={"num_classes": 1000, "image_size": 224, "batch_size": 32,
                                            "dataset_path": "", "amp_level": "O0"})
     quiet_mindspore()
+    if args.rounds < 1 or (args.rounds > 1 and (not args.torch_reference or args.mode == "data")):
+        raise UserError("--rounds needs --torch_reference and --mode train or infer, and must be at least 1")
     if args.mode == "data":
         result = bench_data(cfg, args.steps, args.warmup)
     else:
         result = bench_net(cfg, args.mode, args.steps, args.warmup)
+    step = result.pop("step", None)
     result = {"model": cfg.model if args.mode != "data" else None, "mode": args.mode, "batch_size": cfg.batch_size,
               "image_size": cfg.image_size, "amp_level": cfg.amp_level, **result, "peak_rss_mb": peak_rss_mb()}
     print(f"{args.mode} {result['model'] or cfg.dataset_path}: {result['img_per_s']:.2f} images/s, median step "
@@ -135,11 +145,21 @@ def main(argv: Sequence[str]) -> int:
     if "per_image_ms" in result:
         print(f"decode + augment: {result['per_image_ms']:.2f} ms of CPU per image ({result['workers']} workers)")
     if args.torch_reference:
-        ref = torch_reference(args.torch_reference, cfg, args.mode)
-        result["torch_img_per_s"] = ref["img_per_s"]
-        result["ratio_vs_torch"] = result["img_per_s"] / ref["img_per_s"]
-        print(f"PyTorch {ref['torch']} eager ({ref['layout']}): {ref['img_per_s']:.2f} images/s; "
-              f"ratio {result['ratio_vs_torch']:.2f}x", flush=True)
+        ratios, ours, theirs = [], [result["img_per_s"]], []
+        for i in range(args.rounds):
+            if i > 0:
+                ours.append(cfg.batch_size / statistics.median(_timed(step, args.steps)))
+            ref = torch_reference(args.torch_reference, cfg, args.mode)
+            theirs.append(ref["img_per_s"])
+            ratios.append(ours[-1] / theirs[-1])
+            print(f"PyTorch {ref['torch']} eager ({ref['layout']}): {ref['img_per_s']:.2f} images/s; this project "
+                  f"{ours[-1]:.2f} images/s; ratio {ratios[-1]:.2f}x", flush=True)
+        result["torch_img_per_s"] = statistics.median(theirs)
+        result["ratio_vs_torch"] = statistics.median(ratios)
+        if args.rounds > 1:
+            result["ratios"] = ratios
+            print(f"median ratio over {args.rounds} alternating rounds: {result['ratio_vs_torch']:.2f}x "
+                  f"(range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
     if args.json in ("True", "true", "1"):
         print(json.dumps(result))
     return 0

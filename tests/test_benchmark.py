@@ -59,3 +59,22 @@ def test_cpu_setting_not_applied_without_avx512(monkeypatch):
     monkeypatch.setattr(device, "_cpu_has_avx512", lambda: False)
     monkeypatch.delenv(device.ISA_VAR, raising=False)
     assert device.prepare_cpu_environment() is None and device.ISA_VAR not in device.os.environ
+
+
+def test_rounds_alternate_with_the_reference_and_report_the_median_ratio(tmp_path):
+    # a stand-in for shared/bench/torch_reference.py with its output format (CI has no PyTorch)
+    fake = tmp_path / "reference.py"
+    fake.write_text('import json\nprint(json.dumps({"img_per_s": 100.0, "torch": "x", "layout": "nchw"}))\n')
+    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", "infer", "--torch_reference", str(fake),
+                   "--rounds", "3", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["ratios"]) == 3 and result["torch_img_per_s"] == 100.0
+    assert result["ratio_vs_torch"] == sorted(result["ratios"])[1]
+    assert proc.stdout.count("PyTorch x eager (nchw): 100.00 images/s; this project ") == 3
+    assert "median ratio over 3 alternating rounds: " in proc.stdout
+
+
+def test_rounds_need_the_reference():
+    proc = run_cli("benchmark.py", "--mode", "infer", "--rounds", "3", *SMALL)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --rounds needs --torch_reference")
