@@ -65,7 +65,7 @@ def _time_steps(step, steps: int, warmup: int) -> tuple[float, list[float]]:
     return compile_s, _timed(step, steps)
 
 
-def bench_net(cfg: Config, mode: str, steps: int, warmup: int) -> dict:
+def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) -> dict:
     import mindspore as ms
     import numpy as np
 
@@ -80,7 +80,8 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int) -> dict:
     y = ms.Tensor(rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32))
     net = net_from_config(cfg)
     if mode == "train":
-        lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, steps + warmup + 1)
+        # one LR value per step the optimizer will take (the schedule is indexed by the global step)
+        lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 1 + warmup + steps * rounds)
         train_step, _ = build_training(net, cfg, lr)
 
         def step():
@@ -135,7 +136,7 @@ def main(argv: Sequence[str]) -> int:
     if args.mode == "data":
         result = bench_data(cfg, args.steps, args.warmup)
     else:
-        result = bench_net(cfg, args.mode, args.steps, args.warmup)
+        result = bench_net(cfg, args.mode, args.steps, args.warmup, args.rounds)
     step = result.pop("step", None)
     result = {"model": cfg.model if args.mode != "data" else None, "mode": args.mode, "batch_size": cfg.batch_size,
               "image_size": cfg.image_size, "amp_level": cfg.amp_level, **result, "peak_rss_mb": peak_rss_mb()}

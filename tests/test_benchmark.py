@@ -61,11 +61,12 @@ def test_cpu_setting_not_applied_without_avx512(monkeypatch):
     assert device.prepare_cpu_environment() is None and device.ISA_VAR not in device.os.environ
 
 
-def test_rounds_alternate_with_the_reference_and_report_the_median_ratio(tmp_path):
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_rounds_alternate_with_the_reference_and_report_the_median_ratio(tmp_path, mode):
     # a stand-in for shared/bench/torch_reference.py with its output format (CI has no PyTorch)
     fake = tmp_path / "reference.py"
     fake.write_text('import json\nprint(json.dumps({"img_per_s": 100.0, "torch": "x", "layout": "nchw"}))\n')
-    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", "infer", "--torch_reference", str(fake),
+    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", mode, "--torch_reference", str(fake),
                    "--rounds", "3", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
