@@ -4,6 +4,7 @@ Prints and appends to output_path/eval.log:  result:{'acc': A, 'top_5_accuracy':
 Example:
   python eval.py --config_path configs/mobilenetv2_imagenet.yaml --dataset_path /data/imagenet \
       --pretrain_ckpt output/checkpoint/best.ckpt
+--ckpt_file (export.py's and predict.py's spelling) works too.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from src.logs import quiet_mindspore, setup_console_logging
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg = load_config(argv, description=__doc__)
+    cfg = load_config(argv, description=__doc__, same_as={"ckpt_file": "pretrain_ckpt"})
     setup_console_logging()
     quiet_mindspore()
     from src.evaluate import evaluate, report

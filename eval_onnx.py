@@ -1,12 +1,13 @@
 """Evaluate an exported ONNX model with onnxruntime on the same val pipeline as eval.py.
 
   python eval_onnx.py                                       # the demo's output/mobilenetv2.onnx
-  python eval_onnx.py --file_name model.onnx --config_path configs/mobilenetv2_imagenet.yaml \
+  python eval_onnx.py --onnx_file model.onnx --config_path configs/mobilenetv2_imagenet.yaml \
       --dataset_path /data/imagenet --platform CPU
 Prints and appends to output_path/eval.log:  result:{'acc': A, 'top_5_accuracy': B} ckpt=FILE
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,14 @@ from src.errors import run_cli
 from src.logs import quiet_mindspore, setup_console_logging
 
 
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx_file", default=None,
+                        help="the ONNX model to evaluate (as in predict.py; --file_name works too; "
+                             "default: output_path/<model>.onnx)")
+
+
 def main(argv: Sequence[str]) -> int:
-    cfg = load_config(argv, description=__doc__)
+    cfg, args = load_config(argv, description=__doc__, add_arguments=_arguments)
     setup_console_logging()
     quiet_mindspore()
     from src.dataset import check_dataset, create_dataset
@@ -25,7 +32,8 @@ def main(argv: Sequence[str]) -> int:
     from src.metrics import accuracy_metrics
     from src.onnx_runtime import load_onnx
 
-    path = Path(cfg.file_name) if cfg.file_name else Path(cfg.output_path) / f"{cfg.model}.onnx"
+    name = args.onnx_file or cfg.file_name
+    path = Path(name) if name else Path(cfg.output_path) / f"{cfg.model}.onnx"
     if path.suffix != ".onnx" and not path.exists():
         path = path.with_name(path.name + ".onnx")
     model = load_onnx(path)

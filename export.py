@@ -18,7 +18,8 @@ from src.logs import quiet_mindspore, setup_console_logging
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg = load_config(argv, description=__doc__, tool_defaults={"batch_size": 1})
+    cfg = load_config(argv, description=__doc__, tool_defaults={"batch_size": 1},
+                      same_as={"pretrain_ckpt": "ckpt_file"})
     setup_console_logging()
     quiet_mindspore()
     from src.cloud import upload_outputs

@@ -22,7 +22,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg, args = load_config(argv, description=__doc__, add_arguments=_arguments)
+    cfg, args = load_config(argv, description=__doc__, add_arguments=_arguments,
+                            same_as={"pretrain_ckpt": "ckpt_file"})
     if not args.images:
         raise UserError("no images given (python predict.py --ckpt_file CKPT image1.jpg [image2.png ...])")
     setup_console_logging()

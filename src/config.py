@@ -254,23 +254,30 @@ def _split_config_path(argv: Sequence[str]) -> tuple[Path, list[str]]:
 
 
 def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[str, Any] | None = None,
-                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-                ) -> Config | tuple[Config, argparse.Namespace]:
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                same_as: dict[str, str] | None = None) -> Config | tuple[Config, argparse.Namespace]:
     """Parse argv (without the program name) into a Config.
 
     `tool_defaults` take precedence over the YAML but not over flags (export's batch_size 1).
     `add_arguments` lets a tool add its own arguments (e.g. predict's image paths); then the return
     value is (Config, namespace of those arguments).
+    `same_as` {key: other}: on this tool the flags of `key` set `other` (eval.py reads its checkpoint from
+    --pretrain_ckpt as in the ModelZoo, export.py from --ckpt_file; each takes the other spelling too).
+    `key` keeps its YAML value.
     """
+    same_as = same_as or {}
+    taken = {other: [f"--{key}"] + [f"--{alias}" for alias in ALIASES.get(key, ())] for key, other in same_as.items()}
     config_path, rest = _split_config_path(argv)
     values = {**read_yaml(config_path), **(tool_defaults or {})}
     parser = _Parser(description=description, allow_abbrev=False,
                      epilog=f"Defaults come from --config_path (default {DEFAULT_CONFIG.relative_to(ROOT)}).")
     parser.add_argument("--config_path", default=str(config_path), help="YAML file with the defaults")
     for name, f in FIELDS.items():
+        if name in same_as:
+            continue
         default = values.get(name, f.default)
         choices = f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else ""
-        flags = [f"--{name}"] + [f"--{alias}" for alias in ALIASES.get(name, ())]
+        flags = [f"--{name}"] + [f"--{alias}" for alias in ALIASES.get(name, ())] + taken.get(name, [])
         # a boolean flag alone means True (`--pact_quant`), as in the seeds
         extra = {"nargs": "?", "const": "True"} if _base_type(f) == "bool" else {}
         parser.add_argument(*flags, dest=name, default=default, type=str, metavar=_base_type(f).upper(),
@@ -284,7 +291,7 @@ def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[
         if not flag.startswith("-"):
             raise UserError(f"unexpected argument '{flag}' (options are written --key value)")
         raise _unknown(flag.lstrip("-").split("=")[0], "flag")
-    kwargs = {name: _convert(f, getattr(parsed, name)) for name, f in FIELDS.items()}
+    kwargs = {name: _convert(f, getattr(parsed, name, values.get(name, f.default))) for name, f in FIELDS.items()}
     cfg = Config(**kwargs)
     if add_arguments is None:
         return cfg

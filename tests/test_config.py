@@ -59,6 +59,17 @@ def test_seed_flag_spellings_map_to_the_config_keys():
         load_config(["--epoch", "3"])
 
 
+def test_checkpoint_flag_spellings_are_shared_by_eval_and_export(tmp_path: Path):
+    # eval.py reads --pretrain_ckpt (ModelZoo), export.py/predict.py --ckpt_file; each tool takes both spellings
+    assert load_config(["--ckpt_file", "a.ckpt"], same_as={"ckpt_file": "pretrain_ckpt"}).pretrain_ckpt == "a.ckpt"
+    assert load_config(["--pretrained", "b.ckpt"], same_as={"pretrain_ckpt": "ckpt_file"}).ckpt_file == "b.ckpt"
+    # a saved run config names the checkpoint it was fine-tuned from: export must not pick that up
+    saved = tmp_path / "config.yaml"
+    saved.write_text("pretrain_ckpt: imagenet.ckpt\n")
+    cfg = load_config(["--config_path", str(saved)], same_as={"pretrain_ckpt": "ckpt_file"})
+    assert (cfg.ckpt_file, cfg.pretrain_ckpt) == (None, "imagenet.ckpt")
+
+
 def test_every_key_is_a_flag_and_overrides_yaml():
     cfg = load_config(["--batch_size", "7", "--lr_max=0.5", "--pretrain_ckpt", "x.ckpt", "--model", "resnet50"])
     assert (cfg.batch_size, cfg.lr_max, cfg.pretrain_ckpt, cfg.model) == (7, 0.5, "x.ckpt", "resnet50")

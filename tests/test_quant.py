@@ -172,9 +172,10 @@ def test_qdq_onnx_export_matches_the_qat_net(qat_run, tmp_path: Path):
     int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_int8")]
     assert len(int8) == convs
     assert (tmp_path / "qat.onnx").stat().st_size < 0.5 * (tmp_path / "float.onnx").stat().st_size
-    ms_eval = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(qat_out), "--pact_quant", "True",
-                      *TINY)
-    ort_eval = run_cli("eval_onnx.py", "--dataset_path", str(data), "--output_path", str(qat_out), "--file_name",
+    # eval.py takes export.py's --ckpt_file spelling, eval_onnx.py predict.py's --onnx_file
+    ms_eval = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "eval"), "--pact_quant",
+                      "True", "--ckpt_file", str(qat_out / "checkpoint" / "best.ckpt"), *TINY)
+    ort_eval = run_cli("eval_onnx.py", "--dataset_path", str(data), "--output_path", str(qat_out), "--onnx_file",
                        str(tmp_path / "qat.onnx"), *TINY)
     assert ms_eval.returncode == 0 and ort_eval.returncode == 0, ms_eval.stderr[-2000:] + ort_eval.stderr[-2000:]
     assert RESULT.search(ms_eval.stdout).group(1) == RESULT.search(ort_eval.stdout).group(1)
