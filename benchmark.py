@@ -70,6 +70,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
     import numpy as np
 
     from src.device import setup_device
+    from src.kernels import use_fast_kernels
     from src.lr_schedule import build_lr_schedule
     from src.models import net_from_config
     from src.trainer import apply_amp, build_training
@@ -88,6 +89,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
             train_step(x, y)[0].asnumpy()
     else:
         net.set_train(False)
+        use_fast_kernels(net, cfg.platform, cfg.amp_level)
         infer = apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))
 
         def step():

@@ -41,6 +41,7 @@ from src.dataset import DataSource, check_dataset, create_dataset
 from src.device import RankInfo, amp_speed_warning, setup_device
 from src.errors import UserError
 from src.finetune import cached_features, check_pretrained, feature_datasets, load_pretrained
+from src.kernels import use_fast_kernels
 from src.logs import attach_log_file
 from src.loss import CrossEntropySmooth
 from src.lr_schedule import build_lr_schedule
@@ -162,6 +163,7 @@ def build_optimizer(net: nn.Cell, cfg: Config, lr: np.ndarray) -> nn.Optimizer:
 
 def build_training(net: nn.Cell, cfg: Config, lr: np.ndarray):
     """(train_step_cell, eval_cell) with AMP, loss scaling and the optimizer applied."""
+    use_fast_kernels(net, cfg.platform, cfg.amp_level)
     amp_net = apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))
     loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
     scale_sense, check_overflow = loss_scale_sense(cfg)

@@ -1,0 +1,138 @@
+// Depthwise 2-D convolution (NCHW, float32, square k x k kernel, stride 1 or 2, zero padding (k-1)/2) for
+// MindSpore's CPU backend as ops.Custom AOT functions: forward, gradient w.r.t. the input, gradient w.r.t. the
+// weight. MindSpore 2.10 runs grouped convolutions through oneDNN's im2col + GEMM per group on plain NCHW
+// tensors, which is 3-20x slower than these direct loops (docs/performance.md). Built by src/kernels/__init__.py.
+//
+// AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+struct Geometry {
+  int64_t n, c, h, w, k, s, p, ho, wo;
+};
+
+Geometry geometry(const int64_t* x_shape, int64_t k, int64_t s) {
+  Geometry g{x_shape[0], x_shape[1], x_shape[2], x_shape[3], k, s, (k - 1) / 2, 0, 0};
+  g.ho = (g.h + 2 * g.p - k) / s + 1;
+  g.wo = (g.w + 2 * g.p - k) / s + 1;
+  return g;
+}
+
+// Output columns [*lo, *hi) whose input column col * s + off lies inside [0, width).
+inline void valid_range(int64_t off, int64_t s, int64_t width, int64_t out_width, int64_t* lo, int64_t* hi) {
+  int64_t first = off < 0 ? (-off + s - 1) / s : 0;
+  int64_t last = (width - 1 - off) >= 0 ? (width - 1 - off) / s + 1 : 0;
+  *lo = first;
+  *hi = last < out_width ? last : out_width;
+}
+
+template <int S>
+void forward(const float* x, const float* wt, float* y, const Geometry& g) {
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < g.n * g.c; ++nc) {
+    const float* xp = x + nc * g.h * g.w;
+    const float* wp = wt + (nc % g.c) * g.k * g.k;
+    float* yp = y + nc * g.ho * g.wo;
+    std::memset(yp, 0, sizeof(float) * g.ho * g.wo);
+    for (int64_t i = 0; i < g.k; ++i) {
+      for (int64_t j = 0; j < g.k; ++j) {
+        const float wv = wp[i * g.k + j];
+        int64_t w0, w1;
+        valid_range(j - g.p, S, g.w, g.wo, &w0, &w1);
+        for (int64_t r = 0; r < g.ho; ++r) {
+          const int64_t hi = r * S + i - g.p;
+          if (hi < 0 || hi >= g.h) continue;
+          float* yr = yp + r * g.wo;
+          const float* xr = xp + hi * g.w + (j - g.p);
+#pragma omp simd
+          for (int64_t col = w0; col < w1; ++col) yr[col] += wv * xr[col * S];
+        }
+      }
+    }
+  }
+}
+
+template <int S>
+void grad_input(const float* dy, const float* wt, float* dx, const Geometry& g) {
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < g.n * g.c; ++nc) {
+    const float* gp = dy + nc * g.ho * g.wo;
+    const float* wp = wt + (nc % g.c) * g.k * g.k;
+    float* dp = dx + nc * g.h * g.w;
+    std::memset(dp, 0, sizeof(float) * g.h * g.w);
+    for (int64_t i = 0; i < g.k; ++i) {
+      for (int64_t j = 0; j < g.k; ++j) {
+        const float wv = wp[i * g.k + j];
+        int64_t w0, w1;
+        valid_range(j - g.p, S, g.w, g.wo, &w0, &w1);
+        for (int64_t r = 0; r < g.ho; ++r) {
+          const int64_t hi = r * S + i - g.p;
+          if (hi < 0 || hi >= g.h) continue;
+          const float* gr = gp + r * g.wo;
+          float* dr = dp + hi * g.w + (j - g.p);
+#pragma omp simd
+          for (int64_t col = w0; col < w1; ++col) dr[col * S] += wv * gr[col];
+        }
+      }
+    }
+  }
+}
+
+template <int S>
+void grad_weight(const float* x, const float* dy, float* dw, const Geometry& g) {
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    for (int64_t i = 0; i < g.k; ++i) {
+      for (int64_t j = 0; j < g.k; ++j) {
+        int64_t w0, w1;
+        valid_range(j - g.p, S, g.w, g.wo, &w0, &w1);
+        double total = 0.0;
+        for (int64_t b = 0; b < g.n; ++b) {
+          const float* xp = x + (b * g.c + ch) * g.h * g.w;
+          const float* gp = dy + (b * g.c + ch) * g.ho * g.wo;
+          float acc = 0.0f;
+          for (int64_t r = 0; r < g.ho; ++r) {
+            const int64_t hi = r * S + i - g.p;
+            if (hi < 0 || hi >= g.h) continue;
+            const float* gr = gp + r * g.wo;
+            const float* xr = xp + hi * g.w + (j - g.p);
+#pragma omp simd reduction(+ : acc)
+            for (int64_t col = w0; col < w1; ++col) acc += gr[col] * xr[col * S];
+          }
+          total += acc;
+        }
+        dw[(ch * g.k + i) * g.k + j] = static_cast<float>(total);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define DEPTHWISE_ENTRY_POINTS(S)                                                                          \
+  /* inputs x (N,C,H,W), weight (C,1,k,k); output y */                                                     \
+  extern "C" int DepthwiseForwardS##S(int, void** params, int*, int64_t** shapes, const char**, void*,     \
+                                      void*) {                                                             \
+    forward<S>(static_cast<float*>(params[0]), static_cast<float*>(params[1]), static_cast<float*>(params[2]), \
+               geometry(shapes[0], shapes[1][2], S));                                                      \
+    return 0;                                                                                              \
+  }                                                                                                        \
+  /* inputs x (for its shape), dy, weight; output dx */                                                    \
+  extern "C" int DepthwiseGradInputS##S(int, void** params, int*, int64_t** shapes, const char**, void*,   \
+                                        void*) {                                                           \
+    grad_input<S>(static_cast<float*>(params[1]), static_cast<float*>(params[2]),                         \
+                  static_cast<float*>(params[3]), geometry(shapes[0], shapes[2][2], S));                    \
+    return 0;                                                                                              \
+  }                                                                                                        \
+  /* inputs x, dy, weight (for its shape); output dw */                                                    \
+  extern "C" int DepthwiseGradWeightS##S(int, void** params, int*, int64_t** shapes, const char**, void*,  \
+                                         void*) {                                                          \
+    grad_weight<S>(static_cast<float*>(params[0]), static_cast<float*>(params[1]),                        \
+                   static_cast<float*>(params[3]), geometry(shapes[0], shapes[2][2], S));                  \
+    return 0;                                                                                              \
+  }
+
+DEPTHWISE_ENTRY_POINTS(1)
+DEPTHWISE_ENTRY_POINTS(2)
