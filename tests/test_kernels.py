@@ -96,3 +96,12 @@ def test_only_cpu_float32_uses_it():
     assert isinstance(conv.conv2d, ops.Conv2D)
     kernels.use_fast_kernels(conv, "CPU", "O0")
     assert isinstance(conv.conv2d, ops.Custom)
+
+
+def test_a_failing_build_keeps_mindspores_kernel(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
+    conv = _depthwise(4, 3, 1)
+    assert "the fast kernel is unavailable: false could not build depthwise.cc" in kernels.fast_depthwise(conv)
+    assert isinstance(conv.conv2d, ops.Conv2D)
+    assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind

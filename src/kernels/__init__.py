@@ -69,8 +69,11 @@ def build_library() -> Path:
         raise KernelUnavailable(f"cannot write the kernel cache {target.parent} ({exc.strerror}; "
                                 "set XDG_CACHE_HOME to a writable folder)") from None
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
+        try:
+            proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                  timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelUnavailable(f"{compiler} did not finish building {SOURCE.name} ({exc})") from None
         if proc.returncode != 0:
             first = next((line for line in proc.stderr.splitlines() if "error" in line), proc.stderr.strip()[:200])
             raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {first}")
