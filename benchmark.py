@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from src.config import Config, load_config
+from src.device import prepare_cpu_threads
 from src.errors import UserError, run_cli
 from src.logs import quiet_mindspore
 
@@ -133,6 +134,7 @@ def main(argv: Sequence[str]) -> int:
                             tool_defaults={"num_classes": 1000, "image_size": 224, "batch_size": 32,
                                            "dataset_path": "", "amp_level": "O0"})
     quiet_mindspore()
+    prepare_cpu_threads(cfg.platform)
     if args.rounds < 1 or (args.rounds > 1 and (not args.torch_reference or args.mode == "data")):
         raise UserError("--rounds needs --torch_reference and --mode train or infer, and must be at least 1")
     if args.mode == "data":

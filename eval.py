@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from src.config import load_config
+from src.device import prepare_cpu_threads
 from src.errors import run_cli
 from src.logs import quiet_mindspore, setup_console_logging
 
@@ -20,6 +21,7 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(argv, description=__doc__, same_as={"ckpt_file": "pretrain_ckpt"})
     setup_console_logging()
     quiet_mindspore()
+    prepare_cpu_threads(cfg.platform)
     from src.evaluate import evaluate, report
 
     result = evaluate(cfg)

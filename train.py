@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from src.config import load_config
+from src.device import prepare_cpu_threads
 from src.errors import run_cli
 from src.logs import quiet_mindspore, setup_console_logging
 
@@ -19,6 +20,7 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(argv, description=__doc__)
     log = setup_console_logging()
     quiet_mindspore()
+    prepare_cpu_threads(cfg.platform)
     from src.cloud import sync_inputs
     from src.trainer import train
 

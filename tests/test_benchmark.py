@@ -64,6 +64,24 @@ def test_cpu_setting_not_applied_without_avx512(monkeypatch):
     assert device.prepare_cpu_environment() is None and device.ISA_VAR not in device.os.environ
 
 
+
+def test_openmp_threads_wait_passively_on_cpu(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    device.prepare_cpu_threads("GPU")
+    assert "OMP_WAIT_POLICY" not in device.os.environ
+    device.prepare_cpu_threads("CPU")
+    assert device.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    device.prepare_cpu_threads("CPU")
+    assert device.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stays
+
+
+def test_entry_scripts_set_the_cpu_environment_before_mindspore_loads():
+    # libgomp reads OMP_WAIT_POLICY when MindSpore loads it: the scripts must not import mindspore at module level
+    code = "import sys; import train, eval, benchmark; print('mindspore' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+
 ISA_PROBE = """
 import sys
 import numpy as np

@@ -5,10 +5,23 @@ from mindspore import nn, ops
 
 
 class GlobalAvgPooling(nn.Cell):
-    """N x C x H x W -> N x C."""
+    """N x C x H x W -> N x C (N x C x 1 x 1 with keep_dims).
+
+    `kernel`, when set, is a primitive computing the N x C x 1 x 1 mean (src/kernels sets a C++ one on CPU).
+    """
+
+    def __init__(self, keep_dims: bool = False):
+        super().__init__()
+        self.keep_dims = keep_dims
+        self.kernel = None
 
     def construct(self, x):
-        return ops.mean(x, (2, 3), keep_dims=False)
+        if self.kernel is None:
+            return ops.mean(x, (2, 3), keep_dims=self.keep_dims)
+        y = self.kernel(x)
+        if self.keep_dims:
+            return y
+        return y.reshape(y.shape[0], y.shape[1])
 
 
 class ClassifierNet(nn.Cell):

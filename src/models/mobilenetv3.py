@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from src.models.common import ClassifierNet, GlobalAvgPooling, HSigmoid, HSwish
 from src.models.mobilenetv2 import make_divisible
@@ -46,14 +46,14 @@ class SqueezeExcite(nn.Cell):
     def __init__(self, channels: int):
         super().__init__()
         squeezed = make_divisible(channels // 4, 8)
+        self.pool = GlobalAvgPooling(keep_dims=True)
         self.conv_reduce = nn.Conv2d(channels, squeezed, 1, has_bias=True)
         self.act_fn = nn.ReLU()
         self.conv_expand = nn.Conv2d(squeezed, channels, 1, has_bias=True)
         self.gate_fn = HSigmoid()
 
     def construct(self, x):
-        scale = ops.mean(x, (2, 3), keep_dims=True)
-        scale = self.gate_fn(self.conv_expand(self.act_fn(self.conv_reduce(scale))))
+        scale = self.gate_fn(self.conv_expand(self.act_fn(self.conv_reduce(self.pool(x)))))
         return x * scale
 
 

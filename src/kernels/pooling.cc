@@ -1,0 +1,38 @@
+// Global average pooling over H x W (NCHW, float32) for MindSpore's CPU backend as ops.Custom AOT functions:
+// forward (N, C, H, W) -> (N, C, 1, 1) and its gradient. MindSpore 2.10's CPU ReduceMean and the Tile + RealDiv
+// of its gradient take several times longer than one pass over each plane; MobileNetV3's squeeze-excite blocks
+// run them on every expanded feature map (docs/performance.md). Built by src/kernels/__init__.py.
+//
+// AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
+#include <cstdint>
+
+// inputs x (N,C,H,W); output y (N,C,1,1)
+extern "C" int ChannelMeanForward(int, void** params, int*, int64_t** shapes, const char**, void*, void*) {
+  const float* x = static_cast<float*>(params[0]);
+  float* y = static_cast<float*>(params[1]);
+  const int64_t planes = shapes[0][0] * shapes[0][1], hw = shapes[0][2] * shapes[0][3];
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < planes; ++nc) {
+    const float* xp = x + nc * hw;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < hw; ++i) acc += xp[i];
+    y[nc] = acc / static_cast<float>(hw);
+  }
+  return 0;
+}
+
+// inputs x (for its shape), dy (N,C,1,1); output dx (N,C,H,W) = dy / (H * W) on every position
+extern "C" int ChannelMeanBackward(int, void** params, int*, int64_t** shapes, const char**, void*, void*) {
+  const float* dy = static_cast<float*>(params[1]);
+  float* dx = static_cast<float*>(params[2]);
+  const int64_t planes = shapes[0][0] * shapes[0][1], hw = shapes[0][2] * shapes[0][3];
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < planes; ++nc) {
+    const float value = dy[nc] / static_cast<float>(hw);
+    float* dp = dx + nc * hw;
+#pragma omp simd
+    for (int64_t i = 0; i < hw; ++i) dp[i] = value;
+  }
+  return 0;
+}
