@@ -28,14 +28,19 @@ inline void valid_range(int64_t off, int64_t s, int64_t width, int64_t out_width
   *hi = last < out_width ? last : out_width;
 }
 
-template <int S>
-void forward(const float* x, const float* wt, float* y, const Geometry& g) {
+// The forward pass and the input gradient visit the same taps: output pixel (r, col) and input pixel
+// (r * S + i - p, col * S + j - p) meet through weight (i, j). The forward gathers input into output
+// (y[r][col] += w * x[..]); the input gradient scatters the output gradient back (dx[..] += w * dy[r][col]).
+template <int S, bool kToInput>
+void through_taps(const float* src, const float* wt, float* dst, const Geometry& g) {
+  const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
+  const int64_t src_plane = kToInput ? out_plane : in_plane, dst_plane = kToInput ? in_plane : out_plane;
 #pragma omp parallel for schedule(static)
   for (int64_t nc = 0; nc < g.n * g.c; ++nc) {
-    const float* xp = x + nc * g.h * g.w;
+    const float* sp = src + nc * src_plane;
     const float* wp = wt + (nc % g.c) * g.k * g.k;
-    float* yp = y + nc * g.ho * g.wo;
-    std::memset(yp, 0, sizeof(float) * g.ho * g.wo);
+    float* dp = dst + nc * dst_plane;
+    std::memset(dp, 0, sizeof(float) * dst_plane);
     for (int64_t i = 0; i < g.k; ++i) {
       for (int64_t j = 0; j < g.k; ++j) {
         const float wv = wp[i * g.k + j];
@@ -44,36 +49,18 @@ void forward(const float* x, const float* wt, float* y, const Geometry& g) {
         for (int64_t r = 0; r < g.ho; ++r) {
           const int64_t hi = r * S + i - g.p;
           if (hi < 0 || hi >= g.h) continue;
-          float* yr = yp + r * g.wo;
-          const float* xr = xp + hi * g.w + (j - g.p);
+          const int64_t in_row = hi * g.w + (j - g.p), out_row = r * g.wo;
+          if (kToInput) {
+            const float* gr = sp + out_row;
+            float* dr = dp + in_row;
 #pragma omp simd
-          for (int64_t col = w0; col < w1; ++col) yr[col] += wv * xr[col * S];
-        }
-      }
-    }
-  }
-}
-
-template <int S>
-void grad_input(const float* dy, const float* wt, float* dx, const Geometry& g) {
-#pragma omp parallel for schedule(static)
-  for (int64_t nc = 0; nc < g.n * g.c; ++nc) {
-    const float* gp = dy + nc * g.ho * g.wo;
-    const float* wp = wt + (nc % g.c) * g.k * g.k;
-    float* dp = dx + nc * g.h * g.w;
-    std::memset(dp, 0, sizeof(float) * g.h * g.w);
-    for (int64_t i = 0; i < g.k; ++i) {
-      for (int64_t j = 0; j < g.k; ++j) {
-        const float wv = wp[i * g.k + j];
-        int64_t w0, w1;
-        valid_range(j - g.p, S, g.w, g.wo, &w0, &w1);
-        for (int64_t r = 0; r < g.ho; ++r) {
-          const int64_t hi = r * S + i - g.p;
-          if (hi < 0 || hi >= g.h) continue;
-          const float* gr = gp + r * g.wo;
-          float* dr = dp + hi * g.w + (j - g.p);
+            for (int64_t col = w0; col < w1; ++col) dr[col * S] += wv * gr[col];
+          } else {
+            const float* xr = sp + in_row;
+            float* yr = dp + out_row;
 #pragma omp simd
-          for (int64_t col = w0; col < w1; ++col) dr[col * S] += wv * gr[col];
+            for (int64_t col = w0; col < w1; ++col) yr[col] += wv * xr[col * S];
+          }
         }
       }
     }
@@ -115,15 +102,15 @@ void grad_weight(const float* x, const float* dy, float* dw, const Geometry& g) 
   /* inputs x (N,C,H,W), weight (C,1,k,k); output y */                                                     \
   extern "C" int DepthwiseForwardS##S(int, void** params, int*, int64_t** shapes, const char**, void*,     \
                                       void*) {                                                             \
-    forward<S>(static_cast<float*>(params[0]), static_cast<float*>(params[1]), static_cast<float*>(params[2]), \
-               geometry(shapes[0], shapes[1][2], S));                                                      \
+    through_taps<S, false>(static_cast<float*>(params[0]), static_cast<float*>(params[1]),                 \
+                           static_cast<float*>(params[2]), geometry(shapes[0], shapes[1][2], S));          \
     return 0;                                                                                              \
   }                                                                                                        \
   /* inputs x (for its shape), dy, weight; output dx */                                                    \
   extern "C" int DepthwiseGradInputS##S(int, void** params, int*, int64_t** shapes, const char**, void*,   \
                                         void*) {                                                           \
-    grad_input<S>(static_cast<float*>(params[1]), static_cast<float*>(params[2]),                         \
-                  static_cast<float*>(params[3]), geometry(shapes[0], shapes[2][2], S));                    \
+    through_taps<S, true>(static_cast<float*>(params[1]), static_cast<float*>(params[2]),                  \
+                          static_cast<float*>(params[3]), geometry(shapes[0], shapes[2][2], S));           \
     return 0;                                                                                              \
   }                                                                                                        \
   /* inputs x, dy, weight (for its shape); output dw */                                                    \
