@@ -25,9 +25,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from src.config import Config, load_config
+from src.config import Config, parse_command_line
 from src.device import prepare_cpu_threads
 from src.errors import UserError, run_cli
 from src.logs import quiet_mindspore
@@ -71,10 +70,9 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
     import numpy as np
 
     from src.device import setup_device
-    from src.kernels import use_fast_kernels
-    from src.lr_schedule import build_lr_schedule
+    from src.engine.lr_schedule import build_lr_schedule
+    from src.engine.train_step import build_train_step, inference_cell
     from src.models import net_from_config
-    from src.trainer import apply_amp, build_training
 
     setup_device(cfg)
     rng = np.random.default_rng(0)
@@ -84,14 +82,13 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
     if mode == "train":
         # one LR value per step the optimizer will take (the schedule is indexed by the global step)
         lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 1 + warmup + steps * rounds)
-        train_step, _ = build_training(net, cfg, lr)
+        train_step, _ = build_train_step(net, cfg, lr)
 
         def step():
             train_step(x, y)[0].asnumpy()
     else:
         net.set_train(False)
-        use_fast_kernels(net, cfg.platform, cfg.amp_level)
-        infer = apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))
+        infer = inference_cell(net, cfg)
 
         def step():
             infer(x).asnumpy()
@@ -101,7 +98,8 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
 
 
 def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
-    from src.dataset import check_dataset, create_dataset
+    from src.data.checks import check_dataset
+    from src.data.pipeline import create_dataset
 
     if not cfg.dataset_path:
         raise UserError("--mode data needs --dataset_path (a folder with train/<class>/ images)")
@@ -130,9 +128,7 @@ def torch_reference(script: str, cfg: Config, mode: str) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg, args = load_config(argv, description=__doc__, add_arguments=_arguments,
-                            tool_defaults={"num_classes": 1000, "image_size": 224, "batch_size": 32,
-                                           "dataset_path": "", "amp_level": "O0"})
+    cfg, args = parse_command_line(argv, "benchmark", __doc__, add_arguments=_arguments)
     quiet_mindspore()
     prepare_cpu_threads(cfg.platform)
     if args.rounds < 1 or (args.rounds > 1 and (not args.torch_reference or args.mode == "data")):

@@ -18,11 +18,11 @@ from src.logs import quiet_mindspore, setup_console_logging
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg = load_config(argv, description=__doc__, same_as={"ckpt_file": "pretrain_ckpt"})
+    cfg = load_config(argv, "eval", __doc__)
     setup_console_logging()
     quiet_mindspore()
     prepare_cpu_threads(cfg.platform)
-    from src.evaluate import evaluate, report
+    from src.engine.evaluate import evaluate, report
 
     result = evaluate(cfg)
     report(result, cfg.output_path)

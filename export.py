@@ -18,12 +18,11 @@ from src.logs import quiet_mindspore, setup_console_logging
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg = load_config(argv, description=__doc__, tool_defaults={"batch_size": 1},
-                      same_as={"pretrain_ckpt": "ckpt_file"})
+    cfg = load_config(argv, "export", __doc__)
     setup_console_logging()
     quiet_mindspore()
     from src.cloud import upload_outputs
-    from src.export import export_model
+    from src.deploy.export import export_model
 
     export_model(cfg)
     upload_outputs(cfg)

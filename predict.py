@@ -10,27 +10,24 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from src.config import load_config
+from src.config import parse_command_line
 from src.errors import UserError, run_cli
 from src.logs import quiet_mindspore, setup_console_logging
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", help="image files (JPEG, PNG, BMP)")
-    parser.add_argument("--onnx_file", default=None,
-                        help="run this ONNX model with onnxruntime instead of a checkpoint")
 
 
 def main(argv: Sequence[str]) -> int:
-    cfg, args = load_config(argv, description=__doc__, add_arguments=_arguments,
-                            same_as={"pretrain_ckpt": "ckpt_file"})
+    cfg, args = parse_command_line(argv, "predict", __doc__, add_arguments=_arguments)
     if not args.images:
         raise UserError("no images given (python predict.py --ckpt_file CKPT image1.jpg [image2.png ...])")
     setup_console_logging()
     quiet_mindspore()
-    from src.predict import predict_images
+    from src.deploy.predict import predict_images
 
-    for path, top in predict_images(cfg, args.images, args.onnx_file):
+    for path, top in predict_images(cfg, args.images):
         print(path)
         for rank, (name, prob) in enumerate(top, 1):
             print(f"  {rank}. {name:<24} {prob:.4f}")

@@ -22,7 +22,7 @@ def main(argv: Sequence[str]) -> int:
     quiet_mindspore()
     prepare_cpu_threads(cfg.platform)
     from src.cloud import sync_inputs
-    from src.trainer import train
+    from src.engine.run import train
 
     result = train(sync_inputs(cfg))
     log.info("done in %.1f s", result.elapsed_s)

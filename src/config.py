@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from src.errors import UserError
+from src.errors import UserError, show_tracebacks
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -28,6 +28,22 @@ MODEL_NAMES = ("mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet5
 ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",), "dataset_path": ("data-path", "data_path"),
            "batch_size": ("batch-size",), "pretrain_ckpt": ("pretrained",), "num_parallel_workers": ("workers",),
            "print_freq": ("print-freq",), "weight_decay": ("wd", "weight-decay")}
+# One file per tool, three spellings in the peers' scripts: on each tool the flags of the first key set the
+# second (eval.py reads its checkpoint from --pretrain_ckpt as in the ModelZoo, export.py and predict.py from
+# --ckpt_file; each takes the other spelling too). The first key keeps its YAML value.
+TOOL_FLAGS = {
+    "train": {},
+    "eval": {"ckpt_file": "pretrain_ckpt"},
+    "export": {"pretrain_ckpt": "ckpt_file"},
+    "predict": {"pretrain_ckpt": "ckpt_file"},
+    "eval_onnx": {"file_name": "onnx_file"},
+    "benchmark": {},
+}
+# values a tool uses unless the command line says otherwise (over the YAML's)
+TOOL_DEFAULTS = {
+    "export": {"batch_size": 1},
+    "benchmark": {"num_classes": 1000, "image_size": 224, "batch_size": 32, "dataset_path": "", "amp_level": "O0"},
+}
 TRUE_WORDS = ("True", "true", "1")
 FALSE_WORDS = ("False", "false", "0")
 
@@ -116,6 +132,8 @@ class Config:
     file_name: str | None = _opt(None, "exported model path without extension (default: output_path/<model>)",
                                  nullable=True)
     file_format: str = _opt("MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR"))
+    onnx_file: str | None = _opt(None, "ONNX model for eval_onnx.py and predict.py (default: "
+                                 "output_path/<model>.onnx for eval_onnx.py)", nullable=True)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -253,22 +271,23 @@ def _split_config_path(argv: Sequence[str]) -> tuple[Path, list[str]]:
     return path, rest
 
 
-def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[str, Any] | None = None,
-                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                same_as: dict[str, str] | None = None) -> Config | tuple[Config, argparse.Namespace]:
-    """Parse argv (without the program name) into a Config.
+def load_config(argv: Sequence[str], tool: str = "train", description: str = "") -> Config:
+    """Parse argv (without the program name) into a Config for `tool` (a key of TOOL_FLAGS)."""
+    return parse_command_line(argv, tool, description)[0]
 
-    `tool_defaults` take precedence over the YAML but not over flags (export's batch_size 1).
-    `add_arguments` lets a tool add its own arguments (e.g. predict's image paths); then the return
-    value is (Config, namespace of those arguments).
-    `same_as` {key: other}: on this tool the flags of `key` set `other` (eval.py reads its checkpoint from
-    --pretrain_ckpt as in the ModelZoo, export.py from --ckpt_file; each takes the other spelling too).
-    `key` keeps its YAML value.
+
+def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
+                       add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                       ) -> tuple[Config, argparse.Namespace]:
+    """(Config, the tool's own arguments added by `add_arguments`, e.g. predict's image paths).
+
+    The YAML (--config_path) sets the defaults, TOOL_DEFAULTS[tool] override it, flags override both;
+    TOOL_FLAGS[tool] routes one key's flags to another. Sets whether user errors show tracebacks (--debug).
     """
-    same_as = same_as or {}
+    same_as = TOOL_FLAGS[tool]
     taken = {other: [f"--{key}"] + [f"--{alias}" for alias in ALIASES.get(key, ())] for key, other in same_as.items()}
     config_path, rest = _split_config_path(argv)
-    values = {**read_yaml(config_path), **(tool_defaults or {})}
+    values = {**read_yaml(config_path), **TOOL_DEFAULTS.get(tool, {})}
     parser = _Parser(description=description, allow_abbrev=False,
                      epilog=f"Defaults come from --config_path (default {DEFAULT_CONFIG.relative_to(ROOT)}).")
     parser.add_argument("--config_path", default=str(config_path), help="YAML file with the defaults")
@@ -286,6 +305,8 @@ def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[
     if add_arguments:
         add_arguments(parser)
     parsed, unknown = parser.parse_known_intermixed_args(list(rest))
+    debug = getattr(parsed, "debug", values.get("debug", False))
+    show_tracebacks(debug is True or str(debug) in TRUE_WORDS)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         if not flag.startswith("-"):
@@ -293,8 +314,7 @@ def load_config(argv: Sequence[str], description: str = "", tool_defaults: dict[
         raise _unknown(flag.lstrip("-").split("=")[0], "flag")
     kwargs = {name: _convert(f, getattr(parsed, name, values.get(name, f.default))) for name, f in FIELDS.items()}
     cfg = Config(**kwargs)
-    if add_arguments is None:
-        return cfg
+    show_tracebacks(cfg.debug)
     return cfg, argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k not in own})
 
 

@@ -45,7 +45,7 @@ def prepare_cpu_threads(platform: str) -> None:
     """On CPU, idle OpenMP threads sleep instead of spinning: OMP_WAIT_POLICY=PASSIVE unless the user set it.
 
     Measured on 2 cores (docs/performance.md): with libgomp's default spin-wait, the threads of the C++ kernels
-    (src/kernels) keep spinning after each kernel and MindSpore's next convolution runs ~1.5x slower; passive
+    (src/models/kernels) keep spinning after each kernel and MindSpore's next convolution runs ~1.5x slower; passive
     waiting costs the kernels nothing measurable. libgomp reads the variable when MindSpore loads it, so call
     this before importing mindspore.
     """

@@ -10,17 +10,26 @@ class UserError(Exception):
     """Something the user can fix: a bad path, value, checkpoint or device. Message: 'what (how to fix)'."""
 
 
+_SHOW_TRACEBACKS = False
+
+
+def show_tracebacks(on: bool) -> None:
+    """Set by the config parser from --debug (Config.debug is the one source of truth)."""
+    global _SHOW_TRACEBACKS
+    _SHOW_TRACEBACKS = bool(on)
+
+
 def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run an entry point; user errors end with `error: ...` on stderr and exit code 2, no traceback.
 
-    `--debug True` on the command line shows the traceback as well.
+    `--debug` (or a config with debug: True) shows the traceback as well.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = _debug_requested(argv)
+    show_tracebacks(False)
     try:
         return main(argv) or 0
     except UserError as exc:
-        if debug:
+        if _SHOW_TRACEBACKS:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -28,12 +37,3 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         print("error: interrupted (outputs written so far are complete; resume with --resume_ckpt)",
               file=sys.stderr)
         return 130
-
-
-def _debug_requested(argv: Sequence[str]) -> bool:
-    for i, arg in enumerate(argv):
-        if arg == "--debug" and i + 1 < len(argv):
-            return argv[i + 1].lower() in ("true", "1")
-        if arg.startswith("--debug="):
-            return arg.split("=", 1)[1].lower() in ("true", "1")
-    return False

@@ -257,6 +257,7 @@ def launch(argv: list[str]) -> int:
             print(f"error: a rank failed (exit code {code}); msrun stopped the others (see the worker logs in "
                   f"{plan.output_path / 'logs'})", file=sys.stderr)
             return 1
+        print(f"all {plan.device_num} ranks finished; outputs in {plan.output_path}", flush=True)
         return 0
     return _run_ranks(plan)
 

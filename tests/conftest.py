@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -51,3 +53,46 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# The tiny net every end-to-end test uses, and the training flags on top of it.
+TINY_NET = ["--width", "0.25", "--image_size", "32", "--num_classes", "2", "--num_parallel_workers", "1"]
+TINY_TRAIN = [*TINY_NET, "--batch_size", "4", "--print_freq", "2", "--lr_max", "0.05", "--warmup_epochs", "0"]
+# the lines users (and their scripts) read
+RESULT_LINE = re.compile(r"^result:\{'acc': (\d\.\d{4}), 'top_5_accuracy': (\d\.\d{4})\} ckpt=(\S+)$", re.M)
+DIFF_LINE = re.compile(r"max abs diff vs the MindSpore net: (\S+)$", re.M)
+PADDLE_LINE = re.compile(r"^\[Epoch (\d+), iter: (\d+)\] top1: [01]\.\d{5}, top5: [01]\.\d{5}, lr: (\d+\.\d{5}), "
+                         r"loss: \d+\.\d{5}, avg_reader_cost: \d+\.\d{5} sec, avg_batch_cost: \d+\.\d{5} sec, "
+                         r"avg_samples: 4\.0, avg_ips: \d+\.\d{5} images/sec\.$", re.M)
+
+
+class TrainedRun(NamedTuple):
+    data: Path
+    out: Path
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> TrainedRun:
+    """One real 2-epoch training of a tiny MobileNetV2 (checkpoints after each epoch), shared by every test that
+    needs a trained run. Tests read it; whatever a test writes goes to its own tmp_path or next to the run's
+    checkpoint folder (exports), never into checkpoint/, metrics.csv, train.log or eval.log."""
+    root = tmp_path_factory.mktemp("run")
+    data = make_imagefolder(root / "data")
+    out = root / "out"
+    proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), "--epoch_size", "2",
+                   "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "5", *TINY_TRAIN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return TrainedRun(data, out, proc)
+
+
+def with_flags(args: list[str], **values) -> list[str]:
+    """`args` with the given flags' values replaced (or appended): with_flags(TINY_NET, image_size=48)."""
+    out = list(args)
+    for key, value in values.items():
+        flag = f"--{key}"
+        if flag in out:
+            out[out.index(flag) + 1] = str(value)
+        else:
+            out += [flag, str(value)]
+    return out

@@ -7,26 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_cli
-
-TINY = ["--width", "0.25", "--image_size", "32", "--batch_size", "4", "--num_classes", "2", "--print_freq", "2",
-        "--lr_max", "0.05", "--warmup_epochs", "0", "--num_parallel_workers", "1"]
-PADDLE_LINE = re.compile(r"^\[Epoch (\d+), iter: (\d+)\] top1: [01]\.\d{5}, top5: [01]\.\d{5}, lr: (\d+\.\d{5}), "
-                         r"loss: \d+\.\d{5}, avg_reader_cost: \d+\.\d{5} sec, avg_batch_cost: \d+\.\d{5} sec, "
-                         r"avg_samples: 4\.0, avg_ips: \d+\.\d{5} images/sec\.$", re.M)
-RESULT_LINE = re.compile(r"^result:\{'acc': (\d\.\d{4}), 'top_5_accuracy': (\d\.\d{4})\} ckpt=(\S+)$", re.M)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One real 2-epoch training run shared by the tests below."""
-    root = tmp_path_factory.mktemp("run")
-    data = make_imagefolder(root / "data")
-    out = root / "out"
-    proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), "--epoch_size", "2",
-                   "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "5", *TINY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return data, out, proc
+from conftest import PADDLE_LINE, RESULT_LINE, TINY_TRAIN, make_imagefolder, run_cli, with_flags
 
 
 def test_outputs_and_log_lines(trained):
@@ -53,9 +34,11 @@ def test_outputs_and_log_lines(trained):
     assert "epoch_size: 2" in saved and f"dataset_path: {data}" in saved
 
 
-def test_eval_prints_and_appends_the_result_line(trained):
-    data, out, _ = trained
-    args = ["eval.py", "--dataset_path", str(data), "--output_path", str(out), *TINY]
+def test_eval_prints_and_appends_the_result_line(trained, tmp_path):
+    data, out = trained.data, tmp_path / "out"
+    shutil.copytree(trained.out / "checkpoint", out / "checkpoint")
+    shutil.copy(trained.out / "metrics.csv", out / "metrics.csv")
+    args = ["eval.py", "--dataset_path", str(data), "--output_path", str(out), *TINY_TRAIN]
     first, second = run_cli(*args), run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     acc, top5, ckpt = RESULT_LINE.search(first.stdout).groups()
@@ -72,7 +55,7 @@ def test_resume_continues_epoch_and_lr(trained, tmp_path):
     resumed_out = tmp_path / "resumed"
     shutil.copytree(out, resumed_out)
     proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(resumed_out), "--epoch_size", "2",
-                   "--resume_ckpt", str(resumed_out / "checkpoint" / "mobilenetv2-1_3.ckpt"), *TINY)
+                   "--resume_ckpt", str(resumed_out / "checkpoint" / "mobilenetv2-1_3.ckpt"), *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "from epoch 1 (global step 3)" in proc.stdout
     lines = PADDLE_LINE.findall(proc.stdout)
@@ -120,18 +103,18 @@ def test_eval_errors(trained, tmp_path):
     line = _error_run("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "empty"))
     assert "no checkpoint at" in line and "python train.py" in line
     line = _error_run("eval.py", "--dataset_path", str(data), "--pretrain_ckpt", str(out / "checkpoint/best.ckpt"),
-                      *TINY[:-4], "--num_classes", "5")
+                      *with_flags(TINY_TRAIN, num_classes=5))
     assert "num_classes=2" in line and "--num_classes 2" in line
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
-    line = _error_run("eval.py", "--dataset_path", str(data), "--pretrain_ckpt", str(junk), *TINY)
+    line = _error_run("eval.py", "--dataset_path", str(data), "--pretrain_ckpt", str(junk), *TINY_TRAIN)
     assert "is not a readable MindSpore checkpoint" in line
 
 
 def test_resume_from_best_ckpt_is_refused(trained, tmp_path):
     data, out, _ = trained
     line = _error_run("train.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "o"),
-                      "--resume_ckpt", str(out / "checkpoint" / "best.ckpt"), *TINY)
+                      "--resume_ckpt", str(out / "checkpoint" / "best.ckpt"), *TINY_TRAIN)
     assert "has no optimizer state" in line and "--pretrain_ckpt" in line
     assert not (tmp_path / "o").exists()
 
@@ -145,7 +128,7 @@ def test_imagenet_config_with_overrides(tmp_path):
     """A user's own photo folder with the ImageNet recipe, scaled down by flags."""
     data = make_imagefolder(tmp_path / "photos", size=(40, 30))
     proc = run_cli("train.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
-                   "--platform", "CPU", "--output_path", str(tmp_path / "o"), "--epoch_size", "1", *TINY)
+                   "--platform", "CPU", "--output_path", str(tmp_path / "o"), "--epoch_size", "1", *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "checkpoint" / "best.ckpt").is_file()
     # the recipe's O2 + loss scale 1024 trains on CPU, with Paddle's warning that it is no faster there
@@ -154,7 +137,7 @@ def test_imagenet_config_with_overrides(tmp_path):
     assert "ONEDNN_MAX_CPU_ISA" in (tmp_path / "o" / "train.log").read_text() or "avx512" not in open(
         "/proc/cpuinfo").read()
     evaluation = run_cli("eval.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
-                         "--platform", "CPU", "--output_path", str(tmp_path / "o"), *TINY)
+                         "--platform", "CPU", "--output_path", str(tmp_path / "o"), *TINY_TRAIN)
     assert evaluation.returncode == 0 and RESULT_LINE.search(evaluation.stdout), evaluation.stderr[-3000:]
 
 

@@ -9,15 +9,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_cli
+from conftest import TINY_TRAIN, make_imagefolder, run_cli
 
 from src.cloud import S3Transfer, download_once, sync_inputs
 from src.config import Config
 from src.errors import UserError
 
 SECRET = "s3cr3t-Value-That-Must-Not-Leak-0123456789"
-TINY = ["--width", "0.25", "--image_size", "32", "--batch_size", "4", "--num_classes", "2", "--warmup_epochs", "0",
-        "--num_parallel_workers", "1", "--epoch_size", "1"]
+TINY = [*TINY_TRAIN, "--epoch_size", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -61,12 +61,18 @@ def test_seed_flag_spellings_map_to_the_config_keys():
 
 def test_checkpoint_flag_spellings_are_shared_by_eval_and_export(tmp_path: Path):
     # eval.py reads --pretrain_ckpt (ModelZoo), export.py/predict.py --ckpt_file; each tool takes both spellings
-    assert load_config(["--ckpt_file", "a.ckpt"], same_as={"ckpt_file": "pretrain_ckpt"}).pretrain_ckpt == "a.ckpt"
-    assert load_config(["--pretrained", "b.ckpt"], same_as={"pretrain_ckpt": "ckpt_file"}).ckpt_file == "b.ckpt"
+    assert load_config(["--ckpt_file", "a.ckpt"], "eval").pretrain_ckpt == "a.ckpt"
+    for tool in ("export", "predict"):
+        assert load_config(["--pretrained", "b.ckpt"], tool).ckpt_file == "b.ckpt"
+        assert load_config(["--pretrain_ckpt", "b.ckpt"], tool).ckpt_file == "b.ckpt"
+    # eval_onnx.py reads --onnx_file (as predict.py) and export.py's --file_name
+    assert load_config(["--file_name", "m.onnx"], "eval_onnx").onnx_file == "m.onnx"
+    assert load_config(["--onnx_file", "m.onnx"], "predict").onnx_file == "m.onnx"
+    assert load_config([], "export").batch_size == 1  # a tool's own default
     # a saved run config names the checkpoint it was fine-tuned from: export must not pick that up
     saved = tmp_path / "config.yaml"
     saved.write_text("pretrain_ckpt: imagenet.ckpt\n")
-    cfg = load_config(["--config_path", str(saved)], same_as={"pretrain_ckpt": "ckpt_file"})
+    cfg = load_config(["--config_path", str(saved)], "export")
     assert (cfg.ckpt_file, cfg.pretrain_ckpt) == (None, "imagenet.ckpt")
 
 
@@ -123,3 +129,4 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in FIELDS if f"`{name}`" not in readme]
     assert not missing, f"README lacks keys: {missing}"
+

@@ -8,7 +8,8 @@ import pytest
 from conftest import make_imagefolder, write_image
 
 from src.config import Config
-from src.dataset import CIFAR_RECORD, check_dataset, create_dataset
+from src.data.checks import CIFAR_RECORD, check_dataset
+from src.data.pipeline import create_dataset
 from src.errors import UserError
 
 

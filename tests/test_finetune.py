@@ -9,13 +9,14 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import make_imagefolder, run_cli
+from conftest import TINY_TRAIN, make_imagefolder, run_cli, with_flags
 
-from src.checkpoint import read_checkpoint, save_checkpoint
 from src.config import Config
-from src.dataset import check_dataset
+from src.data.checks import check_dataset
+from src.data.feature_cache import cache_key
+from src.engine.checkpoint import read_checkpoint, save_checkpoint
+from src.engine.weights import load_pretrained, read_pretrained
 from src.errors import UserError
-from src.finetune import cache_key, load_pretrained
 from src.models import create_model
 
 ms.set_context(mode=ms.GRAPH_MODE)
@@ -66,10 +67,9 @@ def test_same_classes_without_filter_loads_everything(tmp_path):
 
 def test_class_mismatch_without_filter_head_suggests_it(tmp_path):
     path = _save(tmp_path, 10)
-    params, meta = read_checkpoint(path)
     with pytest.raises(UserError, match=r"has a 10-class classifier but num_classes is 3 \(pass --filter_head True"):
-        load_pretrained(create_model("mobilenetv2", 3, 0.25), params, meta, path,
-                        Config(num_classes=3, **SMALL))
+        read_pretrained(Config(num_classes=3, pretrain_ckpt=str(path), **SMALL))
+    read_pretrained(Config(num_classes=3, pretrain_ckpt=str(path), filter_head=True, **SMALL))
 
 
 def test_foreign_checkpoint_shape_mismatch_names_the_parameter(tmp_path):
@@ -83,9 +83,8 @@ def test_foreign_checkpoint_shape_mismatch_names_the_parameter(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = _save(tmp_path, 3)
-    params, meta = read_checkpoint(path)
     with pytest.raises(UserError, match=r"was trained with model=mobilenetv2 but the config has model=resnet50"):
-        load_pretrained(create_model("resnet50", 3), params, meta, path, Config(model="resnet50", num_classes=3))
+        read_pretrained(Config(model="resnet50", num_classes=3, pretrain_ckpt=str(path)))
 
 
 def test_cache_key_follows_weights_data_and_preprocessing(tmp_path):
@@ -106,15 +105,14 @@ def test_cache_key_follows_weights_data_and_preprocessing(tmp_path):
     assert cache_key(cfg, source, net) != key
 
 
-TINY = ["--width", "0.25", "--image_size", "32", "--batch_size", "4", "--print_freq", "2", "--lr_max", "0.05",
-        "--warmup_epochs", "0", "--num_parallel_workers", "1"]
+TINY = with_flags(TINY_TRAIN, num_classes=3)
 
 
 def test_frozen_backbone_trains_the_head_on_cached_features(tmp_path):
     data = make_imagefolder(tmp_path / "photos", classes=("a", "b", "c"), per_class=(4, 2))
     pretrained = _save(tmp_path, 10)
     out = tmp_path / "out"
-    args = ["train.py", "--dataset_path", str(data), "--output_path", str(out), "--num_classes", "3",
+    args = ["train.py", "--dataset_path", str(data), "--output_path", str(out),
             "--pretrain_ckpt", str(pretrained), "--filter_head", "True", "--freeze_layer", "backbone",
             "--epoch_size", "2", *TINY]
     first = run_cli(*args)

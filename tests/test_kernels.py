@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (src/kernels): same numbers as MindSpore's Conv2d and BatchNorm, same parameters, clean
+"""The C++ CPU kernels (src/models/kernels): same numbers as MindSpore's Conv2d and BatchNorm, same parameters, clean
 fallback."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from src import kernels
-from src.models import create_model
+from src.models import create_model, kernels
 from src.models.common import GlobalAvgPooling
 
 

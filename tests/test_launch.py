@@ -139,4 +139,4 @@ def test_two_cpu_workers_train_data_parallel(tmp_path):
     # only rank 0 writes outputs (demo.yaml saves every 5th and the last epoch)
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["best.ckpt", "mobilenetv2-2_2.ckpt"]
     assert len(list((out / "metrics.csv").read_text().splitlines())) == 3
-    assert "all 2 ranks finished" not in proc.stderr
+    assert f"all 2 ranks finished; outputs in {out}" in proc.stdout and "error:" not in proc.stderr

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from src.loss import CrossEntropySmooth
-from src.lr_schedule import build_lr_schedule
-from src.models import MODELS, count_trainable_params, create_model
+from src.config import MODEL_NAMES
+from src.engine.loss import CrossEntropySmooth
+from src.engine.lr_schedule import build_lr_schedule
+from src.models import count_trainable_params, create_model, list_models
 
 
 def test_cosine_with_warmup_by_hand():
@@ -64,7 +65,8 @@ def test_parameter_counts_equal_torchvision(name, count):
 
 
 def test_registry_names_and_head_split():
-    assert set(MODELS) == {"mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101"}
+    assert list_models() == list(MODEL_NAMES)  # the config's choices are exactly the registered nets
+    assert set(MODEL_NAMES) == {"mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101"}
     net = create_model("mobilenetv2", 10, width=0.5)
     head = [p.name for p in net.head.get_parameters()]
     backbone = [p.name for p in net.backbone.get_parameters()]
@@ -72,6 +74,11 @@ def test_registry_names_and_head_split():
     assert all(n.startswith("features.") for n in backbone)
     names = [p.name for p in net.get_parameters()]
     assert names == backbone + head  # no "backbone."/"head." prefix: full checkpoints load into the backbone
+
+
+def test_resnet_refuses_a_width_it_would_ignore():
+    with pytest.raises(ValueError, match=r"ResNet has no width multiplier \(got width=0.5"):
+        create_model("resnet50", 10, width=0.5)
 
 
 @pytest.mark.parametrize("name,width,count", [("mobilenetv3_large", 0.75, 3_377_576),
@@ -113,7 +120,7 @@ def test_forward_shape(name):
 
 
 def test_topk_accuracy_caps_k_at_the_class_count():
-    from src.metrics import TopKAccuracy, topk_hits
+    from src.engine.metrics import TopKAccuracy, topk_hits
 
     logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], np.float32)
     labels = np.array([1, 1, 1], np.int32)

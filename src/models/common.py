@@ -7,7 +7,7 @@ from mindspore import nn, ops
 class GlobalAvgPooling(nn.Cell):
     """N x C x H x W -> N x C (N x C x 1 x 1 with keep_dims).
 
-    `kernel`, when set, is a primitive computing the N x C x 1 x 1 mean (src/kernels sets a C++ one on CPU).
+    `kernel`, when set, is a primitive computing the N x C x 1 x 1 mean (src/models/kernels sets a C++ one on CPU).
     """
 
     def __init__(self, keep_dims: bool = False):

@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from src.models.common import ClassifierNet, GlobalAvgPooling
+from src.models.registry import register_model
 
 # expansion t, output channels c, repeats n, first stride s
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -96,6 +97,7 @@ class MobileNetV2Head(nn.Cell):
         return self.classify(self.pool(x))
 
 
+@register_model
 def mobilenetv2(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
     backbone = MobileNetV2Backbone(width)
     head = MobileNetV2Head(backbone.out_channels, num_classes, dropout)

@@ -16,6 +16,7 @@ from mindspore import Tensor, nn
 
 from src.models.common import ClassifierNet, GlobalAvgPooling, HSigmoid, HSwish
 from src.models.mobilenetv2 import make_divisible
+from src.models.registry import register_model
 
 # kernel, expanded channels, output channels, squeeze-excite, activation (RE = ReLU, HS = h-swish), stride
 LARGE = ((3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
@@ -134,9 +135,11 @@ def _mobilenetv3(arch: str, num_classes: int, width: float, dropout: float) -> C
     return ClassifierNet(backbone, head, head_prefixes=("classifier.3.",))
 
 
+@register_model
 def mobilenetv3_large(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2) -> ClassifierNet:
     return _mobilenetv3("large", num_classes, width, dropout)
 
 
+@register_model
 def mobilenetv3_small(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2) -> ClassifierNet:
     return _mobilenetv3("small", num_classes, width, dropout)

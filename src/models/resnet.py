@@ -9,6 +9,7 @@ from mindspore import nn
 from mindspore.common.initializer import HeNormal
 
 from src.models.common import ClassifierNet, GlobalAvgPooling
+from src.models.registry import register_model
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -83,18 +84,22 @@ class ResNetHead(nn.Cell):
         return self.classify(self.pool(x))
 
 
-def _resnet(layer_nums, num_classes: int, dropout: float) -> ClassifierNet:
+def _resnet(layer_nums, num_classes: int, width: float, dropout: float) -> ClassifierNet:
+    if width != 1.0:
+        raise ValueError(f"ResNet has no width multiplier (got width={width}; use 1.0)")
     backbone = ResNetBackbone(layer_nums)
     return ClassifierNet(backbone, ResNetHead(backbone.out_channels, num_classes, dropout),
                          head_prefixes=("end_point.",))
 
 
+@register_model
 def resnet50(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
-    return _resnet((3, 4, 6, 3), num_classes, dropout)
+    return _resnet((3, 4, 6, 3), num_classes, width, dropout)
 
 
+@register_model
 def resnet101(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
-    return _resnet((3, 4, 23, 3), num_classes, dropout)
+    return _resnet((3, 4, 23, 3), num_classes, width, dropout)
 
 
 

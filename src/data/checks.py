@@ -1,4 +1,4 @@
-"""Dataset readers and transforms on mindspore.dataset: ImageFolder (also the built-in demo) and CIFAR-10 binary.
+"""Data set checks: the ImageFolder (also the built-in demo) and CIFAR-10 binary layouts, and every image file.
 
 Everything a user can get wrong about the data is checked here, before any graph is compiled:
 missing folders, empty classes, a class count that differs from num_classes, and files that claim
@@ -23,10 +23,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _MAGIC = {".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",), ".png": (b"\x89PNG\r\n\x1a\n",),
           ".bmp": (b"BM",)}
 VAL_FOLDERS = ("val", "validation_preprocess")
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
-CIFAR_MEAN = [0.4914 * 255, 0.4822 * 255, 0.4465 * 255]
-CIFAR_STD = [0.2023 * 255, 0.1994 * 255, 0.2010 * 255]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_RECORD = 1 + 32 * 32 * 3
 CIFAR_FILE_RECORDS = 10_000  # MindSpore's reader expects whole batches of this many records
@@ -193,62 +189,3 @@ def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -
     root = cfg.resolved_dataset_path()
     check = check_cifar10 if cfg.dataset == "cifar10" else check_imagefolder
     return check(root, cfg.num_classes, need_train, need_val)
-
-
-def eval_transforms(cfg: Config, kind: str) -> list:
-    """The val preprocessing (decode for image files), also used by predict.py."""
-    return _image_transforms(cfg, kind, training=False)
-
-
-def _image_transforms(cfg: Config, kind: str, training: bool) -> list:
-    import mindspore.dataset.vision as vision
-
-    size = cfg.image_size
-    ops = []
-    if kind == "cifar10":
-        if training:
-            ops += [vision.RandomCrop((32, 32), (4, 4, 4, 4))]
-        if size != 32:
-            ops += [vision.Resize((size, size))]
-        mean, std = CIFAR_MEAN, CIFAR_STD
-    else:
-        if training:
-            ops += [vision.RandomCropDecodeResize(size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3))]
-        else:
-            ops += [vision.Decode(), vision.Resize(int(round(size * 256 / 224))), vision.CenterCrop(size)]
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if training and cfg.random_flip > 0:
-        ops += [vision.RandomHorizontalFlip(prob=cfg.random_flip)]
-    if training and cfg.color_jitter > 0:
-        j = cfg.color_jitter
-        ops += [vision.RandomColorAdjust(brightness=j, contrast=j, saturation=j)]
-    ops += [vision.Normalize(mean=mean, std=std), vision.HWC2CHW()]
-    return ops
-
-
-def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
-                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None):
-    """A batched mindspore.dataset pipeline; training shuffles, augments and drops the remainder.
-
-    `split` ("train"/"val") defaults to the train split when training and to val otherwise.
-    """
-    import mindspore as ms
-    import mindspore.dataset as ds
-    import mindspore.dataset.transforms as transforms
-
-    split_name = split or ("train" if training else "val")
-    split = source.train if split_name == "train" else source.val
-    workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
-    common = {"num_parallel_workers": workers, "shuffle": training, "num_shards": num_shards,
-              "shard_id": shard_id}
-    if source.kind == "cifar10":
-        data = ds.Cifar10Dataset(str(split.path), usage="train" if split_name == "train" else "test", **common)
-    else:
-        class_indexing = {name: i for i, name in enumerate(source.class_names)}
-        data = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions),
-                                     class_indexing=class_indexing, decode=False, **common)
-    data = data.map(operations=_image_transforms(cfg, source.kind, training), input_columns="image",
-                    num_parallel_workers=workers)
-    data = data.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
-                    num_parallel_workers=1)
-    return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)

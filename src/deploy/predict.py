@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from src.config import Config
-from src.dataset import IMAGE_EXTENSIONS, eval_transforms, image_problem
+from src.data.checks import IMAGE_EXTENSIONS, image_problem
+from src.data.transforms import eval_transforms
 from src.errors import UserError
 
 
@@ -33,12 +34,12 @@ def load_images(cfg: Config, paths: list[str]) -> np.ndarray:
     return np.stack(batch).astype(np.float32)
 
 
-def predict_images(cfg: Config, paths: list[str], onnx_file: str | None, k: int = 5):
+def predict_images(cfg: Config, paths: list[str], k: int = 5):
     """[(path, [(class_name, probability), ...top k])]."""
-    if onnx_file:
-        from src.onnx_runtime import load_onnx
+    if cfg.onnx_file:
+        from src.deploy.onnx_model import load_onnx
 
-        model = load_onnx(onnx_file)
+        model = load_onnx(cfg.onnx_file)
         model.check(cfg.image_size, cfg.num_classes)
         logits, names = model(load_images(cfg, paths)), model.class_names
     else:
@@ -55,8 +56,8 @@ def predict_images(cfg: Config, paths: list[str], onnx_file: str | None, k: int 
 def _predict_ckpt(cfg: Config, paths: list[str]):
     import mindspore as ms
 
-    from src.checkpoint import inference_net, open_for_inference
     from src.device import setup_device
+    from src.engine.weights import inference_net, open_for_inference
 
     ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     images = load_images(cfg, paths)

@@ -1,4 +1,4 @@
-"""Fine-tuning: load a checkpoint with its classifier filtered out, and head-only training on cached features.
+"""Head-only fine-tuning data: pooled backbone features, computed once and cached.
 
 With `--freeze_layer backbone` the backbone runs once over the train and val images (eval transforms)
 and the pooled features are cached under output_path/feature_cache/, keyed by the backbone's weights,
@@ -13,55 +13,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mindspore.dataset as ds
 import numpy as np
 
-from src.checkpoint import CheckpointMeta, load_into
 from src.config import Config
-from src.dataset import DataSource, create_dataset
-from src.errors import UserError
+from src.data.checks import DataSource
+from src.data.pipeline import create_dataset
 from src.models.common import ClassifierNet, PooledFeatures
 
 log = logging.getLogger("train")
 CACHE_VERSION = 1
-FILTER_HINT = "fine-tune onto other classes with --filter_head True, or pass the --model/--width it was trained with"
-
-
-@dataclass
-class LoadReport:
-    loaded: int
-    dropped: list[str]
-    left_at_init: list[str]
-
-
-def check_pretrained(meta: CheckpointMeta, path: Path, cfg: Config) -> None:
-    """Refuse a checkpoint of another model, width or class count (unless its head is filtered)."""
-    for key in ("model", "width"):
-        have, want = getattr(meta, key), getattr(cfg, key)
-        if have is not None and have != want:
-            raise UserError(f"pretrain_ckpt {path} was trained with {key}={have} but the config has {key}={want} "
-                            f"(pass --{key} {have})")
-    if not cfg.filter_head and meta.num_classes is not None and meta.num_classes != cfg.num_classes:
-        raise UserError(f"pretrain_ckpt {path} has a {meta.num_classes}-class classifier but num_classes is "
-                        f"{cfg.num_classes} (pass --filter_head True to drop it and train a new one, or "
-                        f"--num_classes {meta.num_classes})")
-
-
-def load_pretrained(net: ClassifierNet, params: dict, meta: CheckpointMeta, path: Path, cfg: Config) -> LoadReport:
-    """Load `params` into `net`; with cfg.filter_head the classifier's parameters are dropped first."""
-    check_pretrained(meta, path, cfg)
-    dropped = sorted(n for n in params if n.startswith(net.head_prefixes)) if cfg.filter_head else []
-    kept = {k: v for k, v in params.items() if k not in dropped}
-    left = load_into(net, kept, path, hint=FILTER_HINT)
-    total = len(list(net.get_parameters()))
-    report = LoadReport(total - len(left), dropped, left)
-    log.info("pretrain_ckpt %s: loaded %d parameters, dropped %d classifier parameters%s, %d left at init%s", path,
-             report.loaded, len(dropped), f" ({', '.join(dropped)})" if dropped else "", len(left),
-             f" ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})" if left else "")
-    return report
 
 
 def cache_key(cfg: Config, source: DataSource, net: ClassifierNet) -> str:

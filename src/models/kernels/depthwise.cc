@@ -1,7 +1,7 @@
 // Depthwise 2-D convolution (NCHW, float32, square k x k kernel, stride 1 or 2, zero padding (k-1)/2) for
 // MindSpore's CPU backend as ops.Custom AOT functions: forward, gradient w.r.t. the input, gradient w.r.t. the
 // weight. MindSpore 2.10 runs grouped convolutions through oneDNN's im2col + GEMM per group on plain NCHW
-// tensors, which is 3-20x slower than these direct loops (docs/performance.md). Built by src/kernels/__init__.py.
+// tensors, which is 3-20x slower than these direct loops (docs/performance.md). Built by src/models/kernels/build.py.
 //
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
 #include <cstdint>

@@ -1,8 +1,9 @@
-"""Checkpoint files: atomic saves with metadata, checked loading with messages that say what to do."""
+"""Checkpoint files: atomic saves with metadata, reading them back, loading parameters with checked shapes."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,23 +70,6 @@ def has_optimizer_state(params: dict) -> bool:
     return any(name.startswith(OPTIMIZER_MARKERS) for name in params)
 
 
-def check_compatible(meta: CheckpointMeta, path: Path, model: str, num_classes: int, width: float,
-                     pact_quant: bool = False) -> None:
-    """Refuse a checkpoint whose recorded model settings differ from the config, naming the flag to change."""
-    for key, want in (("model", model), ("num_classes", num_classes), ("width", width)):
-        have = getattr(meta, key)
-        if have is not None and have != want:
-            raise UserError(f"checkpoint {path} was trained with {key}={have} but the config has {key}={want} "
-                            f"(pass --{key} {have}, or the --config_path it was trained with)")
-    if bool(meta.pact_quant) != pact_quant:
-        if meta.pact_quant:
-            raise UserError(f"checkpoint {path} was trained with --pact_quant True (pass --pact_quant True to use "
-                            "its quantization scales)")
-        raise UserError(f"checkpoint {path} is a float checkpoint and has no quantization scales (quantize it by "
-                        f"QAT fine-tuning: python train.py --pact_quant True --pretrain_ckpt {path}; or drop "
-                        "--pact_quant)")
-
-
 SHAPE_HINT = "use the --model, --num_classes and --width it was trained with"
 
 
@@ -107,28 +91,12 @@ def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = (), hint: 
     return [k for k in own if k not in usable and k not in skip]
 
 
+def periodic_checkpoints(directory: Path, prefix: str) -> list[Path]:
+    """This model's periodic checkpoints `<prefix>-<epoch>_<step>.ckpt` in `directory`, oldest epoch first."""
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)_(\d+)\.ckpt")
+    found = [(int(m.group(1)), p) for p in directory.glob(f"{prefix}-*.ckpt") if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def best_checkpoint(output_path: str | Path) -> Path:
     return Path(output_path) / "checkpoint" / "best.ckpt"
-
-
-def open_for_inference(cfg, path: str | None, flag: str) -> tuple[Path, dict, CheckpointMeta]:
-    """The checkpoint named by --`flag` (default: the run's best.ckpt), read and checked against the config."""
-    ckpt = Path(path) if path else best_checkpoint(cfg.output_path)
-    if not path and not ckpt.is_file():
-        raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
-    params, meta = read_checkpoint(ckpt, flag)
-    check_compatible(meta, ckpt, cfg.model, cfg.num_classes, cfg.width, cfg.pact_quant)
-    return ckpt, params, meta
-
-
-def inference_net(cfg, params: dict, ckpt: Path):
-    """A fresh net in eval mode with every parameter loaded from `params`."""
-    from src.models import net_from_config
-
-    net = net_from_config(cfg)
-    missing = load_into(net, params, ckpt)
-    if missing:
-        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
-                        "(pass a checkpoint of the same --model)")
-    net.set_train(False)
-    return net

@@ -28,16 +28,31 @@ QUANT_SUFFIXES = ("pact_alpha", "act_accum", "act_state")
 _EPS = 1e-12
 
 
+def int8_grid(x, scale):
+    """x / scale rounded onto the int8 grid [-127, 127] (still a float tensor)."""
+    return ops.clamp(ops.round(x / scale), -QMAX, QMAX)
+
+
 def fake_quant(x, scale):
-    """Round x / scale onto the int8 grid [-127, 127] and back; the gradient passes straight through."""
-    q = ops.clamp(ops.round(x / scale), -QMAX, QMAX) * scale
-    return x + ops.stop_gradient(q - x)
+    """Round x / scale onto the int8 grid and back; the gradient passes straight through."""
+    return x + ops.stop_gradient(int8_grid(x, scale) * scale - x)
 
 
 def weight_scale(weight):
     """Per-output-channel abs-max scale (axis 0), shaped to broadcast against the weight."""
     axes = tuple(range(1, weight.ndim))
-    return ops.maximum(ops.amax(ops.abs(weight), axes, keepdims=True), _EPS) / QMAX
+    return act_scale(ops.amax(ops.abs(weight), axes, keepdims=True))
+
+
+def act_scale(amax):
+    """The int8 scale for values within [-amax, amax]."""
+    return ops.maximum(amax, _EPS) / QMAX
+
+
+def int8_weight(weight: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight, per-output-channel scale) exactly as training fake-quantizes it, for the QDQ export."""
+    scale = weight_scale(weight)
+    return int8_grid(weight, scale).asnumpy().astype(np.int8), scale.asnumpy().reshape(-1)
 
 
 def pact_clip(x, alpha):
@@ -67,46 +82,50 @@ class ActQuant(nn.Cell):
             state, accum = self.act_state, self.act_accum
         # never calibrated (a float checkpoint evaluated as is): fall back to this batch's range
         amax = ops.select(state > 0, accum / ops.maximum(state, _EPS), batch_max)
-        scale = ops.cast(ops.maximum(amax, _EPS) / QMAX, x.dtype)
-        return fake_quant(x, scale)
+        return fake_quant(x, ops.cast(act_scale(amax), x.dtype))
+
+    def calibrated_scale(self) -> float | None:
+        """The int8 scale evaluation uses (from the moving average), or None if the layer never trained."""
+        if float(self.act_state.asnumpy()[0]) <= 0:
+            return None
+        return float(act_scale(self.act_accum / self.act_state).asnumpy()[0])
 
 
-class QuantConv2d(nn.Cell):
-    """A Conv2d whose input is PACT-clipped and fake-quantized and whose weight is fake-quantized per channel."""
+class QuantLayer(nn.Cell):
+    """A float layer whose input is PACT-clipped and fake-quantized and whose weight is fake-quantized per channel.
 
-    def __init__(self, conv: nn.Conv2d):
+    `layer` keeps its parameters (and names); subclasses say how the layer applies its weight.
+    """
+
+    def __init__(self, layer: nn.Cell):
         super().__init__()
-        self.conv = conv
+        self.layer = layer
         self.act_quant = ActQuant()
 
     def construct(self, x):
         x = self.act_quant(x)
-        weight = self.conv.weight
-        weight = ops.cast(fake_quant(weight, weight_scale(weight)), x.dtype)
-        out = self.conv.conv2d(x, weight)
-        if self.conv.has_bias:
-            out = self.conv.bias_add(out, ops.cast(self.conv.bias, out.dtype))
+        weight = self.layer.weight
+        out = self.apply_weight(x, ops.cast(fake_quant(weight, weight_scale(weight)), x.dtype))
+        if self.layer.has_bias:
+            out = self.layer.bias_add(out, ops.cast(self.layer.bias, out.dtype))
         return out
 
 
-class QuantDense(nn.Cell):
-    """A Dense (on N x C input, no activation) with the same quantization as QuantConv2d."""
+class QuantConv2d(QuantLayer):
+    def apply_weight(self, x, weight):
+        return self.layer.conv2d(x, weight)
+
+
+class QuantDense(QuantLayer):
+    """A Dense on N x C input without a fused activation."""
 
     def __init__(self, dense: nn.Dense):
-        super().__init__()
         if dense.activation_flag:
             raise ValueError("QuantDense supports Dense layers without a fused activation")
-        self.dense = dense
-        self.act_quant = ActQuant()
+        super().__init__(dense)
 
-    def construct(self, x):
-        x = self.act_quant(x)
-        weight = self.dense.weight
-        weight = ops.cast(fake_quant(weight, weight_scale(weight)), x.dtype)
-        out = self.dense.matmul(x, weight)
-        if self.dense.has_bias:
-            out = self.dense.bias_add(out, ops.cast(self.dense.bias, out.dtype))
-        return out
+    def apply_weight(self, x, weight):
+        return self.layer.matmul(x, weight)
 
 
 def _replace_children(cell: nn.Cell) -> list[nn.Cell]:
@@ -131,7 +150,7 @@ def quantize_net(net: nn.Cell) -> nn.Cell:
     """Make `net` a PACT QAT net in place; parameter names of the float net are kept."""
     names = {id(p): p.name for p in net.get_parameters()}
     for new in _replace_children(net):
-        float_layer = new.conv if isinstance(new, QuantConv2d) else new.dense
+        float_layer = new.layer
         prefix = names[id(float_layer.weight)][: -len("weight")]
         for param in float_layer.get_parameters():
             param.name = names[id(param)]
@@ -146,10 +165,4 @@ def is_quant_param(name: str) -> bool:
 
 def quant_layers(net: nn.Cell) -> list[tuple[str, nn.Cell]]:
     """(weight parameter name, quantized layer) for every quantized layer of `net`."""
-    out = []
-    for _, cell in net.cells_and_names():
-        if isinstance(cell, QuantConv2d):
-            out.append((cell.conv.weight.name, cell))
-        elif isinstance(cell, QuantDense):
-            out.append((cell.dense.weight.name, cell))
-    return out
+    return [(cell.layer.weight.name, cell) for _, cell in net.cells_and_names() if isinstance(cell, QuantLayer)]

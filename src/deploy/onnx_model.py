@@ -1,4 +1,4 @@
-"""Running exported ONNX models with onnxruntime: evaluation on the val pipeline and prediction."""
+"""An exported ONNX model in onnxruntime, with the metadata export.py stored in it (classes, image size)."""
 from __future__ import annotations
 
 import json

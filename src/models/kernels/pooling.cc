@@ -1,7 +1,7 @@
 // Global average pooling over H x W (NCHW, float32) for MindSpore's CPU backend as ops.Custom AOT functions:
 // forward (N, C, H, W) -> (N, C, 1, 1) and its gradient. MindSpore 2.10's CPU ReduceMean and the Tile + RealDiv
 // of its gradient take several times longer than one pass over each plane; MobileNetV3's squeeze-excite blocks
-// run them on every expanded feature map (docs/performance.md). Built by src/kernels/__init__.py.
+// run them on every expanded feature map (docs/performance.md). Built by src/models/kernels/build.py.
 //
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
 #include <cstdint>

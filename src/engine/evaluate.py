@@ -7,13 +7,13 @@ from pathlib import Path
 
 from mindspore.train import Model
 
-from src.checkpoint import inference_net, open_for_inference
 from src.config import Config
-from src.dataset import check_dataset, create_dataset
+from src.data.checks import check_dataset
+from src.data.pipeline import create_dataset
 from src.device import setup_device
-from src.kernels import use_fast_kernels
-from src.metrics import accuracy_metrics
-from src.trainer import EvalNet, apply_amp
+from src.engine.metrics import accuracy_metrics
+from src.engine.train_step import eval_cell
+from src.engine.weights import inference_net, open_for_inference
 
 log = logging.getLogger("train")
 
@@ -49,10 +49,8 @@ def evaluate(cfg: Config) -> EvalResult:
     if cfg.platform == "CPU":
         log.info("CPU: onnxruntime is the faster path for inference here: python export.py --file_format ONNX, "
                  "then python eval_onnx.py or predict.py --onnx_file")
-    net = inference_net(cfg, params, ckpt)
-    use_fast_kernels(net, cfg.platform, cfg.amp_level)
     dataset = create_dataset(cfg, source, training=False)
-    eval_net = EvalNet(apply_amp(net, cfg.amp_level, cfg.keep_batchnorm_fp32, Path(cfg.output_path))).set_train(False)
+    eval_net = eval_cell(inference_net(cfg, params, ckpt), cfg).set_train(False)
     model = Model(eval_net, eval_network=eval_net, metrics=accuracy_metrics())
     result = model.eval(dataset, dataset_sink_mode=False)
     return EvalResult(float(result["acc"]), float(result["top_5_accuracy"]), ckpt, source.val.num_images)

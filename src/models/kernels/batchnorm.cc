@@ -2,7 +2,7 @@
 // ops.Custom AOT functions: the forward (normalized output, batch mean, 1/sqrt(var + eps), unbiased variance
 // for the running statistics) and the backward (gradients of x, gamma, beta). MindSpore 2.10's CPU BatchNorm
 // and BatchNormGrad take 2-3x longer than these two-pass loops on the small feature maps of MobileNetV2/V3
-// (docs/performance.md). Built by src/kernels/__init__.py into one library with the other kernels.
+// (docs/performance.md). Built by src/models/kernels/build.py into one library with the other kernels.
 //
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i]. The epsilon arrives as a
 // one-element float32 tensor so one compiled function serves every layer.

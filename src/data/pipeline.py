@@ -1,0 +1,36 @@
+"""The batched mindspore.dataset pipeline: reader (ImageFolder or CIFAR-10 binary) -> transforms -> batches."""
+from __future__ import annotations
+
+import os
+
+from src.config import Config
+from src.data.checks import DataSource
+from src.data.transforms import image_transforms
+
+
+def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
+                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None):
+    """A batched mindspore.dataset pipeline; training shuffles, augments and drops the remainder.
+
+    `split` ("train"/"val") defaults to the train split when training and to val otherwise.
+    """
+    import mindspore as ms
+    import mindspore.dataset as ds
+    import mindspore.dataset.transforms as transforms
+
+    split_name = split or ("train" if training else "val")
+    split = source.train if split_name == "train" else source.val
+    workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
+    common = {"num_parallel_workers": workers, "shuffle": training, "num_shards": num_shards,
+              "shard_id": shard_id}
+    if source.kind == "cifar10":
+        data = ds.Cifar10Dataset(str(split.path), usage="train" if split_name == "train" else "test", **common)
+    else:
+        class_indexing = {name: i for i, name in enumerate(source.class_names)}
+        data = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions),
+                                     class_indexing=class_indexing, decode=False, **common)
+    data = data.map(operations=image_transforms(cfg, source.kind, training), input_columns="image",
+                    num_parallel_workers=workers)
+    data = data.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
+                    num_parallel_workers=1)
+    return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)

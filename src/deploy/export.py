@@ -1,0 +1,116 @@
+"""Export a checkpoint to MINDIR, ONNX or AIR, then reload the file and check it reproduces the net."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from src.config import Config
+from src.data.transforms import normalization
+from src.deploy.qdq import QdqLayer, insert_qdq, qdq_settings
+from src.device import setup_device
+from src.engine.checkpoint import CheckpointMeta
+from src.engine.weights import inference_net, open_for_inference
+from src.errors import UserError
+from src.models.common import onnx_exportable
+from src.models.quant import is_quant_param
+
+log = logging.getLogger("train")
+EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size_bytes: int
+    max_abs_diff: float | None
+
+
+def export_path(cfg: Config) -> Path:
+    base = Path(cfg.file_name) if cfg.file_name else Path(cfg.output_path) / cfg.model
+    ext = EXTENSIONS[cfg.file_format]
+    return base if base.suffix.lower() == ext else base.with_name(base.name + ext)
+
+
+def model_metadata(cfg: Config, meta: CheckpointMeta) -> dict[str, str]:
+    """What a deployed model needs to preprocess inputs and name its outputs."""
+    mean, std = normalization(cfg.dataset)
+    names = meta.class_names or [str(i) for i in range(cfg.num_classes)]
+    return {"model": cfg.model, "image_size": str(cfg.image_size), "dataset": cfg.dataset,
+            "class_names": json.dumps(names), "mean": json.dumps(mean), "std": json.dumps(std),
+            "pact_quant": str(cfg.pact_quant)}
+
+
+def _tmp_base(path: Path) -> Path:
+    return path.with_name(f".tmp-{os.getpid()}-{path.stem}")
+
+
+def export_model(cfg: Config) -> ExportResult:
+    if cfg.file_format == "AIR" and cfg.platform != "Ascend":
+        raise UserError("AIR export needs an Ascend device (MindSpore builds AIR files only on Ascend; use "
+                        "--file_format MINDIR or ONNX here, or run with --platform Ascend on an Ascend machine)")
+    ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
+    setup_device(cfg)
+    path = export_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, cfg.image_size, cfg.image_size))
+    x = Tensor(x.astype(np.float32))
+    net = inference_net(cfg, params, ckpt)
+    reference = net(x).asnumpy()
+    tmp = _tmp_base(path)
+    diff = None
+    if cfg.file_format == "ONNX":
+        # MindSpore cannot export one net instance twice: always export from a fresh one. A QAT net is
+        # exported as its float twin and the quantization is written into the ONNX graph as QDQ nodes.
+        float_cfg = dataclasses.replace(cfg, pact_quant=False)
+        float_params = {k: v for k, v in params.items() if not is_quant_param(k)}
+        ms.onnx.export(onnx_exportable(inference_net(float_cfg, float_params, ckpt)), x, file_name=str(tmp) + ".onnx",
+                       input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
+        tmp_file = Path(str(tmp) + ".onnx")
+        diff = _finish_onnx(tmp_file, x.asnumpy(), reference, model_metadata(cfg, meta),
+                            qdq=qdq_settings(net) if cfg.pact_quant else None)
+    else:
+        ms.export(net, x, file_name=str(tmp), file_format=cfg.file_format)
+        tmp_file = Path(str(tmp) + EXTENSIONS[cfg.file_format])
+        if cfg.file_format == "MINDIR":
+            graph = nn.GraphCell(ms.load(str(tmp_file)))
+            diff = float(np.abs(graph(x).asnumpy() - reference).max())
+    os.replace(tmp_file, path)
+    result = ExportResult(path, path.stat().st_size, diff)
+    check = "" if diff is None else f"; max abs diff vs the MindSpore net: {diff:.3g}"
+    log.info("exported %s: %s (%.2f MB)%s", cfg.file_format, path, result.size_bytes / 2**20, check)
+    if diff is not None and diff > TOLERANCE:
+        log.warning("the exported model differs from the MindSpore net by %.3g (more than %g)", diff, TOLERANCE)
+    return result
+
+
+def _finish_onnx(path: Path, x: np.ndarray, reference: np.ndarray, metadata: dict[str, str],
+                 qdq: dict[str, QdqLayer] | None = None) -> float:
+    """Add metadata (and QDQ nodes for a QAT net), validate with onnx.checker, compare onnxruntime with MindSpore."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    if qdq is not None:
+        model = insert_qdq(model, qdq)
+    # MindSpore marks the input batch dynamic but leaves fixed batch sizes on the output and intermediate
+    # shapes, which makes onnxruntime warn for every other batch size
+    output_batch = model.graph.output[0].type.tensor_type.shape.dim[0]
+    output_batch.ClearField("dim_value")
+    output_batch.dim_param = "batch"
+    del model.graph.value_info[:]
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return float(np.abs(session.run(None, {"image": x})[0] - reference).max())

@@ -1,0 +1,1 @@
+"""Training engine: train step, optimizer, LR schedule, loss, metrics, callbacks, checkpoint files, the run."""

@@ -1,0 +1,185 @@
+"""Training callbacks: the step log lines and progress bar, and the one owner of each epoch's record.
+
+`TrainMonitor` watches steps. `EpochEnd` is the only callback that acts at the end of an epoch: it asks the
+monitor for the epoch's loss and time, runs evaluation when due, adds the record to the `History` (which
+decides "best") and then hands it to the run's outputs in the order the run lists them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from mindspore.train import Callback
+
+from src.engine.checkpoint import periodic_checkpoints, save_checkpoint
+from src.engine.history import EpochRecord, History, plot_curves, write_metrics
+from src.engine.metrics import topk_hits
+
+log = logging.getLogger("train")
+EpochOutput = Callable[[EpochRecord, History], None]
+
+
+class TrainMonitor(Callback):
+    """The Paddle speed line every print_freq steps and a tqdm bar; `finish_epoch` logs the MindSpore loss line."""
+
+    def __init__(self, lr: np.ndarray, batch_size: int, steps_per_epoch: int, print_freq: int, total_epochs: int,
+                 progress_bar: bool | None = None, fingerprint_data: bool = False):
+        super().__init__()
+        self.fingerprint_data = fingerprint_data
+        self.data_digest = hashlib.sha256()  # what this rank trained on (distributed runs log it)
+        self.lr, self.batch_size = lr, batch_size
+        self.steps_per_epoch, self.print_freq, self.total_epochs = steps_per_epoch, print_freq, total_epochs
+        self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        self.bar = None
+
+    def on_train_epoch_begin(self, run_context):
+        self.epoch_start = self.window_start = self.last_end = time.perf_counter()
+        self.iter, self.loss_sum, self.reader_cost, self.window_steps = 0, 0.0, 0.0, 0
+        if self.progress_bar:
+            from tqdm import tqdm
+
+            epoch = run_context.original_args().cur_epoch_num
+            self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.total_epochs}",
+                            leave=False, dynamic_ncols=True)
+
+    def on_train_step_begin(self, run_context):
+        now = time.perf_counter()
+        self.reader_cost += now - self.last_end
+
+    def on_train_step_end(self, run_context):
+        cb = run_context.original_args()
+        loss, logits = cb.net_outputs
+        loss_value = float(loss.asnumpy())
+        if self.fingerprint_data:
+            for tensor in cb.train_dataset_element:
+                self.data_digest.update(tensor.asnumpy().tobytes())
+        if not np.isfinite(loss_value):
+            log.error("loss is %s at epoch %d step %d; stopping (lower --lr_max or --loss_scale)",
+                      loss_value, cb.cur_epoch_num, self.iter + 1)
+            run_context.request_stop()
+        self.loss_sum += loss_value
+        self.last_loss = loss_value
+        self.window_steps += 1
+        now = time.perf_counter()
+        self.last_end = now
+        if self.iter % self.print_freq == 0:
+            labels = cb.train_dataset_element[1].asnumpy()
+            logits = logits.asnumpy()
+            batch_cost = (now - self.window_start) / self.window_steps
+            reader_cost = self.reader_cost / self.window_steps
+            step = (cb.cur_epoch_num - 1) * self.steps_per_epoch + self.iter
+            lr = float(self.lr[min(step, len(self.lr) - 1)])
+            log.info("[Epoch %d, iter: %d] top1: %.5f, top5: %.5f, lr: %.5f, loss: %.5f, avg_reader_cost: %.5f sec, "
+                     "avg_batch_cost: %.5f sec, avg_samples: %.1f, avg_ips: %.5f images/sec.",
+                     cb.cur_epoch_num, self.iter, topk_hits(logits, labels, 1), topk_hits(logits, labels, 5), lr,
+                     loss_value, reader_cost, batch_cost, float(self.batch_size), self.batch_size / batch_cost)
+            self.window_start, self.reader_cost, self.window_steps = now, 0.0, 0
+        self.iter += 1
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            self.bar.update(1)
+
+    def finish_epoch(self, epoch: int) -> EpochRecord:
+        """Close the bar, log the loss and time lines, and return the epoch's record (without evaluation)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elapsed = time.perf_counter() - self.epoch_start
+        steps = max(self.iter, 1)
+        log.info("epoch: %d step: %d, loss is %s", epoch, self.iter, self.last_loss)
+        log.info("epoch time: %.3f ms, per step time: %.3f ms", elapsed * 1000, elapsed * 1000 / steps)
+        global_step = epoch * self.steps_per_epoch
+        return EpochRecord(epoch=epoch, step=global_step, lr=float(self.lr[min(global_step, len(self.lr)) - 1]),
+                           loss=self.loss_sum / steps, epoch_time_s=elapsed)
+
+
+class Evaluator:
+    """Top-1/top-5 on the val set every `interval` epochs and at the last one."""
+
+    def __init__(self, model, dataset, interval: int, total_epochs: int):
+        self.model, self.dataset, self.interval, self.total_epochs = model, dataset, interval, total_epochs
+
+    def due(self, epoch: int) -> bool:
+        return epoch % self.interval == 0 or epoch == self.total_epochs
+
+    def __call__(self) -> tuple[float, float]:
+        result = self.model.eval(self.dataset, dataset_sink_mode=False)
+        return float(result["acc"]), float(result["top_5_accuracy"])
+
+
+class EpochEnd(Callback):
+    """The one owner of the epoch record: monitor's loss and time, evaluation when due, History, then `outputs`."""
+
+    def __init__(self, monitor: TrainMonitor, history: History, evaluator: Evaluator | None,
+                 outputs: list[EpochOutput]):
+        super().__init__()
+        self.monitor, self.history, self.evaluator, self.outputs = monitor, history, evaluator, outputs
+
+    def on_train_epoch_end(self, run_context):
+        epoch = run_context.original_args().cur_epoch_num
+        record = self.monitor.finish_epoch(epoch)
+        if self.evaluator is not None and self.evaluator.due(epoch):
+            start = time.perf_counter()
+            record.val_top1, record.val_top5 = self.evaluator()
+            self.history.add(record)
+            best = self.history.best
+            log.info("[Epoch %d] val top1: %.5f, top5: %.5f, best top1: %.5f (epoch %d), eval time: %.2f sec",
+                     epoch, record.val_top1, record.val_top5, best.val_top1, best.epoch, time.perf_counter() - start)
+        else:
+            self.history.add(record)
+        for output in self.outputs:
+            output(record, self.history)
+
+
+class BestCheckpoint:
+    """Writes checkpoint/best.ckpt (the net, with its val top-1 in the metadata) when an epoch is the new best."""
+
+    def __init__(self, net, path: Path, meta: dict):
+        self.net, self.path, self.meta = net, path, meta
+
+    def __call__(self, record: EpochRecord, history: History) -> None:
+        if record.val_top1 is not None and history.best is record:
+            save_checkpoint(self.net, self.path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step,
+                                                  "val_top1": record.val_top1})
+
+
+class MetricsFiles:
+    """Rewrites metrics.csv and curves.png (temp file + rename) after every epoch."""
+
+    def __init__(self, csv_path: Path, png_path: Path):
+        self.csv_path, self.png_path = csv_path, png_path
+
+    def __call__(self, record: EpochRecord, history: History) -> None:
+        write_metrics(history.records, self.csv_path)
+        plot_curves(history.records, self.png_path)
+
+
+class PeriodicCheckpoints:
+    """Saves `<model>-<epoch>_<step>.ckpt` (net + optimizer state) every N epochs and at the last; keeps `keep`.
+
+    `cells` are saved together (the train step and the full net, which differ when only the head trains).
+    `on_saved` runs after each save (ModelArts uploads the outputs then).
+    """
+
+    def __init__(self, cells: list, directory: Path, prefix: str, every: int, keep: int, total_epochs: int,
+                 meta: dict, on_saved: Callable[[], None] | None = None):
+        params = {p.name: p for cell in cells for p in cell.get_parameters()}
+        self.params = [{"name": name, "data": p} for name, p in params.items()]
+        self.directory, self.prefix, self.every, self.keep = directory, prefix, every, keep
+        self.total_epochs, self.meta, self.on_saved = total_epochs, meta, on_saved
+
+    def __call__(self, record: EpochRecord, history: History) -> None:
+        if record.epoch % self.every and record.epoch != self.total_epochs:
+            return
+        steps_per_epoch = record.step // record.epoch
+        path = self.directory / f"{self.prefix}-{record.epoch}_{steps_per_epoch}.ckpt"
+        save_checkpoint(self.params, path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step})
+        for old in periodic_checkpoints(self.directory, self.prefix)[:-self.keep]:
+            old.unlink()
+        if self.on_saved is not None:
+            self.on_saved()

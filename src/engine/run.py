@@ -1,0 +1,156 @@
+"""The training run, top to bottom: check, build data and net, build the step, train with callbacks, report.
+
+All checks that can fail (data layout, checkpoints, batch size) run before the output folder is
+touched and before the first graph compiles.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mindspore import nn
+from mindspore.train import Model
+
+from src.cloud import upload_outputs
+from src.config import Config, save_config
+from src.data.checks import DataSource, check_dataset
+from src.data.feature_cache import cached_features, feature_datasets
+from src.data.pipeline import create_dataset
+from src.device import RankInfo, amp_speed_warning, setup_device
+from src.engine.callbacks import BestCheckpoint, EpochEnd, Evaluator, MetricsFiles, PeriodicCheckpoints, TrainMonitor
+from src.engine.checkpoint import NOT_RESTORED, load_into, periodic_checkpoints
+from src.engine.history import History, read_metrics
+from src.engine.lr_schedule import build_lr_schedule
+from src.engine.metrics import accuracy_metrics
+from src.engine.train_step import build_train_step
+from src.engine.weights import load_pretrained, read_pretrained, read_resume
+from src.errors import UserError
+from src.logs import attach_log_file
+from src.models.common import HeadOnFeatures
+from src.models.registry import net_from_config
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class TrainResult:
+    output_path: Path
+    best_ckpt: Path | None
+    best_top1: float | None
+    last_ckpt: Path | None
+    elapsed_s: float
+
+
+def train(cfg: Config) -> TrainResult:
+    start = time.perf_counter()
+    source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
+    resume = read_resume(cfg) if cfg.resume_ckpt else None
+    pretrain = read_pretrained(cfg) if cfg.pretrain_ckpt and not resume else None
+    ranks = setup_device(cfg, distributed=cfg.run_distribute)
+    _check_batch_size(cfg, source, ranks)
+    warning = amp_speed_warning(cfg)
+    if warning and ranks.is_main:
+        log.warning("UserWarning: %s", warning)
+
+    net = net_from_config(cfg)
+    if resume:
+        load_into(net, resume[0], Path(cfg.resume_ckpt))
+    elif pretrain:
+        load_pretrained(net, *pretrain, Path(cfg.pretrain_ckpt), cfg)
+    train_ds, val_ds, trainable = _datasets(cfg, source, net, ranks)
+    steps = train_ds.get_dataset_size()
+    lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
+                           cfg.epoch_size, steps)
+    train_step, eval_net = build_train_step(trainable, cfg, lr)
+    initial_epoch = 0
+    if resume:
+        load_into(train_step, resume[0], Path(cfg.resume_ckpt), skip=NOT_RESTORED)
+        initial_epoch = resume[1].epoch_num
+        log.info("resuming %s from epoch %d (global step %d)", cfg.resume_ckpt, initial_epoch,
+                 int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
+
+    out, ckpt_dir = Path(cfg.output_path), Path(cfg.output_path) / "checkpoint"
+    if ranks.is_main:  # only rank 0 writes outputs
+        _prepare_output(cfg, ckpt_dir, resuming=bool(resume))
+        attach_log_file(out / "train.log", append=bool(resume))
+        save_config(cfg, out / "config.yaml")
+    log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
+             "amp %s%s", cfg.model, cfg.platform, "full net" if trainable is net else
+             "head only, on cached backbone features", source.train.num_images, cfg.num_classes, steps,
+             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level,
+             ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
+
+    model = Model(train_step, eval_network=eval_net, metrics=accuracy_metrics())
+    history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
+    monitor = TrainMonitor(lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
+                           fingerprint_data=ranks.group_size > 1)
+    evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size) if val_ds is not None else None
+    outputs = _epoch_outputs(cfg, ckpt_dir, source, net, train_step) if ranks.is_main else []
+    model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs)],
+                dataset_sink_mode=False, initial_epoch=initial_epoch)
+    if ranks.group_size > 1:
+        log.info("rank %d of %d: trained on data sha256 %s; final weights sha256 %s", ranks.rank, ranks.group_size,
+                 monitor.data_digest.hexdigest()[:16], weights_digest(net)[:16])
+
+    last = periodic_checkpoints(ckpt_dir, cfg.model)
+    best = ckpt_dir / "best.ckpt"
+    return TrainResult(out, best if best.exists() else None, history.best.val_top1 if history.best else None,
+                       last[-1] if last else None, time.perf_counter() - start)
+
+
+def _check_batch_size(cfg: Config, source: DataSource, ranks: RankInfo) -> None:
+    per_rank = source.train.num_images // ranks.group_size
+    if per_rank < cfg.batch_size:
+        where = f"each of the {ranks.group_size} ranks gets {per_rank}" if ranks.group_size > 1 else \
+            f"there are {per_rank}"
+        raise UserError(f"batch_size {cfg.batch_size} is larger than the training set: {where} training images "
+                        f"(lower --batch_size to at most {per_rank})")
+
+
+def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo):
+    """(train_ds, val_ds, trainable): `trainable` is the net itself, or only its head on cached features.
+
+    Eval during training runs on rank 0 over the whole val set; the other ranks wait at the next step.
+    """
+    evaluates = cfg.run_eval and ranks.is_main
+    if cfg.freeze_layer == "backbone":
+        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard)
+        return train_ds, val_ds if evaluates else None, HeadOnFeatures(net)
+    train_ds = create_dataset(cfg, source, training=True, **ranks.shard)
+    return train_ds, create_dataset(cfg, source, training=False) if evaluates else None, net
+
+
+def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell, train_step: nn.Cell) -> list:
+    """What rank 0 writes after each epoch, in this order: best.ckpt, metrics.csv + curves.png, the periodic
+    checkpoint (an upload after it, on ModelArts, carries the others)."""
+    out = Path(cfg.output_path)
+    meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
+            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant}
+    return [BestCheckpoint(net, ckpt_dir / "best.ckpt", meta),
+            MetricsFiles(out / "metrics.csv", out / "curves.png"),
+            PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
+                                cfg.keep_checkpoint_max, cfg.epoch_size, meta,
+                                on_saved=(lambda: upload_outputs(cfg)) if cfg.enable_modelarts else None)]
+
+
+def _prepare_output(cfg: Config, ckpt_dir: Path, resuming: bool) -> None:
+    """Create output folders; a fresh run replaces the outputs of an earlier run in the same folder."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        stale = periodic_checkpoints(ckpt_dir, cfg.model) + [p for p in (ckpt_dir / "best.ckpt",) if p.exists()]
+        if stale:
+            log.warning("%s holds checkpoints of an earlier run; replacing them (%d files). Use --output_path to "
+                        "keep runs apart, or --resume_ckpt to continue one.", ckpt_dir, len(stale))
+            for p in stale:
+                p.unlink()
+
+
+def weights_digest(net: nn.Cell) -> str:
+    """sha256 of every parameter: equal on all ranks after synchronous data-parallel training."""
+    digest = hashlib.sha256()
+    for p in net.trainable_params():
+        digest.update(p.asnumpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,115 @@
+"""Which checkpoint goes into which net: checked against the config, for fine-tuning, resuming and inference.
+
+One check (`check_fits`) serves every tool: a checkpoint records the model, width, class count and
+quantization it was trained with, and a difference from the config is refused naming the flag to pass.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.config import Config
+from src.engine.checkpoint import (
+    CheckpointMeta,
+    best_checkpoint,
+    has_optimizer_state,
+    load_into,
+    read_checkpoint,
+)
+from src.errors import UserError
+from src.models.common import ClassifierNet
+from src.models.registry import net_from_config
+
+log = logging.getLogger("train")
+FILTER_HINT = "fine-tune onto other classes with --filter_head True, or pass the --model/--width it was trained with"
+
+
+def check_fits(meta: CheckpointMeta, path: Path, cfg: Config, flag: str, fine_tune: bool = False) -> None:
+    """Refuse a checkpoint of another model, width, class count or quantization than the config.
+
+    `fine_tune`: the checkpoint is a starting point (--pretrain_ckpt), so its classifier may be dropped
+    (--filter_head True) and a float checkpoint may start quantization-aware training.
+    """
+    what = flag if fine_tune else "checkpoint"
+    for key in ("model", "width", "num_classes") if fine_tune else ("model", "num_classes", "width"):
+        have, want = getattr(meta, key), getattr(cfg, key)
+        if have is None or have == want:
+            continue
+        if key == "num_classes" and fine_tune:
+            if cfg.filter_head:
+                continue
+            raise UserError(f"{flag} {path} has a {have}-class classifier but num_classes is {want} (pass "
+                            f"--filter_head True to drop it and train a new one, or --num_classes {have})")
+        how = f"pass --{key} {have}" if fine_tune else f"pass --{key} {have}, or the --config_path it was trained with"
+        raise UserError(f"{what} {path} was trained with {key}={have} but the config has {key}={want} ({how})")
+    if fine_tune or bool(meta.pact_quant) == cfg.pact_quant:
+        return
+    if meta.pact_quant:
+        raise UserError(f"{what} {path} was trained with --pact_quant True (pass --pact_quant True to use "
+                        "its quantization scales)")
+    raise UserError(f"{what} {path} is a float checkpoint and has no quantization scales (quantize it by "
+                    f"QAT fine-tuning: python train.py --pact_quant True --pretrain_ckpt {path}; or drop "
+                    "--pact_quant)")
+
+
+@dataclass
+class LoadReport:
+    loaded: int
+    dropped: list[str]
+    left_at_init: list[str]
+
+
+def load_pretrained(net: ClassifierNet, params: dict, meta: CheckpointMeta, path: Path, cfg: Config) -> LoadReport:
+    """Load `params` into `net`; with cfg.filter_head the classifier's parameters are dropped first."""
+    dropped = sorted(n for n in params if n.startswith(net.head_prefixes)) if cfg.filter_head else []
+    kept = {k: v for k, v in params.items() if k not in dropped}
+    left = load_into(net, kept, path, hint=FILTER_HINT)
+    total = len(list(net.get_parameters()))
+    report = LoadReport(total - len(left), dropped, left)
+    log.info("pretrain_ckpt %s: loaded %d parameters, dropped %d classifier parameters%s, %d left at init%s", path,
+             report.loaded, len(dropped), f" ({', '.join(dropped)})" if dropped else "", len(left),
+             f" ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})" if left else "")
+    return report
+
+
+def read_pretrained(cfg: Config) -> tuple[dict, CheckpointMeta]:
+    """The --pretrain_ckpt file, read and checked against the config (before anything compiles)."""
+    params, meta = read_checkpoint(cfg.pretrain_ckpt, "pretrain_ckpt")
+    check_fits(meta, Path(cfg.pretrain_ckpt), cfg, "pretrain_ckpt", fine_tune=True)
+    return params, meta
+
+
+def read_resume(cfg: Config) -> tuple[dict, CheckpointMeta]:
+    """The --resume_ckpt file: a periodic checkpoint of this config with optimizer state and epochs left to run."""
+    path = Path(cfg.resume_ckpt)
+    params, meta = read_checkpoint(path, "resume_ckpt")
+    check_fits(meta, path, cfg, "resume_ckpt")
+    if not has_optimizer_state(params) or meta.epoch_num is None:
+        raise UserError(f"resume_ckpt {path} has no optimizer state or epoch (resume from a periodic checkpoint "
+                        f"checkpoint/{cfg.model}-<epoch>_<step>.ckpt; to start from weights use --pretrain_ckpt)")
+    if meta.epoch_num >= cfg.epoch_size:
+        raise UserError(f"resume_ckpt {path} already finished epoch {meta.epoch_num} of epoch_size "
+                        f"{cfg.epoch_size} (raise --epoch_size to train further)")
+    return params, meta
+
+
+def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Path, dict, CheckpointMeta]:
+    """The checkpoint named by --`flag` (default: the run's best.ckpt), read and checked against the config."""
+    ckpt = Path(path) if path else best_checkpoint(cfg.output_path)
+    if not path and not ckpt.is_file():
+        raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
+    params, meta = read_checkpoint(ckpt, flag)
+    check_fits(meta, ckpt, cfg, flag)
+    return ckpt, params, meta
+
+
+def inference_net(cfg: Config, params: dict, ckpt: Path) -> ClassifierNet:
+    """A fresh net in eval mode with every parameter loaded from `params`."""
+    net = net_from_config(cfg)
+    missing = load_into(net, params, ckpt)
+    if missing:
+        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
+                        "(pass a checkpoint of the same --model)")
+    net.set_train(False)
+    return net
