@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 from src.config import load_config
 from src.device import prepare_cpu_threads
-from src.errors import run_cli
+from src.errors import run_cli, stop_on_signals
 from src.logs import quiet_mindspore, setup_console_logging
 
 
 def main(argv: Sequence[str]) -> int:
     cfg = load_config(argv, description=__doc__)
+    stop_on_signals()
     log = setup_console_logging()
     quiet_mindspore()
     prepare_cpu_threads(cfg.platform)

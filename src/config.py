@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ TOOL_DEFAULTS = {
     "benchmark": {"num_classes": 1000, "image_size": 224, "batch_size": 32, "dataset_path": "", "amp_level": "O0"},
 }
 TRUE_WORDS = ("True", "true", "1")
+_NOT_GIVEN = object()  # argparse default: tells a flag on the command line from a YAML value
 FALSE_WORDS = ("False", "false", "0")
 
 
@@ -76,7 +78,7 @@ class Config:
     run_distribute: bool = _opt(False, "data-parallel training across the processes started by "
                                 "scripts/run_train.sh (set by the script)")
     output_path: str = _opt("./output", "folder for checkpoints, logs, metrics and curves")
-    seed: int = _opt(1, "random seed (numpy, mindspore, dataset)", min=0)
+    seed: int = _opt(1, "random seed (numpy, mindspore, dataset)", min=0, max=2**32 - 1)
     debug: bool = _opt(False, "show tracebacks for user errors")
     # data pipeline
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
@@ -200,8 +202,11 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
-    except (TypeError, ValueError):
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"--{f.name} got {value!r} (use a finite number: {f.metadata['help']})")
+            return number
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"--{f.name} got {value!r} (use {_type_name(f)})") from None
     if value is None:
         raise UserError(f"--{f.name} needs a value ({f.metadata['help']})")
@@ -230,12 +235,39 @@ def _unknown(name: str, where: str) -> UserError:
     return UserError(f"unknown {where} '{name}' ({hint}valid keys: {', '.join(FIELDS)})")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in lines:
+                raise _DuplicateKey(f"key '{key}' appears twice (lines {lines[key]} and {key_node.start_mark.line + 1}")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder (pass a YAML file with --config_path, "
+                        f"e.g. {DEFAULT_CONFIG.relative_to(ROOT)})")
     if not path.is_file():
         raise UserError(f"config file {path} not found (pass an existing file with --config_path, "
                         f"e.g. {DEFAULT_CONFIG.relative_to(ROOT)})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise UserError(f"config file {path}: {exc}; keep one)") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}; save it as "
+                        "UTF-8)") from None
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read ({exc.strerror}; check its permissions)") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]} "
                         "(fix the file)") from None
@@ -299,27 +331,45 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
         flags = [f"--{name}"] + [f"--{alias}" for alias in ALIASES.get(name, ())] + taken.get(name, [])
         # a boolean flag alone means True (`--pact_quant`), as in the seeds
         extra = {"nargs": "?", "const": "True"} if _base_type(f) == "bool" else {}
-        parser.add_argument(*flags, dest=name, default=default, type=str, metavar=_base_type(f).upper(),
+        parser.add_argument(*flags, dest=name, default=_NOT_GIVEN, type=str, metavar=_base_type(f).upper(),
                             help=f"{f.metadata['help']}{choices} (default: {default})", **extra)
     own = set(vars(parser.parse_args([])))
     if add_arguments:
         add_arguments(parser)
     parsed, unknown = parser.parse_known_intermixed_args(list(rest))
-    debug = getattr(parsed, "debug", values.get("debug", False))
+    debug = _value(parsed, "debug", values, FIELDS["debug"])
     show_tracebacks(debug is True or str(debug) in TRUE_WORDS)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         if not flag.startswith("-"):
             raise UserError(f"unexpected argument '{flag}' (options are written --key value)")
         raise _unknown(flag.lstrip("-").split("=")[0], "flag")
-    kwargs = {name: _convert(f, getattr(parsed, name, values.get(name, f.default))) for name, f in FIELDS.items()}
+    kwargs = {name: _convert(f, _value(parsed, name, values, f)) for name, f in FIELDS.items()}
     cfg = Config(**kwargs)
+    given = {name for name in FIELDS if getattr(parsed, name, None) is not _NOT_GIVEN} - set(same_as)
+    given |= {other for key, other in same_as.items() if getattr(parsed, other, None) is not _NOT_GIVEN}
+    object.__setattr__(cfg, "_given", frozenset(given))
     show_tracebacks(cfg.debug)
     return cfg, argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k not in own})
 
 
+def given_on_command_line(cfg: Config) -> frozenset[str]:
+    """The keys the command line set (not the YAML or a default); empty for a Config built in code."""
+    return getattr(cfg, "_given", frozenset())
+
+
+def _value(parsed: argparse.Namespace, name: str, values: dict[str, Any], f: dataclasses.Field) -> Any:
+    value = getattr(parsed, name, _NOT_GIVEN)
+    return values.get(name, f.default) if value is _NOT_GIVEN else value
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror} (free some space or pass a writable --output_path)"
+                        ) from None

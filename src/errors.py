@@ -1,6 +1,7 @@
 """User-facing errors and the entry-point wrapper that turns them into one line and exit code 2."""
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -8,6 +9,31 @@ from collections.abc import Callable, Sequence
 
 class UserError(Exception):
     """Something the user can fix: a bad path, value, checkpoint or device. Message: 'what (how to fix)'."""
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or a signal; the message says where and how to resume."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM (a scheduler or `kill`), handled like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (and SIGHUP) end the run like Ctrl-C: between steps, with a message and a non-zero exit."""
+    def _raise(signum, frame):
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
 
 
 _SHOW_TRACEBACKS = False
@@ -33,7 +59,9 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (outputs written so far are complete; resume with --resume_ckpt)",
-              file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt as exc:
+        print("error: interrupted (files written so far are complete)", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)

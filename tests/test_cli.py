@@ -127,15 +127,16 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_imagenet_config_with_overrides(tmp_path):
     """A user's own photo folder with the ImageNet recipe, scaled down by flags."""
     data = make_imagefolder(tmp_path / "photos", size=(40, 30))
+    # on CPU the recipe's own comment says --amp_level O0: float16 on CPU is slower, and this tiny net's depthwise
+    # weights reach nan at O2 (the run then ends as a divergence naming --amp_level O0: tests/test_failures.py)
     proc = run_cli("train.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
-                   "--platform", "CPU", "--output_path", str(tmp_path / "o"), "--epoch_size", "1", *TINY_TRAIN)
+                   "--platform", "CPU", "--amp_level", "O0", "--output_path", str(tmp_path / "o"), "--epoch_size", "1",
+                   *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "checkpoint" / "best.ckpt").is_file()
-    # the recipe's O2 + loss scale 1024 trains on CPU, with Paddle's warning that it is no faster there
-    warning = "UserWarning: AMP O2 brings no speed-up on CPU"
-    assert warning in proc.stdout and warning in (tmp_path / "o" / "train.log").read_text()
-    assert "ONEDNN_MAX_CPU_ISA" in (tmp_path / "o" / "train.log").read_text() or "avx512" not in open(
-        "/proc/cpuinfo").read()
+    log = (tmp_path / "o" / "train.log").read_text()
+    assert "amp O0" in log and "image 32 px" in log and "2 classes" in log
+    assert "ONEDNN_MAX_CPU_ISA" in log or "avx512" not in open("/proc/cpuinfo").read()
     evaluation = run_cli("eval.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
                          "--platform", "CPU", "--output_path", str(tmp_path / "o"), *TINY_TRAIN)
     assert evaluation.returncode == 0 and RESULT_LINE.search(evaluation.stdout), evaluation.stderr[-3000:]

@@ -105,6 +105,18 @@ def test_other_bool_words_are_refused(word):
     (["--config_path", "nope.yaml"], r"config file nope.yaml not found"),
     (["--warmup_epochs", "40", "--epoch_size", "30"], r"warmup_epochs 40.0 must be below epoch_size 30"),
     (["--model", "resnet50", "--width", "0.5"], r"width applies to the MobileNets only"),
+    # non-finite numbers in any float key would train to nan (or silently switch a check off)
+    (["--lr_max", "nan"], r"--lr_max got 'nan' \(use a finite number: peak learning rate"),
+    (["--momentum", "inf"], r"--momentum got 'inf' \(use a finite number"),
+    (["--label_smooth=-inf"], r"--label_smooth got '-inf' \(use a finite number"),
+    (["--warmup_epochs", "NaN"], r"--warmup_epochs got 'NaN' \(use a finite number"),
+    (["--width", "nan"], r"--width got 'nan' \(use a finite number"),
+    (["--crop_scale_min", "nan"], r"--crop_scale_min got 'nan'"),
+    (["--weight_decay", "nan"], r"--weight_decay got 'nan'"),
+    (["--dropout", "nan"], r"--dropout got 'nan'"),
+    (["--lr_max", "1e999"], r"--lr_max got '1e999' \(use a finite number"),
+    (["--seed", str(2**32)], r"--seed got 4294967296 \(must be at most 4294967295\)"),
+    (["--config_path", "configs"], r"config file \S*configs is a folder \(pass a YAML file with --config_path"),
 ])
 def test_bad_input_names_the_fix(argv, message):
     with pytest.raises(UserError, match=message):
@@ -130,3 +142,15 @@ def test_readme_documents_every_key():
     missing = [name for name in FIELDS if f"`{name}`" not in readme]
     assert not missing, f"README lacks keys: {missing}"
 
+
+def test_yaml_nan_and_duplicate_keys_and_encoding_are_refused(tmp_path: Path):
+    cases = {"nan.yaml": ("lr_max: .nan\n", r"--lr_max got nan \(use a finite number"),
+             "dup.yaml": ("lr_max: 0.1\nbatch_size: 8\nlr_max: 0.2\n",
+                          r"dup.yaml: key 'lr_max' appears twice \(lines 1 and 3; keep one\)"),
+             "latin1.yaml": ("model: mobilenetv2 # caf\xe9\n".encode("latin-1"),
+                             r"latin1.yaml is not UTF-8 text \(invalid continuation byte at byte 24; save it as UTF-8")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(UserError, match=message):
+            load_config(["--config_path", str(path)])

@@ -84,6 +84,10 @@ def test_sharding_splits_the_train_set(tiny_folder):
     (lambda r: __import__("shutil").rmtree(r / "val") or r, r"has no val/ \(or validation_preprocess/\) folder"),
     (lambda r: (r / "train" / "bird").mkdir() or r, r"class folder .*train/bird has no images"),
     (lambda r: (r / "val" / "bird").mkdir() or r, r"val has class folders that train/ lacks: bird"),
+    (lambda r: (r / "file").write_text("x") and r / "file",
+     r"dataset_path .*file is a file, not a folder \(pass the folder that holds train/ and val/"),
+    (lambda r: [p.unlink() for p in (r / "val").rglob("*.png")] and r,
+     r"val has no images in its class folders \(add validation images, or train with --run_eval False\)"),
 ])
 def test_layout_errors_say_how_to_fix(tiny_folder, setup, message):
     with pytest.raises(UserError, match=message):
@@ -116,6 +120,15 @@ def test_truncated_image_is_named(tiny_folder, name, fmt, why):
     write_image(path, size=(40, 40), fmt=fmt)
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
     with pytest.raises(UserError, match=rf"{name} is truncated \({why}\)"):
+        check_dataset(_cfg(tiny_folder))
+
+
+def test_macos_metadata_files_are_checked_as_the_reader_would_read_them(tiny_folder):
+    # MindSpore's ImageFolderDataset reads ._name.png as an image; the check must see what the reader reads
+    (tiny_folder / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tiny_folder / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # not an image: skipped
+    with pytest.raises(UserError, match=r"\._0.png is not a PNG image \(a macOS metadata file: delete them with "
+                                        r"find .*train -name '\._\*' -delete\)"):
         check_dataset(_cfg(tiny_folder))
 
 

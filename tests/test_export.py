@@ -66,6 +66,9 @@ def test_predict_errors(trained, tmp_path):
     bad.write_bytes(b"\xff\xd8\xffnot really")
     proc = run_cli("predict.py", "--ckpt_file", str(out / "checkpoint" / "best.ckpt"), str(bad), *TINY_NET)
     assert proc.returncode == 2 and f"error: {bad} is truncated" in proc.stderr
+    proc = run_cli("predict.py", "--ckpt_file", str(out / "checkpoint" / "best.ckpt"), str(tmp_path), *TINY_NET)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path} is a folder (pass image files, e.g. " \
+        f"{tmp_path}/*.jpg)"
     proc = run_cli("eval_onnx.py", "--dataset_path", str(data), "--file_name", str(tmp_path / "none.onnx"), *TINY_NET)
     assert proc.returncode == 2 and "not found (export one with python export.py --file_format ONNX)" in proc.stderr
 
@@ -97,3 +100,19 @@ def test_export_to_a_new_folder(trained, tmp_path):
     proc = run_cli("export.py", "--output_path", str(out), "--file_format", "MINDIR", "--file_name", str(target),
                    *TINY_NET)
     assert proc.returncode == 0 and (tmp_path / "deploy" / "mbv2.mindir").is_file(), proc.stderr[-2000:]
+
+
+def test_eval_takes_the_model_settings_from_the_checkpoint(trained, tmp_path):
+    data, out, _ = trained
+    ckpt = str(out / "checkpoint" / "best.ckpt")
+    # demo.yaml says width 1.0, 10 classes: the checkpoint's 0.25 and 2 are used, and said
+    proc = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path), "--pretrain_ckpt", ckpt,
+                   "--num_parallel_workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{ckpt}: width=0.25, num_classes=2 from the checkpoint" in proc.stdout
+    assert RESULT_LINE.search(proc.stdout)
+    # an explicit other image size is used, with a warning
+    proc = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path), "--pretrain_ckpt", ckpt,
+                   "--num_parallel_workers", "1", "--image_size", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"image_size 64: {ckpt} was trained at 32 px; its accuracy at another size may differ" in proc.stdout

@@ -93,8 +93,10 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
     for name in classes:
         count = 0
         for entry in sorted(os.scandir(split_dir / name), key=lambda e: e.name):
-            if not entry.is_file() or entry.name.startswith("."):
+            if not entry.is_file():
                 continue
+            # hidden files are checked too: MindSpore's reader takes every file with an image extension,
+            # macOS's ._name.jpg metadata files included
             suffix = os.path.splitext(entry.name)[1]
             if suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(Path(entry.path))
@@ -102,7 +104,7 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
                 count += 1
                 stat = entry.stat()
                 digest.update(f"{name}/{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            else:
+            elif not entry.name.startswith("."):
                 ignored += 1
         if count == 0 and class_names is None:
             raise UserError(f"class folder {split_dir / name} has no images (add .jpg/.jpeg/.png/.bmp files "
@@ -112,6 +114,9 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
     if problems:
         path, why = problems[0]
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        if path.name.startswith("._"):
+            raise UserError(f"{path} {why}{more} (a macOS metadata file: delete them with "
+                            f"find {split_dir} -name '._*' -delete)")
         raise UserError(f"{path} {why}{more} (delete or re-encode the file)")
     if ignored:
         log.warning("%s: ignored %d files without an image extension (%s)", split_dir, ignored,
@@ -119,7 +124,14 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
     return classes, Split(split_dir, len(images), exts, digest.hexdigest())
 
 
+def _check_root(root: Path, what: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise UserError(f"dataset_path {root} is a file, not a folder (pass the folder that holds {what} "
+                        "with --dataset_path)")
+
+
 def check_imagefolder(root: Path, num_classes: int, need_train: bool, need_val: bool) -> DataSource:
+    _check_root(root, "train/ and val/")
     if not root.is_dir():
         raise UserError(f"dataset_path {root} does not exist (pass the folder that holds train/ and val/ "
                         "with --dataset_path)")
@@ -139,6 +151,9 @@ def check_imagefolder(root: Path, num_classes: int, need_train: bool, need_val: 
     if val_dir is not None and (need_val or class_names is None):
         val_classes, val = _scan_split(val_dir, class_names)
         class_names = class_names or val_classes
+        if need_val and val.num_images == 0:
+            raise UserError(f"{val_dir} has no images in its class folders (add validation images, or train with "
+                            "--run_eval False)")
     if len(class_names) != num_classes:
         raise UserError(f"found {len(class_names)} class folders in {train_dir if train else val_dir} but "
                         f"num_classes is {num_classes} (pass --num_classes {len(class_names)})")
@@ -153,6 +168,7 @@ def _cifar_dir(root: Path, files: tuple[str, ...], sub: str) -> Path | None:
 
 
 def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool) -> DataSource:
+    _check_root(root, "the CIFAR-10 binary files")
     if not root.is_dir():
         raise UserError(f"dataset_path {root} does not exist (pass the folder with the CIFAR-10 binary "
                         "files data_batch_1..5.bin and test_batch.bin)")

@@ -57,7 +57,7 @@ def export_model(cfg: Config) -> ExportResult:
     if cfg.file_format == "AIR" and cfg.platform != "Ascend":
         raise UserError("AIR export needs an Ascend device (MindSpore builds AIR files only on Ascend; use "
                         "--file_format MINDIR or ONNX here, or run with --platform Ascend on an Ascend machine)")
-    ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
+    cfg, ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     setup_device(cfg)
     path = export_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)

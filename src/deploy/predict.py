@@ -23,6 +23,8 @@ def load_images(cfg: Config, paths: list[str]) -> np.ndarray:
     pipeline = transforms.Compose(eval_transforms(cfg, "imagefolder"))
     batch = []
     for p in map(Path, paths):
+        if p.is_dir():
+            raise UserError(f"{p} is a folder (pass image files, e.g. {p}/*.jpg)")
         if not p.is_file():
             raise UserError(f"image {p} not found (check the path)")
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -59,7 +61,7 @@ def _predict_ckpt(cfg: Config, paths: list[str]):
     from src.device import setup_device
     from src.engine.weights import inference_net, open_for_inference
 
-    ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
+    cfg, ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     images = load_images(cfg, paths)
     setup_device(cfg)
     return inference_net(cfg, params, ckpt)(ms.Tensor(images)).asnumpy(), meta.class_names

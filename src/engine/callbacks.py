@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from mindspore.train import Callback
 
-from src.engine.checkpoint import periodic_checkpoints, save_checkpoint
+from src.engine.checkpoint import first_non_finite, periodic_checkpoints, save_checkpoint
 from src.engine.history import EpochRecord, History, plot_curves, write_metrics
 from src.engine.metrics import topk_hits
 
@@ -36,8 +36,11 @@ class TrainMonitor(Callback):
         self.steps_per_epoch, self.print_freq, self.total_epochs = steps_per_epoch, print_freq, total_epochs
         self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
         self.bar = None
+        self.epoch, self.iter = 0, 0  # where training is (for the interruption message)
+        self.diverged: tuple[int, int, float] | None = None  # (epoch, step in epoch, loss) of a non-finite loss
 
     def on_train_epoch_begin(self, run_context):
+        self.epoch = run_context.original_args().cur_epoch_num
         self.epoch_start = self.window_start = self.last_end = time.perf_counter()
         self.iter, self.loss_sum, self.reader_cost, self.window_steps = 0, 0.0, 0.0, 0
         if self.progress_bar:
@@ -58,10 +61,11 @@ class TrainMonitor(Callback):
         if self.fingerprint_data:
             for tensor in cb.train_dataset_element:
                 self.data_digest.update(tensor.asnumpy().tobytes())
-        if not np.isfinite(loss_value):
-            log.error("loss is %s at epoch %d step %d; stopping (lower --lr_max or --loss_scale)",
-                      loss_value, cb.cur_epoch_num, self.iter + 1)
+        if not np.isfinite(loss_value):  # stop at once: the run ends with an error and writes nothing more
+            self.diverged = (cb.cur_epoch_num, self.iter + 1, loss_value)
+            self.close_bar()
             run_context.request_stop()
+            return
         self.loss_sum += loss_value
         self.last_loss = loss_value
         self.window_steps += 1
@@ -84,11 +88,14 @@ class TrainMonitor(Callback):
             self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             self.bar.update(1)
 
-    def finish_epoch(self, epoch: int) -> EpochRecord:
-        """Close the bar, log the loss and time lines, and return the epoch's record (without evaluation)."""
+    def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def finish_epoch(self, epoch: int) -> EpochRecord:
+        """Close the bar, log the loss and time lines, and return the epoch's record (without evaluation)."""
+        self.close_bar()
         elapsed = time.perf_counter() - self.epoch_start
         steps = max(self.iter, 1)
         log.info("epoch: %d step: %d, loss is %s", epoch, self.iter, self.last_loss)
@@ -113,15 +120,27 @@ class Evaluator:
 
 
 class EpochEnd(Callback):
-    """The one owner of the epoch record: monitor's loss and time, evaluation when due, History, then `outputs`."""
+    """The one owner of the epoch record: monitor's loss and time, evaluation when due, History, then `outputs`.
+
+    Weights that are no longer finite (a loss can stay finite while ReLU6 hides nan activations) end the run
+    as a divergence before anything is evaluated or written.
+    """
 
     def __init__(self, monitor: TrainMonitor, history: History, evaluator: Evaluator | None,
-                 outputs: list[EpochOutput]):
+                 outputs: list[EpochOutput], net=None):
         super().__init__()
-        self.monitor, self.history, self.evaluator, self.outputs = monitor, history, evaluator, outputs
+        self.monitor, self.history, self.evaluator, self.outputs, self.net = monitor, history, evaluator, outputs, net
 
     def on_train_epoch_end(self, run_context):
+        if self.monitor.diverged:  # MindSpore still ends the epoch after a stop request: nothing is recorded
+            return
         epoch = run_context.original_args().cur_epoch_num
+        bad = first_non_finite(self.net) if self.net is not None else None
+        if bad:
+            self.monitor.diverged = (epoch, self.monitor.iter, f"parameter {bad} is nan or inf")
+            self.monitor.close_bar()
+            run_context.request_stop()
+            return
         record = self.monitor.finish_epoch(epoch)
         if self.evaluator is not None and self.evaluator.due(epoch):
             start = time.perf_counter()
@@ -134,16 +153,23 @@ class EpochEnd(Callback):
             self.history.add(record)
         for output in self.outputs:
             output(record, self.history)
+        # between epochs: an interruption now is "at epoch E+1 step 0", after epoch E's files
+        self.monitor.epoch, self.monitor.iter = epoch + 1, 0
 
 
 class BestCheckpoint:
-    """Writes checkpoint/best.ckpt (the net, with its val top-1 in the metadata) when an epoch is the new best."""
+    """Writes checkpoint/best.ckpt (the net, with its val top-1 in the metadata) when an epoch is the new best.
 
-    def __init__(self, net, path: Path, meta: dict):
-        self.net, self.path, self.meta = net, path, meta
+    `floor`: the val top-1 of the best.ckpt a resumed run found; only a better epoch replaces that file.
+    """
+
+    def __init__(self, net, path: Path, meta: dict, floor: float | None = None):
+        self.net, self.path, self.meta, self.floor = net, path, meta, floor
 
     def __call__(self, record: EpochRecord, history: History) -> None:
-        if record.val_top1 is not None and history.best is record:
+        if record.val_top1 is not None and history.best is record and (
+                self.floor is None or record.val_top1 > self.floor):
+            self.floor = None
             save_checkpoint(self.net, self.path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step,
                                                   "val_top1": record.val_top1})
 

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic saves with metadata, reading them back, loading parameters with checked shapes."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mindspore as ms
+import numpy as np
 
 from src.errors import UserError
 
@@ -33,13 +35,53 @@ class CheckpointMeta:
     pact_quant: bool | None = None
 
 
+class NonFiniteParameter(UserError):
+    """A checkpoint would hold nan or inf: it is not written."""
+
+
+def first_non_finite(obj) -> str | None:
+    """The name of the first parameter of `obj` (a Cell or a save list) holding nan or inf, or None."""
+    params = obj.get_parameters() if hasattr(obj, "get_parameters") else (item["data"] for item in obj)
+    for param in params:
+        value = param.asnumpy()
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return param.name
+    return None
+
+
+def check_finite(obj) -> None:
+    """Raise NonFiniteParameter naming the first parameter of `obj` that is not finite."""
+    name = first_non_finite(obj)
+    if name:
+        raise NonFiniteParameter(f"parameter {name} holds nan or inf: training diverged, so no checkpoint was "
+                                 "written (lower --lr_max, or --loss_scale, and train again)")
+
+
 def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
-    """Write `obj` (a Cell) with metadata to `path` via a temp file and rename: never half-written."""
+    """Write `obj` (a Cell or a save list) with metadata to `path` via a temp file and rename: never half-written,
+    never with a non-finite parameter."""
+    check_finite(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     append = {k: (json.dumps(v) if k == "class_names" else v) for k, v in meta.items() if v is not None}
-    ms.save_checkpoint(obj, str(tmp), append_dict=append)
-    os.replace(tmp, path)
+    try:
+        ms.save_checkpoint(obj, str(tmp), append_dict=append)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+
+
+def write_error(path: Path, exc: Exception) -> UserError:
+    """One line for a file that could not be written (disk full, read-only, permissions); nothing was replaced."""
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text:
+        why = "no space left on the device (free some space or pass another --output_path)"
+    elif getattr(exc, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM) or "ermission" in text:
+        why = f"{getattr(exc, 'strerror', None) or 'not writable'} (pass a writable --output_path)"
+    else:
+        why = f"{(text.strip().splitlines() or [type(exc).__name__])[0][:200]} (check the disk and the path)"
+    return UserError(f"cannot write {path}: {why}; the earlier file, if any, is unchanged")
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, CheckpointMeta]:

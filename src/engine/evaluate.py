@@ -40,7 +40,7 @@ def report(result: EvalResult, output_path: str | Path) -> None:
 
 
 def evaluate(cfg: Config) -> EvalResult:
-    ckpt, params, meta = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
+    cfg, ckpt, params, meta = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
     source = check_dataset(cfg, need_train=False, need_val=True)
     if meta.class_names and source.class_names != meta.class_names:
         log.warning("the val class folders differ from the classes %s was trained on; labels may not match",

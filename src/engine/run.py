@@ -15,24 +15,28 @@ from mindspore import nn
 from mindspore.train import Model
 
 from src.cloud import upload_outputs
-from src.config import Config, save_config
+from src.config import Config
 from src.data.checks import DataSource, check_dataset
 from src.data.feature_cache import cached_features, feature_datasets
 from src.data.pipeline import create_dataset
 from src.device import RankInfo, amp_speed_warning, setup_device
 from src.engine.callbacks import BestCheckpoint, EpochEnd, Evaluator, MetricsFiles, PeriodicCheckpoints, TrainMonitor
-from src.engine.checkpoint import NOT_RESTORED, load_into, periodic_checkpoints
+from src.engine.checkpoint import NOT_RESTORED, load_into, periodic_checkpoints, read_checkpoint
 from src.engine.history import History, read_metrics
 from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
+from src.engine.run_folder import RunFolder
 from src.engine.train_step import build_train_step
 from src.engine.weights import load_pretrained, read_pretrained, read_resume
-from src.errors import UserError
-from src.logs import attach_log_file
+from src.errors import Interrupted, UserError
 from src.models.common import HeadOnFeatures
 from src.models.registry import net_from_config
 
 log = logging.getLogger("train")
+
+
+class TrainingDiverged(UserError):
+    """The loss became nan or inf; no checkpoint was written after it."""
 
 
 @dataclass
@@ -51,6 +55,18 @@ def train(cfg: Config) -> TrainResult:
     pretrain = read_pretrained(cfg) if cfg.pretrain_ckpt and not resume else None
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
     _check_batch_size(cfg, source, ranks)
+    folder = RunFolder(cfg, resuming=bool(resume)) if ranks.is_main else None  # only rank 0 writes outputs
+    if folder:
+        folder.open()
+    try:
+        return _train(cfg, source, resume, pretrain, ranks, folder, start)
+    finally:
+        if folder:
+            folder.close()
+
+
+def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, folder: RunFolder | None,
+           start: float) -> TrainResult:
     warning = amp_speed_warning(cfg)
     if warning and ranks.is_main:
         log.warning("UserWarning: %s", warning)
@@ -73,10 +89,6 @@ def train(cfg: Config) -> TrainResult:
                  int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
 
     out, ckpt_dir = Path(cfg.output_path), Path(cfg.output_path) / "checkpoint"
-    if ranks.is_main:  # only rank 0 writes outputs
-        _prepare_output(cfg, ckpt_dir, resuming=bool(resume))
-        attach_log_file(out / "train.log", append=bool(resume))
-        save_config(cfg, out / "config.yaml")
     log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
              "amp %s%s", cfg.model, cfg.platform, "full net" if trainable is net else
              "head only, on cached backbone features", source.train.num_images, cfg.num_classes, steps,
@@ -88,17 +100,40 @@ def train(cfg: Config) -> TrainResult:
     monitor = TrainMonitor(lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
                            fingerprint_data=ranks.group_size > 1)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size) if val_ds is not None else None
-    outputs = _epoch_outputs(cfg, ckpt_dir, source, net, train_step) if ranks.is_main else []
-    model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs)],
-                dataset_sink_mode=False, initial_epoch=initial_epoch)
+    outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, bool(resume))] if folder else []
+    try:
+        model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
+                    dataset_sink_mode=False, initial_epoch=initial_epoch)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.stop_on_signals)
+        last = _last_checkpoint_of_this_run(cfg, folder)
+        resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
+        raise Interrupted(f"training interrupted at epoch {monitor.epoch} step {monitor.iter} ({resume_hint}; "
+                          f"every file written so far is complete)", getattr(exc, "signum", 2)) from None
+    if monitor.diverged:
+        epoch, step, loss = monitor.diverged
+        what = loss if isinstance(loss, str) else f"loss {loss}"
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch} step {step} ({what}); last good checkpoint: "
+            f"{_last_checkpoint_of_this_run(cfg, folder) or 'none of this run'}; lower --lr_max (now {cfg.lr_max:g})"
+            + (f" or --loss_scale (now {cfg.loss_scale:g})" if cfg.loss_scale > 1 else "")
+            + (f", or train in float32 with --amp_level O0 (now {cfg.amp_level}: float16 on CPU is slower and "
+               "overflows easily)" if cfg.platform == "CPU" and cfg.amp_level != "O0" else "") + " and train again")
     if ranks.group_size > 1:
         log.info("rank %d of %d: trained on data sha256 %s; final weights sha256 %s", ranks.rank, ranks.group_size,
                  monitor.data_digest.hexdigest()[:16], weights_digest(net)[:16])
 
-    last = periodic_checkpoints(ckpt_dir, cfg.model)
     best = ckpt_dir / "best.ckpt"
-    return TrainResult(out, best if best.exists() else None, history.best.val_top1 if history.best else None,
-                       last[-1] if last else None, time.perf_counter() - start)
+    best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if best.is_file() else None
+    return TrainResult(out, best if best.is_file() else None, best_top1, _last_checkpoint_of_this_run(cfg, folder),
+                       time.perf_counter() - start)
+
+
+def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path | None:
+    """The newest periodic checkpoint, unless it still belongs to an earlier run (before the first commit)."""
+    if folder is not None and not folder.committed:
+        return None
+    last = periodic_checkpoints(Path(cfg.output_path) / "checkpoint", cfg.model)
+    return last[-1] if last else None
 
 
 def _check_batch_size(cfg: Config, source: DataSource, ranks: RankInfo) -> None:
@@ -123,29 +158,21 @@ def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo):
     return train_ds, create_dataset(cfg, source, training=False) if evaluates else None, net
 
 
-def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell, train_step: nn.Cell) -> list:
+def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell, train_step: nn.Cell,
+                   resuming: bool) -> list:
     """What rank 0 writes after each epoch, in this order: best.ckpt, metrics.csv + curves.png, the periodic
-    checkpoint (an upload after it, on ModelArts, carries the others)."""
+    checkpoint (an upload after it, on ModelArts, carries the others). A resumed run's best.ckpt is replaced only
+    by a better epoch than the one it holds."""
     out = Path(cfg.output_path)
+    best = ckpt_dir / "best.ckpt"
+    floor = read_checkpoint(best, "best.ckpt")[1].val_top1 if resuming and best.is_file() else None
     meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
             "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant}
-    return [BestCheckpoint(net, ckpt_dir / "best.ckpt", meta),
+    return [BestCheckpoint(net, best, meta, floor),
             MetricsFiles(out / "metrics.csv", out / "curves.png"),
             PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
                                 cfg.keep_checkpoint_max, cfg.epoch_size, meta,
                                 on_saved=(lambda: upload_outputs(cfg)) if cfg.enable_modelarts else None)]
-
-
-def _prepare_output(cfg: Config, ckpt_dir: Path, resuming: bool) -> None:
-    """Create output folders; a fresh run replaces the outputs of an earlier run in the same folder."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        stale = periodic_checkpoints(ckpt_dir, cfg.model) + [p for p in (ckpt_dir / "best.ckpt",) if p.exists()]
-        if stale:
-            log.warning("%s holds checkpoints of an earlier run; replacing them (%d files). Use --output_path to "
-                        "keep runs apart, or --resume_ckpt to continue one.", ckpt_dir, len(stale))
-            for p in stale:
-                p.unlink()
 
 
 def weights_digest(net: nn.Cell) -> str:

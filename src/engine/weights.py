@@ -5,11 +5,12 @@ quantization it was trained with, and a difference from the config is refused na
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.config import Config
+from src.config import Config, given_on_command_line
 from src.engine.checkpoint import (
     CheckpointMeta,
     best_checkpoint,
@@ -94,14 +95,39 @@ def read_resume(cfg: Config) -> tuple[dict, CheckpointMeta]:
     return params, meta
 
 
-def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Path, dict, CheckpointMeta]:
-    """The checkpoint named by --`flag` (default: the run's best.ckpt), read and checked against the config."""
+def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Config, Path, dict, CheckpointMeta]:
+    """The checkpoint named by --`flag` (default: the run's best.ckpt), read, and the config it is used with.
+
+    The model settings the checkpoint records (model, width, num_classes, image_size) replace the YAML's unless
+    the command line gives them; a command-line image_size other than the trained one is used with a warning.
+    """
     ckpt = Path(path) if path else best_checkpoint(cfg.output_path)
     if not path and not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
     params, meta = read_checkpoint(ckpt, flag)
+    cfg = settings_from_checkpoint(cfg, meta, ckpt)
     check_fits(meta, ckpt, cfg, flag)
-    return ckpt, params, meta
+    return cfg, ckpt, params, meta
+
+
+def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> Config:
+    given = given_on_command_line(cfg)
+    taken = {}
+    for key in ("model", "width", "num_classes", "image_size"):
+        have = getattr(meta, key)
+        if have is None or have == getattr(cfg, key):
+            continue
+        if key not in given:
+            taken[key] = have
+        elif key == "image_size":
+            log.warning("image_size %d: %s was trained at %d px; its accuracy at another size may differ",
+                        cfg.image_size, ckpt, have)
+    if not taken:
+        return cfg
+    log.info("%s: %s from the checkpoint", ckpt, ", ".join(f"{k}={v}" for k, v in taken.items()))
+    if "model" in taken and taken["model"].startswith("resnet") and "width" not in given:
+        taken.setdefault("width", 1.0)
+    return dataclasses.replace(cfg, **taken)
 
 
 def inference_net(cfg: Config, params: dict, ckpt: Path) -> ClassifierNet:
