@@ -191,8 +191,48 @@ def test_cifar10_errors(tmp_path):
     with pytest.raises(UserError, match=r"lacks the CIFAR-10 binary files data_batch_1.bin"):
         check_dataset(cfg)
     _write_cifar(root, TRAIN + ["test_batch.bin"], corrupt="data_batch_4.bin")
-    with pytest.raises(UserError, match=r"data_batch_4.bin has 30729995 bytes, but a CIFAR-10 binary batch has "
-                                        r"30730000 \(10000 records of 3073 bytes; download the file again\)"):
+    with pytest.raises(UserError, match=r"data_batch_4.bin has 30729995 bytes, which is not a whole number of "
+                                        r"3073-byte CIFAR records \(1 label byte \+ 32x32x3 pixels; CIFAR-10 files "
+                                        r"hold 10000 records, 30730000 bytes: download the file again\)"):
         check_dataset(cfg)
     with pytest.raises(UserError, match=r"CIFAR-10 has 10 classes but num_classes is 2"):
         check_dataset(_cfg(root, dataset="cifar10"))
+
+
+def test_a_cifar_format_set_of_any_size_is_read_as_mindspores_reader_reads_cifar10(tmp_path, caplog):
+    import mindspore.dataset as ds
+
+    from src.data.pipeline import CifarRecords
+
+    standard = tmp_path / "standard"
+    _write_cifar(standard, ["test_batch.bin"])
+    ours = CifarRecords(((standard / "test_batch.bin", 10_000),))
+    for (image, label), i in zip(ds.Cifar10Dataset(str(standard), usage="test", shuffle=False)
+                                 .create_tuple_iterator(output_numpy=True, num_epochs=1), range(8)):
+        assert np.array_equal(ours[i][0], image) and ours[i][1] == label and ours[i][0].dtype == image.dtype
+
+    own = tmp_path / "own"  # 3 records per train file, 5 test records
+    rng = np.random.default_rng(1)
+    for name, n in [*((f, 3) for f in TRAIN), ("test_batch.bin", 5)]:
+        own.mkdir(exist_ok=True)
+        records = rng.integers(0, 256, (n, CIFAR_RECORD), dtype=np.uint8)
+        records[:, 0] = np.arange(n) % 10
+        records.tofile(own / name)
+    cfg = _cfg(own, dataset="cifar10", num_classes=10, image_size=32, batch_size=4)
+    with caplog.at_level("INFO", logger="train"):
+        source = check_dataset(cfg)
+    assert (source.train.num_images, source.val.num_images) == (15, 5)
+    assert "CIFAR-format train set: 15 images (data_batch_1.bin 3, data_batch_2.bin 3" in caplog.text
+    assert create_dataset(cfg, source, True).get_dataset_size() == 3
+    labels = np.concatenate([b[1] for b in create_dataset(cfg, source, False).create_tuple_iterator(
+        output_numpy=True, num_epochs=1)])
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+    with open(own / "test_batch.bin", "r+b") as fh:
+        fh.seek(2 * CIFAR_RECORD)
+        fh.write(bytes([12]))
+    with pytest.raises(UserError, match=r"test_batch.bin: record 2 has label 12, but there are 10 classes"):
+        check_dataset(cfg)
+    (own / "test_batch.bin").write_bytes(b"")
+    with pytest.raises(UserError, match=r"test_batch.bin has 0 bytes, which is not a whole number"):
+        check_dataset(cfg)

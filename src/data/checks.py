@@ -25,7 +25,7 @@ _MAGIC = {".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",), ".png": (b"\x
 VAL_FOLDERS = ("val", "validation_preprocess")
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_RECORD = 1 + 32 * 32 * 3
-CIFAR_FILE_RECORDS = 10_000  # MindSpore's reader expects whole batches of this many records
+CIFAR_FILE_RECORDS = 10_000  # MindSpore's Cifar10Dataset reads only files of exactly this many records
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR_TEST_FILES = ("test_batch.bin",)
 
@@ -38,6 +38,12 @@ class Split:
     num_images: int
     extensions: set[str] = field(default_factory=set)
     fingerprint: str = ""  # hash of every file's name, size and mtime: changes when the data changes
+    cifar_files: tuple[tuple[Path, int], ...] = ()  # CIFAR-format binary files and their record counts
+
+    @property
+    def standard_cifar(self) -> bool:
+        """Every binary file holds the 10,000 records MindSpore's own CIFAR-10 reader insists on."""
+        return all(n == CIFAR_FILE_RECORDS for _, n in self.cifar_files)
 
 
 @dataclass
@@ -167,6 +173,24 @@ def _cifar_dir(root: Path, files: tuple[str, ...], sub: str) -> Path | None:
     return None
 
 
+def _cifar_records(path: Path, size: int, num_classes: int) -> int:
+    """The number of 3,073-byte records (label byte + 32x32x3 pixels) in a CIFAR-format binary file, checked."""
+    records, rest = divmod(size, CIFAR_RECORD)
+    if rest or not records:
+        raise UserError(f"{path} has {size} bytes, which is not a whole number of {CIFAR_RECORD}-byte CIFAR "
+                        f"records (1 label byte + 32x32x3 pixels; CIFAR-10 files hold {CIFAR_FILE_RECORDS} records, "
+                        f"{CIFAR_FILE_RECORDS * CIFAR_RECORD} bytes: download the file again)")
+    if records != CIFAR_FILE_RECORDS:  # a CIFAR-format set of one's own: its labels must fit num_classes
+        import numpy as np
+
+        labels = np.fromfile(path, dtype=np.uint8).reshape(records, CIFAR_RECORD)[:, 0]
+        bad = np.flatnonzero(labels >= num_classes)
+        if bad.size:
+            raise UserError(f"{path}: record {bad[0]} has label {labels[bad[0]]}, but there are {num_classes} "
+                            "classes (labels are 0..9 in a CIFAR-10-format file)")
+    return records
+
+
 def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool) -> DataSource:
     _check_root(root, "the CIFAR-10 binary files")
     if not root.is_dir():
@@ -185,15 +209,16 @@ def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool
             splits.append(None)
             continue
         digest = hashlib.sha256()
+        counted = []
         for f in files:
             stat = (folder / f).stat()
-            size = stat.st_size
-            digest.update(f"{f}\0{size}\0{stat.st_mtime_ns}\n".encode())
-            if size != CIFAR_FILE_RECORDS * CIFAR_RECORD:
-                raise UserError(f"{folder / f} has {size} bytes, but a CIFAR-10 binary batch has "
-                                f"{CIFAR_FILE_RECORDS * CIFAR_RECORD} ({CIFAR_FILE_RECORDS} records of "
-                                f"{CIFAR_RECORD} bytes; download the file again)")
-        splits.append(Split(folder, CIFAR_FILE_RECORDS * len(files), fingerprint=digest.hexdigest()))
+            digest.update(f"{f}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            counted.append((folder / f, _cifar_records(folder / f, stat.st_size, num_classes)))
+        split = Split(folder, sum(n for _, n in counted), fingerprint=digest.hexdigest(), cifar_files=tuple(counted))
+        if not split.standard_cifar:
+            log.info("CIFAR-format %s set: %d images (%s)", "train" if sub == "train" else "test", split.num_images,
+                     ", ".join(f"{p.name} {n}" for p, n in counted))
+        splits.append(split)
     return DataSource("cifar10", list(CIFAR_CLASSES), splits[0], splits[1])
 
 

@@ -2,10 +2,28 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import numpy as np
 
 from src.config import Config
-from src.data.checks import DataSource
+from src.data.checks import CIFAR_RECORD, DataSource
 from src.data.transforms import image_transforms
+
+
+class CifarRecords:
+    """Random access to the records of CIFAR-format binary files, as Cifar10Dataset yields them: an HWC uint8
+    image and a uint32 label."""
+
+    def __init__(self, files: tuple[tuple[Path, int], ...]):
+        self.records = np.concatenate([np.fromfile(path, dtype=np.uint8).reshape(n, CIFAR_RECORD) for path, n in files])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        return record[1:].reshape(3, 32, 32).transpose(1, 2, 0).copy(), np.uint32(record[0])
 
 
 def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
@@ -23,8 +41,11 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
     common = {"num_parallel_workers": workers, "shuffle": training, "num_shards": num_shards,
               "shard_id": shard_id}
-    if source.kind == "cifar10":
+    if source.kind == "cifar10" and split.standard_cifar:
         data = ds.Cifar10Dataset(str(split.path), usage="train" if split_name == "train" else "test", **common)
+    elif source.kind == "cifar10":  # files of other sizes, which MindSpore's CIFAR-10 reader refuses
+        data = ds.GeneratorDataset(CifarRecords(split.cifar_files), column_names=["image", "label"],
+                                   python_multiprocessing=False, **common)
     else:
         class_indexing = {name: i for i, name in enumerate(source.class_names)}
         data = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions),

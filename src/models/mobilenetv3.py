@@ -93,13 +93,13 @@ class MobileNetV3Backbone(nn.Cell):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Kaiming normal (fan-out) for convs, zero biases; BatchNorm starts at gamma 1, beta 0."""
-        rng = np.random.default_rng()
+        """Kaiming normal (fan-out) for convs, zero biases; BatchNorm starts at gamma 1, beta 0. numpy's global
+        generator draws the weights, so --seed (device.set_seed) fixes them."""
         for _, cell in self.cells_and_names():
             if isinstance(cell, nn.Conv2d):
                 shape = cell.weight.shape
                 fan_out = shape[0] * shape[2] * shape[3]
-                cell.weight.set_data(Tensor(rng.normal(0, math.sqrt(2.0 / fan_out), shape).astype(np.float32)))
+                cell.weight.set_data(Tensor(np.random.normal(0, math.sqrt(2.0 / fan_out), shape).astype(np.float32)))
                 if cell.has_bias:
                     cell.bias.set_data(Tensor(np.zeros(cell.bias.shape, np.float32)))
 
