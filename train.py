@@ -3,7 +3,7 @@
 Examples:
   python train.py --config_path configs/mobilenetv2_imagenet.yaml --dataset_path /data/imagenet
   python train.py --config_path configs/resnet50_cifar10.yaml --dataset_path /data/cifar10 --amp_level O2
-  python train.py --resume_ckpt output/checkpoint/mobilenetv2-10_44.ckpt --epoch_size 20
+  python train.py --resume_ckpt output/checkpoint/mobilenetv2-10_44.ckpt   # continue a killed run (same config)
 """
 from __future__ import annotations
 

@@ -143,9 +143,6 @@ class Config:
         if self.lr_init > self.lr_max and self.warmup_epochs > 0:
             raise UserError(f"lr_init {self.lr_init} is above lr_max {self.lr_max} "
                             "(warmup rises from lr_init to lr_max; lower --lr_init)")
-        if self.warmup_epochs >= self.epoch_size and self.warmup_epochs > 0:
-            raise UserError(f"warmup_epochs {self.warmup_epochs} must be below epoch_size {self.epoch_size} "
-                            "(lower --warmup_epochs or raise --epoch_size)")
         if self.model.startswith("resnet") and self.width != 1.0:
             raise UserError(f"width applies to the MobileNets only (drop --width for {self.model})")
         if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):

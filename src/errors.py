@@ -1,14 +1,30 @@
 """User-facing errors and the entry-point wrapper that turns them into one line and exit code 2."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class UserError(Exception):
     """Something the user can fix: a bad path, value, checkpoint or device. Message: 'what (how to fix)'."""
+
+
+def writable_folder(path: Path, what: str, flag: str) -> None:
+    """Create folder `path` (and parents) or raise UserError saying why it cannot be used and which flag to change."""
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{what} {path} cannot be created: {parent} is a file (pass another {flag})")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{what} {path} is not writable ({exc.strerror}; pass a writable {flag})") from None
 
 
 class Interrupted(Exception):

@@ -125,14 +125,18 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_imagenet_config_with_overrides(tmp_path):
-    """A user's own photo folder with the ImageNet recipe, scaled down by flags."""
+    """A user's own photo folder with the ImageNet recipe, scaled down by flags: a one-epoch trial run keeps the
+    recipe's warmup (clamped to the run, with a warning)."""
     data = make_imagefolder(tmp_path / "photos", size=(40, 30))
+    at = TINY_TRAIN.index("--warmup_epochs")
+    tiny_with_the_recipes_warmup = TINY_TRAIN[:at] + TINY_TRAIN[at + 2:]
     # on CPU the recipe's own comment says --amp_level O0: float16 on CPU is slower, and this tiny net's depthwise
     # weights reach nan at O2 (the run then ends as a divergence naming --amp_level O0: tests/test_failures.py)
     proc = run_cli("train.py", "--config_path", "configs/mobilenetv2_imagenet.yaml", "--dataset_path", str(data),
                    "--platform", "CPU", "--amp_level", "O0", "--output_path", str(tmp_path / "o"), "--epoch_size", "1",
-                   *TINY_TRAIN)
+                   *tiny_with_the_recipes_warmup)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "UserWarning: warmup_epochs 4 is not below epoch_size 1: the whole run warms up" in proc.stdout
     assert (tmp_path / "o" / "checkpoint" / "best.ckpt").is_file()
     log = (tmp_path / "o" / "train.log").read_text()
     assert "amp O0" in log and "image 32 px" in log and "2 classes" in log

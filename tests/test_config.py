@@ -103,7 +103,6 @@ def test_other_bool_words_are_refused(word):
     (["--model", "vgg16"], r"choose from mobilenetv2, mobilenetv3_large, mobilenetv3_small, resnet50, resnet101"),
     (["stray"], r"unexpected argument 'stray'"),
     (["--config_path", "nope.yaml"], r"config file nope.yaml not found"),
-    (["--warmup_epochs", "40", "--epoch_size", "30"], r"warmup_epochs 40.0 must be below epoch_size 30"),
     (["--model", "resnet50", "--width", "0.5"], r"width applies to the MobileNets only"),
     # non-finite numbers in any float key would train to nan (or silently switch a check off)
     (["--lr_max", "nan"], r"--lr_max got 'nan' \(use a finite number: peak learning rate"),

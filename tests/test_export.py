@@ -116,3 +116,42 @@ def test_eval_takes_the_model_settings_from_the_checkpoint(trained, tmp_path):
                    "--num_parallel_workers", "1", "--image_size", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"image_size 64: {ckpt} was trained at 32 px; its accuracy at another size may differ" in proc.stdout
+
+
+def test_an_export_that_does_not_reproduce_the_net_fails_and_keeps_the_earlier_file(trained, tmp_path, monkeypatch):
+    from mindspore import nn
+
+    import src.deploy.export as export
+    from src.config import load_config
+    from src.errors import UserError
+
+    earlier = tmp_path / "m.mindir"
+    earlier.write_bytes(b"an earlier export")
+    real_graph_cell = nn.GraphCell
+
+    class OffByOne:  # a MINDIR whose outputs are all 1 off: what a broken export looks like
+        def __init__(self, graph):
+            self.cell = real_graph_cell(graph)
+
+        def __call__(self, x):
+            return self.cell(x) + 1
+
+    monkeypatch.setattr(export.nn, "GraphCell", OffByOne)
+    cfg = load_config(["--output_path", str(trained.out), "--file_format", "MINDIR", "--file_name",
+                       str(tmp_path / "m"), *TINY_NET])
+    with pytest.raises(export.ExportMismatch, match=rf"the exported MINDIR model differs from the MindSpore net by 1 "
+                                                    rf"\(more than 0.0001\), so {re.escape(str(earlier))} was not "
+                                                    r"written \(an export bug"):
+        export.export_model(cfg)
+    assert earlier.read_bytes() == b"an earlier export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.mindir"]
+    assert issubclass(export.ExportMismatch, UserError)  # one line, exit 2
+
+
+def test_file_name_under_a_file_is_one_line(trained, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    proc = run_cli("export.py", "--output_path", str(trained.out), "--file_format", "MINDIR", "--file_name",
+                   str(blocker / "m"), *TINY_NET)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: the folder of file_name {blocker} cannot be created: {blocker} is a file "
+                                   "(pass another --file_name)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_TRAIN, run_cli, with_flags
+from conftest import PADDLE_LINE, ROOT, TINY_TRAIN, run_cli, with_flags
 
 from src.engine.checkpoint import read_checkpoint
 
@@ -166,3 +166,167 @@ def test_a_resumed_run_replaces_best_ckpt_only_with_a_better_epoch(trained, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert best.read_bytes() == kept
     assert "best val top1: 1.0000" in proc.stdout
+
+
+def test_a_damaged_checkpoint_is_refused_by_its_checksum(trained, tmp_path):
+    from src.errors import UserError
+
+    damaged = tmp_path / "best.ckpt"
+    data = bytearray((trained.out / "checkpoint" / "best.ckpt").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 8] = b"\x00\x01\x02\x03\x04\x05\x06\x07"  # inside a weight tensor
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"is damaged: its CRC32 checksum does not match its contents"):
+        read_checkpoint(damaged)
+    proc = run_cli("eval.py", "--dataset_path", str(trained.data), "--ckpt_file", str(damaged))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: pretrain_ckpt {damaged} is damaged: its CRC32 checksum does not match its "
+                                   "contents (it was changed or cut after it was saved; use another checkpoint, e.g. "
+                                   "an earlier <model>-<epoch>_<step>.ckpt of the run)")
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
+    import mindspore as ms
+    from mindspore import nn
+
+    path = tmp_path / "foreign.ckpt"
+    ms.save_checkpoint(nn.Dense(4, 3), str(path), append_dict={"epoch_num": 3})  # as other tools write them
+    params, meta = read_checkpoint(path)
+    assert sorted(params) == ["bias", "weight"] and meta.epoch_num == 3
+
+
+def _resume(trained, out: Path, ckpt: str, *flags: str, data: Path | None = None) -> subprocess.CompletedProcess:
+    return run_cli("train.py", "--dataset_path", str(data or trained.data), "--output_path", str(out),
+                   "--resume_ckpt", str(out / "checkpoint" / ckpt),
+                   *with_flags(TINY_TRAIN, **{"epoch_size": 2, **dict(zip(flags[::2], flags[1::2]))}))
+
+
+def test_resume_refuses_a_changed_schedule_naming_the_key_and_the_checkpoints_value(trained, earlier_run):
+    from src.config import load_config
+    from src.engine.weights import check_same_schedule
+    from src.errors import UserError
+
+    out, before = earlier_run
+    ckpt = out / "checkpoint" / "mobilenetv2-1_3.ckpt"
+
+    def message(key, value, shown):
+        return (f"resume_ckpt {ckpt} was trained with --{key} {shown} but this run has {value} (a resumed run keeps "
+                f"its learning-rate schedule: pass --{key} {shown}, or start a new run from its weights with "
+                f"--pretrain_ckpt {ckpt})")
+
+    proc = _resume(trained, out, ckpt.name, "batch_size", "2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: " + message("batch_size", "2", "4")
+    _assert_kept(out, before)
+    meta = read_checkpoint(ckpt)[1]
+    for key, value, shown in (("lr_max", "0.1", "0.05"), ("lr_decay_mode", "steps", "cosine"),
+                              ("warmup_epochs", "1", "0"), ("lr_end", "0.001", "0"), ("lr_init", "0.01", "0")):
+        cfg = load_config(with_flags(TINY_TRAIN, epoch_size=2, **{key: value}))
+        with pytest.raises(UserError) as err:
+            check_same_schedule(meta, cfg, ckpt)
+        assert str(err.value) == message(key, value, shown)
+    check_same_schedule(meta, load_config(with_flags(TINY_TRAIN, epoch_size=2)), ckpt)  # the same schedule passes
+
+
+def test_a_run_is_extended_by_a_new_run_from_its_weights_at_its_last_lr(trained, earlier_run, tmp_path):
+    out, before = earlier_run
+    ckpt = out / "checkpoint" / "mobilenetv2-1_3.ckpt"
+    proc = _resume(trained, out, ckpt.name, "epoch_size", "4")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    match = re.fullmatch(rf"error: resume_ckpt {re.escape(str(ckpt))} was trained with --epoch_size 2 but this run "
+                         r"has 4 \(a resumed run keeps its learning-rate schedule: pass --epoch_size 2; to train "
+                         r"further, start a new run from its weights, continuing its LR: python train.py "
+                         rf"--pretrain_ckpt {re.escape(str(ckpt))} --lr_max (\S+) --warmup_epochs 0 --epoch_size "
+                         r"<more epochs> --output_path <another folder>\)", line)
+    assert match, line
+    _assert_kept(out, before)
+    # the LR the first run reached at the end of epoch 1 is where the documented extension starts
+    first_run_lr = {m[:2]: float(m[2]) for m in PADDLE_LINE.findall(trained.proc.stdout)}
+    extended = run_cli("train.py", "--dataset_path", str(trained.data), "--output_path", str(tmp_path / "more"),
+                       "--pretrain_ckpt", str(ckpt), *with_flags(TINY_TRAIN, lr_max=match.group(1), epoch_size=1,
+                                                                 run_eval="False"))
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    assert "loaded 262 parameters, dropped 0 classifier parameters, 0 left at init" in extended.stdout
+    lr_start = float(PADDLE_LINE.findall(extended.stdout)[0][2])
+    assert lr_start == pytest.approx(float(match.group(1)), abs=1e-5)
+    assert abs(lr_start - first_run_lr[("2", "0")]) < 0.25 * first_run_lr[("1", "0")]  # no jump back to lr_max
+
+
+def test_resume_refuses_another_number_of_steps_per_epoch(trained, earlier_run, tmp_path):
+    out, before = earlier_run
+    data = tmp_path / "more_data"
+    shutil.copytree(trained.data, data)
+    for i in range(4):  # 4 more training images: 4 steps of 4 per epoch instead of 3
+        shutil.copy(next((data / "train" / "cat").iterdir()), data / "train" / "cat" / f"extra{i}.png")
+    ckpt = out / "checkpoint" / "mobilenetv2-1_3.ckpt"
+    proc = _resume(trained, out, ckpt.name, data=data)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: resume_ckpt {ckpt} was trained with 3 steps per epoch but this run has "
+                                   "4 (on 1 device): the training set or the number of devices changed (resume with "
+                                   f"the same data and devices, or start a new run from its weights with "
+                                   f"--pretrain_ckpt {ckpt})")
+    kept = {k: v for k, v in before.items() if k != "train.log"}
+    assert {k: v for k, v in _files(out).items() if k in kept} == kept
+    assert (out / "train.log").read_bytes().startswith(before["train.log"])  # the attempt is appended to the log
+
+
+# train.py with a fault injected into MindSpore's checkpoint writer, as a disk or a kill would cause it
+FAULTY_TRAIN = """
+import errno, os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+import mindspore as ms
+real_save = ms.save_checkpoint
+
+def faulty_save(obj, path, *args, **kwargs):
+    if {fault!r} == "enospc" and {target!r} in os.path.basename(path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    real_save(obj, path, *args, **kwargs)
+    if {fault!r} == "kill" and {target!r} in os.path.basename(path):
+        with open(path, "r+b") as f:  # the file is half written when the process dies
+            f.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ms.save_checkpoint = faulty_save
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
+"""
+
+
+def _faulty_training(trained, out: Path, tmp_path: Path, fault: str, target: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "faulty_train.py"
+    script.write_text(FAULTY_TRAIN.format(root=str(ROOT), fault=fault, target=target))
+    return run_cli(str(script), "--dataset_path", str(trained.data), "--output_path", str(out), "--epoch_size", "2",
+                   "--save_checkpoint_epochs", "1", *TINY_TRAIN)
+
+
+def test_a_full_disk_in_the_first_epochs_outputs_keeps_the_earlier_run(trained, earlier_run, tmp_path):
+    out, before = earlier_run
+    # the periodic checkpoint is the last of the first epoch's files: best.ckpt, metrics.csv and curves.png of this
+    # run are written by then, and the earlier run's files are set aside
+    proc = _faulty_training(trained, out, tmp_path, "enospc", "mobilenetv2-1_")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    ckpt = out / "checkpoint" / "mobilenetv2-1_3.ckpt"
+    assert proc.stderr.strip() == (f"error: cannot write {ckpt}: no space left on the device (free some space or pass "
+                                   "another --output_path); the earlier file, if any, is unchanged")
+    assert "this run ended in its first epoch: the earlier run in" in proc.stdout
+    _assert_kept(out, before)
+    assert not list(out.rglob(".tmp-*")) and not (out / ".earlier-run").exists()
+
+
+def test_a_kill_9_while_writing_a_checkpoint_keeps_the_earlier_run(trained, earlier_run, tmp_path):
+    from src.config import load_config
+    from src.engine.run_folder import RunFolder
+    from src.logs import attach_log_file
+
+    out, before = earlier_run
+    proc = _faulty_training(trained, out, tmp_path, "kill", "mobilenetv2-1_")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / ".earlier-run" / "MANIFEST").is_file()  # killed between setting the earlier run aside and settling
+    assert list((out / "checkpoint").glob(".tmp-*"))  # with a half-written checkpoint
+    # the next run into the folder puts the earlier run back as it opens it
+    folder = RunFolder(load_config(["--output_path", str(out), *TINY_TRAIN]), resuming=False)
+    folder.open()
+    folder.close()
+    attach_log_file(tmp_path / "unused.log")  # let go of the folder's log
+    _assert_kept(out, before)
+    assert not list(out.rglob(".tmp-*")) and not (out / ".earlier-run").exists()

@@ -15,7 +15,7 @@ from src.config import Config
 from src.data.checks import check_dataset
 from src.data.feature_cache import cache_key
 from src.engine.checkpoint import read_checkpoint, save_checkpoint
-from src.engine.weights import load_pretrained, read_pretrained
+from src.engine.weights import load_pretrained, read_pretrained, warn_if_other_classes
 from src.errors import UserError
 from src.models import create_model
 
@@ -63,6 +63,21 @@ def test_same_classes_without_filter_loads_everything(tmp_path):
     report = load_pretrained(net, params, meta, path, Config(num_classes=3, **SMALL))
     assert report.left_at_init == [] and report.dropped == []
     np.testing.assert_array_equal(_values(net)["head.1.weight"], params["head.1.weight"].asnumpy())
+
+
+def test_other_classes_of_the_same_count_warn_naming_filter_head(tmp_path, caplog):
+    path = _save(tmp_path, 3)  # classes c0, c1, c2
+    meta = read_checkpoint(path)[1]
+    cfg = Config(num_classes=3, pretrain_ckpt=str(path), **SMALL)
+    with caplog.at_level("WARNING", logger="train"):
+        assert not warn_if_other_classes(meta, ["c0", "c1", "c2"], path, cfg)
+        assert not warn_if_other_classes(meta, ["ant", "bee", "cat"], path, Config(**{**cfg.to_dict(),
+                                                                                      "filter_head": True}))
+        assert not caplog.text
+        assert warn_if_other_classes(meta, ["ant", "bee", "cat"], path, cfg)
+    assert (f"UserWarning: pretrain_ckpt {path} was trained on other classes (c0, c1, c2) than this data set's (ant, "
+            "bee, cat): its classifier is reused as it is, so pass --filter_head True to train a new one"
+            ) in caplog.text
 
 
 def test_class_mismatch_without_filter_head_suggests_it(tmp_path):

@@ -171,7 +171,7 @@ class BestCheckpoint:
                 self.floor is None or record.val_top1 > self.floor):
             self.floor = None
             save_checkpoint(self.net, self.path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step,
-                                                  "val_top1": record.val_top1})
+                                                  "lr": record.lr, "val_top1": record.val_top1})
 
 
 class MetricsFiles:
@@ -204,7 +204,8 @@ class PeriodicCheckpoints:
             return
         steps_per_epoch = record.step // record.epoch
         path = self.directory / f"{self.prefix}-{record.epoch}_{steps_per_epoch}.ckpt"
-        save_checkpoint(self.params, path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step})
+        save_checkpoint(self.params, path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step,
+                                            "lr": record.lr})
         for old in periodic_checkpoints(self.directory, self.prefix)[:-self.keep]:
             old.unlink()
         if self.on_saved is not None:

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic saves with metadata, reading them back, loading parameters with checked shapes."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,8 +15,11 @@ import numpy as np
 
 from src.errors import UserError
 
+# the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
+SCHEDULE_KEYS = ("batch_size", "epoch_size", "lr_decay_mode", "lr_init", "lr_max", "lr_end", "warmup_epochs",
+                 "steps_per_epoch")
 META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
-             "pact_quant")
+             "pact_quant", "lr", *SCHEDULE_KEYS)
 OPTIMIZER_MARKERS = ("moments.", "global_step")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
 
@@ -33,6 +37,15 @@ class CheckpointMeta:
     class_names: list[str] | None = None
     val_top1: float | None = None
     pact_quant: bool | None = None
+    lr: float | None = None  # the learning rate of the epoch's last step
+    batch_size: int | None = None
+    epoch_size: int | None = None
+    lr_decay_mode: str | None = None
+    lr_init: float | None = None
+    lr_max: float | None = None
+    lr_end: float | None = None
+    warmup_epochs: float | None = None
+    steps_per_epoch: int | None = None
 
 
 class NonFiniteParameter(UserError):
@@ -65,7 +78,7 @@ def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     append = {k: (json.dumps(v) if k == "class_names" else v) for k, v in meta.items() if v is not None}
     try:
-        ms.save_checkpoint(obj, str(tmp), append_dict=append)
+        ms.save_checkpoint(obj, str(tmp), append_dict=append, crc_check=True)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
@@ -85,14 +98,21 @@ def write_error(path: Path, exc: Exception) -> UserError:
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, CheckpointMeta]:
-    """Parameters and metadata of a checkpoint file; UserError if it is missing or not a checkpoint."""
+    """Parameters and metadata of a checkpoint file; UserError if it is missing, not a checkpoint, or damaged
+    (files saved with a CRC32, as all of this package's are, are verified)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} not found (check the path; training writes "
                         "output_path/checkpoint/best.ckpt and <model>-<epoch>_<step>.ckpt)")
+    crc = has_crc(path)
     try:
-        raw = ms.load_checkpoint(str(path))
+        with _mindspore_log_muted():  # its own ERROR line for a CRC mismatch blames permissions; ours says it all
+            raw = ms.load_checkpoint(str(path), crc_check=crc)
     except (ValueError, RuntimeError, TypeError, OSError) as exc:
+        if crc:
+            raise UserError(f"{what} {path} is damaged: its CRC32 checksum does not match its contents (it was "
+                            "changed or cut after it was saved; use another checkpoint, e.g. an earlier "
+                            "<model>-<epoch>_<step>.ckpt of the run)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{what} {path} is not a readable MindSpore checkpoint: {first[:200]} "
                         "(pass a .ckpt file written by MindSpore)") from None
@@ -106,6 +126,34 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, C
         else:
             params[name] = value
     return params, meta
+
+
+@contextlib.contextmanager
+def _mindspore_log_muted():
+    from mindspore import log as ms_log
+
+    logger = ms_log._get_logger()  # noqa: SLF001 - MindSpore's Python log has no public handle
+    was, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
+CRC_MARKER = b"crc_num"  # MindSpore's crc_check=True ends the file with b"crc_num" + 10 bytes of CRC32
+
+
+def has_crc(path: Path) -> bool:
+    """Whether the file was saved with MindSpore's crc_check (all of this package's are; foreign ones may not be)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(CRC_MARKER) + 10:
+                return False
+            f.seek(-(len(CRC_MARKER) + 10), os.SEEK_END)
+            return f.read(len(CRC_MARKER)) == CRC_MARKER
+    except OSError:
+        return False
 
 
 def has_optimizer_state(params: dict) -> bool:

@@ -21,13 +21,19 @@ from src.data.feature_cache import cached_features, feature_datasets
 from src.data.pipeline import create_dataset
 from src.device import RankInfo, amp_speed_warning, setup_device
 from src.engine.callbacks import BestCheckpoint, EpochEnd, Evaluator, MetricsFiles, PeriodicCheckpoints, TrainMonitor
-from src.engine.checkpoint import NOT_RESTORED, load_into, periodic_checkpoints, read_checkpoint
+from src.engine.checkpoint import NOT_RESTORED, SCHEDULE_KEYS, load_into, periodic_checkpoints, read_checkpoint
 from src.engine.history import History, read_metrics
 from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
 from src.engine.run_folder import RunFolder
 from src.engine.train_step import build_train_step
-from src.engine.weights import load_pretrained, read_pretrained, read_resume
+from src.engine.weights import (
+    check_same_steps,
+    load_pretrained,
+    read_pretrained,
+    read_resume,
+    warn_if_other_classes,
+)
 from src.errors import Interrupted, UserError
 from src.models.common import HeadOnFeatures
 from src.models.registry import net_from_config
@@ -53,6 +59,8 @@ def train(cfg: Config) -> TrainResult:
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
     resume = read_resume(cfg) if cfg.resume_ckpt else None
     pretrain = read_pretrained(cfg) if cfg.pretrain_ckpt and not resume else None
+    if pretrain:
+        warn_if_other_classes(pretrain[1], source.class_names, Path(cfg.pretrain_ckpt), cfg)
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
     _check_batch_size(cfg, source, ranks)
     folder = RunFolder(cfg, resuming=bool(resume)) if ranks.is_main else None  # only rank 0 writes outputs
@@ -60,6 +68,10 @@ def train(cfg: Config) -> TrainResult:
         folder.open()
     try:
         return _train(cfg, source, resume, pretrain, ranks, folder, start)
+    except BaseException:
+        if folder:
+            folder.abort()
+        raise
     finally:
         if folder:
             folder.close()
@@ -70,6 +82,10 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     warning = amp_speed_warning(cfg)
     if warning and ranks.is_main:
         log.warning("UserWarning: %s", warning)
+    if cfg.warmup_epochs >= cfg.epoch_size > 0 and cfg.warmup_epochs > 0 and ranks.is_main:
+        log.warning("UserWarning: warmup_epochs %g is not below epoch_size %d: the whole run warms up from lr_init "
+                    "%g towards lr_max %g and never decays (fine for a trial run; for a real run raise --epoch_size)",
+                    cfg.warmup_epochs, cfg.epoch_size, cfg.lr_init, cfg.lr_max)
 
     net = net_from_config(cfg)
     if resume:
@@ -78,6 +94,8 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
         load_pretrained(net, *pretrain, Path(cfg.pretrain_ckpt), cfg)
     train_ds, val_ds, trainable = _datasets(cfg, source, net, ranks)
     steps = train_ds.get_dataset_size()
+    if resume:
+        check_same_steps(resume[1], steps, Path(cfg.resume_ckpt), ranks.group_size)
     lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
                            cfg.epoch_size, steps)
     train_step, eval_net = build_train_step(trainable, cfg, lr)
@@ -100,7 +118,8 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     monitor = TrainMonitor(lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
                            fingerprint_data=ranks.group_size > 1)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size) if val_ds is not None else None
-    outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, bool(resume))] if folder else []
+    outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume)),
+               folder.settle] if folder else []
     try:
         model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
                     dataset_sink_mode=False, initial_epoch=initial_epoch)
@@ -129,8 +148,9 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
 
 
 def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path | None:
-    """The newest periodic checkpoint, unless it still belongs to an earlier run (before the first commit)."""
-    if folder is not None and not folder.committed:
+    """The newest periodic checkpoint, unless it still belongs to an earlier run, or this fresh run has not yet
+    written all of its first epoch's files (a failure then puts the earlier run back)."""
+    if folder is not None and not folder.settled:
         return None
     last = periodic_checkpoints(Path(cfg.output_path) / "checkpoint", cfg.model)
     return last[-1] if last else None
@@ -159,7 +179,7 @@ def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo):
 
 
 def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell, train_step: nn.Cell,
-                   resuming: bool) -> list:
+                   steps_per_epoch: int, resuming: bool) -> list:
     """What rank 0 writes after each epoch, in this order: best.ckpt, metrics.csv + curves.png, the periodic
     checkpoint (an upload after it, on ModelArts, carries the others). A resumed run's best.ckpt is replaced only
     by a better epoch than the one it holds."""
@@ -167,7 +187,9 @@ def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell
     best = ckpt_dir / "best.ckpt"
     floor = read_checkpoint(best, "best.ckpt")[1].val_top1 if resuming and best.is_file() else None
     meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
-            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant}
+            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant,
+            **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
+            "steps_per_epoch": steps_per_epoch}
     return [BestCheckpoint(net, best, meta, floor),
             MetricsFiles(out / "metrics.csv", out / "curves.png"),
             PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,

@@ -2,10 +2,14 @@
 
 A fresh run into a folder that holds an earlier run's files (checkpoints, train.log, config.yaml, metrics.csv,
 curves.png) changes none of them until its first epoch has ended: until then it logs to train.new.log. At the end
-of the first epoch (before anything else is written) it commits: the earlier run's checkpoints are deleted,
-train.new.log becomes train.log and config.yaml is written. A run that fails, diverges or is killed before that
-leaves the earlier run exactly as it was (and its own log in train.new.log). A resumed run continues its own
-files. A lock (output_path/.lock, holding the PID) refuses a second run into the same folder.
+of the first epoch (before anything else is written) it commits: the earlier run's files are moved aside into
+output_path/.earlier-run/ (a manifest first, then one rename per file), train.new.log becomes train.log and
+config.yaml is written. When the first epoch's outputs (best.ckpt, metrics, the periodic checkpoint) are all
+written, the run settles: the manifest is deleted, then the earlier files. A run that fails, diverges or is
+interrupted before it settles puts the earlier run back byte for byte (its own log stays in train.new.log); a run
+killed with SIGKILL in that window is put back by the next run into the folder. A resumed run appends to train.log
+and rewrites config.yaml at the end of its first epoch. A lock (output_path/.lock, holding the PID) refuses a
+second run into the same folder.
 """
 from __future__ import annotations
 
@@ -13,77 +17,131 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from src.config import Config, save_config
 from src.engine.checkpoint import periodic_checkpoints
 from src.engine.history import EpochRecord, History
-from src.errors import UserError
+from src.errors import UserError, writable_folder
 from src.logs import attach_log_file
 
 log = logging.getLogger("train")
 STAGED_LOG = "train.new.log"
 
 
-def _writable_folder(path: Path, what: str) -> None:
-    """Create `path` (and parents) or raise UserError saying why it cannot be used."""
-    for parent in (path, *path.parents):
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"{what} {path} cannot be created: {parent} is a file (pass another --output_path)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"{what} {path} is not writable ({exc.strerror}; pass a writable --output_path)") from None
+ASIDE = ".earlier-run"
+MANIFEST = "MANIFEST"
+RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "curves.png")
 
 
 class RunFolder:
-    """Lock, staged log and the commit of a fresh run over an earlier one."""
+    """Lock, staged log, and the commit of a fresh run over an earlier one (with the way back)."""
 
     def __init__(self, cfg: Config, resuming: bool):
         self.cfg, self.resuming = cfg, resuming
         self.path = Path(cfg.output_path)
         self.ckpt_dir = self.path / "checkpoint"
-        self.committed = resuming
+        self.aside = self.path / ASIDE
+        self.committed = self.settled = resuming
+        self._config_written = False
         self._lock_fd: int | None = None
 
     def open(self) -> None:
         """Take the lock, create the folders and start the log (train.log when resuming, else train.new.log)."""
-        _writable_folder(self.path, "output_path")
+        writable_folder(self.path, "output_path", "--output_path")
         self.ckpt_dir.mkdir(exist_ok=True)
         self._lock()
         for stale in [*self.path.glob(".tmp-*"), *self.ckpt_dir.glob(".tmp-*")]:  # left by a killed run
             stale.unlink()
+        if self.aside.is_dir():  # a run was killed between its commit and settling, or while settling
+            restored = self._restore()
+            if restored:
+                log.warning("%s: put back the earlier run that a killed run had set aside (%d files)", self.path,
+                            restored)
         if self.resuming:
             attach_log_file(self.path / "train.log", append=True)
-            save_config(self.cfg, self.path / "config.yaml")
         else:
             attach_log_file(self.path / STAGED_LOG)
             if self.earlier_run():
                 log.info("%s holds an earlier run; it is kept until this run has finished its first epoch (this "
                          "run logs to %s until then)", self.path, STAGED_LOG)
 
-    def earlier_run(self) -> list[Path]:
-        """The earlier run's checkpoints, which a committed fresh run replaces."""
+    def run_files(self) -> list[Path]:
+        """The files a run of this model writes here (but the staged log): what a fresh run replaces."""
         best = self.ckpt_dir / "best.ckpt"
-        return periodic_checkpoints(self.ckpt_dir, self.cfg.model) + ([best] if best.exists() else [])
+        return [p for p in (*(self.path / name for name in RUN_FILES), best) if p.is_file()] + \
+            periodic_checkpoints(self.ckpt_dir, self.cfg.model)
+
+    def earlier_run(self) -> list[Path]:
+        """The earlier run's checkpoints."""
+        return [p for p in self.run_files() if p.parent == self.ckpt_dir]
 
     def commit(self, record: EpochRecord, history: History) -> None:
-        """Epoch output, first in the list: at the first epoch's end, replace the earlier run by this one."""
+        """Epoch output, first in the list: at the first epoch's end, set the earlier run aside for this one."""
         if self.committed:
+            if not self._config_written:  # a resumed run
+                save_config(self.cfg, self.path / "config.yaml")
+                self._config_written = True
             return
-        stale = self.earlier_run()
-        if stale:
+        earlier = self.run_files()
+        if self.earlier_run():
             log.warning("replacing the earlier run in %s (%d checkpoints); use --output_path to keep runs apart, "
-                        "or --resume_ckpt to continue one", self.path, len(stale))
-        for path in stale:
-            path.unlink()
+                        "or --resume_ckpt to continue one", self.path, len(self.earlier_run()))
+        if earlier:
+            names = [str(p.relative_to(self.path)) for p in earlier]
+            (self.aside / "checkpoint").mkdir(parents=True, exist_ok=True)
+            tmp = self.aside / f".tmp-{MANIFEST}"
+            tmp.write_text("".join(f"{name}\n" for name in names))
+            os.replace(tmp, self.aside / MANIFEST)  # from here on, a failure puts these back
+            self.committed = True
+            for name in names:
+                os.replace(self.path / name, self.aside / name)
+        self.committed = True
         os.replace(self.path / STAGED_LOG, self.path / "train.log")  # the log handler keeps writing to it
         save_config(self.cfg, self.path / "config.yaml")
-        self.committed = True
+        self._config_written = True
 
+    def settle(self, record: EpochRecord, history: History) -> None:
+        """Epoch output, last in the list: the first epoch's files are all written, so the earlier run goes."""
+        if self.settled:
+            return
+        self.settled = True
+        if self.aside.is_dir():
+            (self.aside / MANIFEST).unlink(missing_ok=True)  # first: without it nothing is ever put back
+            shutil.rmtree(self.aside, ignore_errors=True)
+
+    def abort(self) -> None:
+        """The run failed or was interrupted: before it settled, put the earlier run back."""
+        if self.committed and not self.settled and not self.resuming and self.aside.is_dir():
+            try:
+                restored = self._restore()
+            except OSError as exc:  # the next run into the folder tries again
+                log.warning("could not put the earlier run in %s back yet (%s); the next run into it will", self.path,
+                            exc)
+                return
+            log.warning("this run ended in its first epoch: the earlier run in %s was put back (%d files); this "
+                        "run's log is %s", self.path, restored, self.path / STAGED_LOG)
+
+    def _restore(self) -> int:
+        """Undo a commit from the manifest (idempotent, so a run killed while restoring is finished by the next):
+        this run's files go (its log becomes train.new.log), the earlier run's files come back."""
+        manifest = self.aside / MANIFEST
+        if not manifest.is_file():  # settled: the earlier files were being deleted
+            shutil.rmtree(self.aside, ignore_errors=True)
+            return 0
+        names = [line for line in manifest.read_text().splitlines() if line]
+        if (self.aside / "train.log").is_file() and (self.path / "train.log").is_file():
+            os.replace(self.path / "train.log", self.path / STAGED_LOG)
+        for path in self.run_files():
+            if str(path.relative_to(self.path)) not in names:
+                path.unlink()
+        for name in names:
+            if (self.aside / name).is_file():
+                os.replace(self.aside / name, self.path / name)
+        manifest.unlink()
+        shutil.rmtree(self.aside, ignore_errors=True)
+        return len(names)
     def _lock(self) -> None:
         path = self.path / ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import Config, given_on_command_line
 from src.engine.checkpoint import (
+    SCHEDULE_KEYS,
     CheckpointMeta,
     best_checkpoint,
     has_optimizer_state,
@@ -81,6 +83,22 @@ def read_pretrained(cfg: Config) -> tuple[dict, CheckpointMeta]:
     return params, meta
 
 
+def warn_if_other_classes(meta: CheckpointMeta, class_names: list[str], path: Path, cfg: Config) -> bool:
+    """Warn when a fine-tuning checkpoint's classifier, kept because the class count fits, was trained on other
+    classes than the data set's (its outputs would be read as the wrong classes). Returns whether it warned."""
+    if cfg.filter_head or not meta.class_names or meta.class_names == list(class_names) or \
+            len(meta.class_names) != len(class_names):
+        return False
+
+    def show(names):
+        return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+    log.warning("UserWarning: pretrain_ckpt %s was trained on other classes (%s) than this data set's (%s): its "
+                "classifier is reused as it is, so pass --filter_head True to train a new one", path,
+                show(meta.class_names), show(list(class_names)))
+    return True
+
+
 def read_resume(cfg: Config) -> tuple[dict, CheckpointMeta]:
     """The --resume_ckpt file: a periodic checkpoint of this config with optimizer state and epochs left to run."""
     path = Path(cfg.resume_ckpt)
@@ -89,10 +107,45 @@ def read_resume(cfg: Config) -> tuple[dict, CheckpointMeta]:
     if not has_optimizer_state(params) or meta.epoch_num is None:
         raise UserError(f"resume_ckpt {path} has no optimizer state or epoch (resume from a periodic checkpoint "
                         f"checkpoint/{cfg.model}-<epoch>_<step>.ckpt; to start from weights use --pretrain_ckpt)")
+    check_same_schedule(meta, cfg, path)
     if meta.epoch_num >= cfg.epoch_size:
         raise UserError(f"resume_ckpt {path} already finished epoch {meta.epoch_num} of epoch_size "
-                        f"{cfg.epoch_size} (raise --epoch_size to train further)")
+                        f"{cfg.epoch_size} (to train further, {extend_hint(meta, path)})")
     return params, meta
+
+
+def extend_hint(meta: CheckpointMeta, path: Path) -> str:
+    """How to train on from a checkpoint without an LR jump: a new run from its weights, starting at its LR."""
+    lr = f" --lr_max {meta.lr:.6g}" if meta.lr is not None else ""
+    return (f"start a new run from its weights, continuing its LR: python train.py --pretrain_ckpt {path}{lr} "
+            "--warmup_epochs 0 --epoch_size <more epochs> --output_path <another folder>")
+
+
+def check_same_schedule(meta: CheckpointMeta, cfg: Config, path: Path) -> None:
+    """A resumed run continues the checkpoint's learning-rate curve, so every key that shapes it must be the same
+    (the optimizer's global step indexes a curve built from them). Keys an older checkpoint lacks are not checked."""
+    for key in SCHEDULE_KEYS:
+        have = getattr(meta, key)
+        if key == "steps_per_epoch" or have is None:
+            continue
+        want = getattr(cfg, key)
+        same = have == want if isinstance(have, str) else math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-12)
+        if same:
+            continue
+        shown, now = (v if isinstance(v, str) else f"{v:.6g}" for v in (have, want))
+        how = (f"pass --{key} {shown}; to train further, {extend_hint(meta, path)}" if key == "epoch_size" else
+               f"pass --{key} {shown}, or start a new run from its weights with --pretrain_ckpt {path}")
+        raise UserError(f"resume_ckpt {path} was trained with --{key} {shown} but this run has {now} (a resumed "
+                        f"run keeps its learning-rate schedule: {how})")
+
+
+def check_same_steps(meta: CheckpointMeta, steps_per_epoch: int, path: Path, group_size: int) -> None:
+    """The steps per epoch of a resumed run must be the checkpoint's (same data, batch size and device count)."""
+    if meta.steps_per_epoch is not None and meta.steps_per_epoch != steps_per_epoch:
+        raise UserError(f"resume_ckpt {path} was trained with {meta.steps_per_epoch} steps per epoch but this run "
+                        f"has {steps_per_epoch} (on {group_size} device{'s' if group_size > 1 else ''}): the "
+                        "training set or the number of devices changed (resume with the same data and devices, or "
+                        f"start a new run from its weights with --pretrain_ckpt {path})")
 
 
 def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Config, Path, dict, CheckpointMeta]:
