@@ -1,10 +1,13 @@
 """Shared fixtures: CPU settings before MindSpore loads, tiny image folders, and a CLI runner."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,6 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")
+# the tests' image-check cache lives and dies with the test session (not in the user's ~/.cache)
+os.environ["CLS_CACHE_DIR"] = tempfile.mkdtemp(prefix="cls-cache-")
+atexit.register(shutil.rmtree, os.environ["CLS_CACHE_DIR"], True)
 
 from src.device import prepare_cpu_environment  # noqa: E402
 

@@ -1,6 +1,8 @@
 """Dataset layouts, the checks that run before compile, and what the pipelines produce."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,98 @@ def test_truncated_image_is_named(tiny_folder, name, fmt, why):
     write_image(path, size=(40, 40), fmt=fmt)
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
     with pytest.raises(UserError, match=rf"{name} is truncated \({why}\)"):
+        check_dataset(_cfg(tiny_folder))
+
+
+def _photo_jpeg(size=(48, 64), seed=0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    arr = np.stack([(x * 3 + y) % 256, (y * 4) % 256, (x * 2 + 50) % 256], -1) + rng.normal(0, 10, (*size, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _damaged(kind: str) -> tuple[str, bytes]:
+    """Files whose signature and end marker look right but whose body is damaged (each crashed MindSpore after the
+    graph compiled, or trained silently on invented pixels, before the decode check)."""
+    import io
+
+    from PIL import Image
+
+    jpeg = _photo_jpeg()
+    rng = np.random.default_rng(1)
+    if kind == "cut_jpeg_with_end_marker":
+        return "a.jpg", jpeg[: len(jpeg) // 2] + b"\xff\xd9"
+    if kind == "garbage_jpeg_body":
+        start = jpeg.index(b"\xff\xda") + 14
+        garbage = rng.integers(0, 255, len(jpeg) - start - 2, dtype=np.uint8).tobytes().replace(b"\xff", b"\x00")
+        return "b.jpg", jpeg[:start] + garbage + b"\xff\xd9"
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buffer, "PNG" if "png" in kind else "BMP")
+    data = buffer.getvalue()
+    if kind == "png_with_half_its_data_cut":
+        end = data.rindex(b"IEND") - 4
+        return "c.png", data[: end // 2] + data[end - 8:]
+    bmp = bytearray(data)
+    bmp[18:22] = (0).to_bytes(4, "little")  # width 0
+    return "d.bmp", bytes(bmp)
+
+
+@pytest.mark.parametrize("kind", ["cut_jpeg_with_end_marker", "garbage_jpeg_body", "png_with_half_its_data_cut",
+                                  "bmp_of_width_0_bmp"])
+def test_an_image_that_does_not_decode_is_named_before_training(tiny_folder, kind):
+    name, data = _damaged(kind)
+    (tiny_folder / "train" / "dog" / name).write_bytes(data)
+    with pytest.raises(UserError, match=rf"train/dog/{re.escape(name)} (is damaged|cannot be decoded) \(.+\) "
+                                        r"\(delete or re-encode the file\)$"):
+        check_dataset(_cfg(tiny_folder))
+
+
+def test_slightly_damaged_jpegs_train_with_a_warning_and_checks_are_cached(tiny_folder, caplog, monkeypatch):
+    import src.data.image_check as image_check
+
+    jpeg = _photo_jpeg()
+    (tiny_folder / "train" / "cat" / "good.jpg").write_bytes(jpeg)
+    (tiny_folder / "train" / "cat" / "junk.jpg").write_bytes(jpeg[:-2] + b"\xab\xcd" * 4 + b"\xff\xd9")  # stray bytes
+    (tiny_folder / "train" / "cat" / "cmyk.jpg").write_bytes(b"")
+    write_image(tiny_folder / "train" / "cat" / "cmyk.jpg", size=(20, 20), mode="CMYK", fmt="JPEG")
+    decoded = []
+    real = image_check.decode_problem
+    monkeypatch.setattr(image_check, "decode_problem", lambda p: decoded.append(p) or real(p))
+    with caplog.at_level("INFO", logger="train"):
+        check_dataset(_cfg(tiny_folder))
+    assert len(decoded) == 15 + 6  # every train and val image
+    assert re.search(rf"{tiny_folder / 'train'}: 1 images are slightly damaged but decode, and train as decoded "
+                     rf"\(e.g. {tiny_folder / 'train' / 'cat' / 'junk.jpg'}: Corrupt JPEG data: \d extraneous bytes "
+                     r"before marker 0xd9\)", caplog.text)
+    assert re.search(r"train: decoded 15 images to check them in [\d.]+ s \([\d.]+ s per 10,000 images", caplog.text)
+    # a second check decodes nothing, and still warns; a changed file re-checks its own class folder only
+    decoded.clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="train"):
+        check_dataset(_cfg(tiny_folder))
+    assert decoded == [] and "1 images are slightly damaged" in caplog.text
+    os.utime(tiny_folder / "train" / "dog" / "0.png", ns=(1, 1))
+    check_dataset(_cfg(tiny_folder))
+    assert sorted(p.name for p in decoded) == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png"]
+    # eval needs only the val split decoded
+    decoded.clear()
+    (tiny_folder / "train" / "dog" / "0.png").write_bytes(_damaged("png_with_half_its_data_cut")[1])
+    check_dataset(_cfg(tiny_folder), need_train=False)
+    assert decoded == []
+
+
+def test_a_symlink_loop_between_images_is_named(tiny_folder):
+    a, b = tiny_folder / "train" / "cat" / "loop_a.jpg", tiny_folder / "train" / "cat" / "loop_b.jpg"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(UserError, match=r"loop_a.jpg is a symbolic link that leads nowhere \(a loop of links, or its "
+                                        r"target is missing\) and 1 more \(delete or re-encode the file\)"):
         check_dataset(_cfg(tiny_folder))
 
 

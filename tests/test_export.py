@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DIFF_LINE, RESULT_LINE, TINY_NET, run_cli, with_flags
+from conftest import DIFF_LINE, RESULT_LINE, ROOT, TINY_NET, run_cli, with_flags
 
 from mindspore_hub_conf import create_network
 from src.models import count_trainable_params
@@ -69,6 +69,20 @@ def test_predict_errors(trained, tmp_path):
     proc = run_cli("predict.py", "--ckpt_file", str(out / "checkpoint" / "best.ckpt"), str(tmp_path), *TINY_NET)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path} is a folder (pass image files, e.g. " \
         f"{tmp_path}/*.jpg)"
+    # a JPEG cut in half with an end marker appended: named, and nothing written where predict.py runs (MindSpore's
+    # decoder writes ./abnormal_image.jpg for an image it cannot decode)
+    from test_dataset import _damaged
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(_damaged("cut_jpeg_with_end_marker")[1])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_cli(str(ROOT / "predict.py"), "--ckpt_file", str(out / "checkpoint" / "best.ckpt"), str(cut),
+                   *TINY_NET, cwd=cwd)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {cut} is damaged (Corrupt JPEG data: premature end of data segment: part of the image would be made "
+        "up) (pass a valid image)")
+    assert list(cwd.iterdir()) == []
     proc = run_cli("eval_onnx.py", "--dataset_path", str(data), "--file_name", str(tmp_path / "none.onnx"), *TINY_NET)
     assert proc.returncode == 2 and "not found (export one with python export.py --file_format ONNX)" in proc.stderr
 

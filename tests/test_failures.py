@@ -330,3 +330,38 @@ def test_a_kill_9_while_writing_a_checkpoint_keeps_the_earlier_run(trained, earl
     attach_log_file(tmp_path / "unused.log")  # let go of the folder's log
     _assert_kept(out, before)
     assert not list(out.rglob(".tmp-*")) and not (out / ".earlier-run").exists()
+
+
+# train.py with one training image damaged right after the pre-check has decoded it
+DAMAGED_AFTER_CHECK = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+import src.engine.run as run
+real_check = run.check_dataset
+
+def check_then_damage(*args, **kwargs):
+    source = real_check(*args, **kwargs)
+    with open({image!r}, "r+b") as f:
+        f.truncate(os.path.getsize({image!r}) // 2)  # half of a PNG: MindSpore's decoder fails on it
+    return source
+
+run.check_dataset = check_then_damage
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
+"""
+
+
+def test_an_image_that_fails_to_decode_during_training_ends_the_run_in_one_line(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained.data, data)
+    script = tmp_path / "damaged_train.py"
+    image = sorted((data / "train" / "cat").iterdir())[0]
+    script.write_text(DAMAGED_AFTER_CHECK.format(root=str(ROOT), image=str(image)))
+    proc = run_cli(str(script), "--dataset_path", str(data), "--output_path", str(tmp_path / "out"),
+                   *with_flags(TINY_TRAIN, batch_size=12))  # one batch of all 12 images
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    # MindSpore's own C++ log may print its lines before it (GLOG_v=3 shows its errors); the run's last word is ours
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {image} cannot be read by MindSpore (Decode: image decode failed), found at epoch 1 step 0 although "
+        "the check before training decoded every image (was the file changed? delete or re-encode it and train again)")

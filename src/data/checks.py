@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.config import Config
+from src.data.image_check import check_images
 from src.errors import UserError
 
 log = logging.getLogger("train")
@@ -84,7 +84,8 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
-def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], Split]:
+def _scan_split(split_dir: Path, class_names: list[str] | None, decode: bool = True) -> tuple[list[str], Split]:
+    """Class folders and images of a split, every file checked (`decode`: also decoded; eval skips train's)."""
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{split_dir} has no class folders (put each class's images in "
@@ -94,18 +95,28 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
         if extra:
             raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(extra[:5])} "
                             "(train and val need the same class folder names)")
-    images, ignored, exts = [], 0, set()
+    images, ignored, exts, by_class, dangling = [], 0, set(), {}, []
     digest = hashlib.sha256()
     for name in classes:
         count = 0
+        by_class[name] = []
         for entry in sorted(os.scandir(split_dir / name), key=lambda e: e.name):
-            if not entry.is_file():
+            suffix = os.path.splitext(entry.name)[1]
+            try:
+                is_file = entry.is_file()
+                leads_nowhere = entry.is_symlink() and not is_file and not entry.is_dir()
+            except OSError:  # a loop of links
+                is_file, leads_nowhere = False, True
+            if leads_nowhere and suffix.lower() in IMAGE_EXTENSIONS:
+                dangling.append((Path(entry.path), "is a symbolic link that leads nowhere (a loop of links, or its "
+                                                   "target is missing)"))
+            if not is_file:
                 continue
             # hidden files are checked too: MindSpore's reader takes every file with an image extension,
             # macOS's ._name.jpg metadata files included
-            suffix = os.path.splitext(entry.name)[1]
             if suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(Path(entry.path))
+                by_class[name].append(images[-1])
                 exts.add(suffix)
                 count += 1
                 stat = entry.stat()
@@ -115,8 +126,14 @@ def _scan_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[st
         if count == 0 and class_names is None:
             raise UserError(f"class folder {split_dir / name} has no images (add .jpg/.jpeg/.png/.bmp files "
                             "or remove the folder)")
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = [(p, why) for p, why in zip(images, pool.map(image_problem, images)) if why]
+    problems = list(dangling)
+    if not problems:  # every file's signature and end marker, then (with `decode`) every image decoded; class
+        checked = check_images(split_dir, by_class, image_problem, decode)  # folders unchanged since are skipped
+        problems = checked.errors
+        if checked.warnings:
+            path, why = checked.warnings[0]
+            log.warning("%s: %d images are slightly damaged but decode, and train as decoded (e.g. %s: %s)",
+                        split_dir, len(checked.warnings), path, why)
     if problems:
         path, why = problems[0]
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
@@ -152,10 +169,10 @@ def check_imagefolder(root: Path, num_classes: int, need_train: bool, need_val: 
                         "--run_eval False)")
     class_names, train = (None, None)
     if train_dir.is_dir():
-        class_names, train = _scan_split(train_dir, None)
+        class_names, train = _scan_split(train_dir, None, decode=need_train)
     val = None
     if val_dir is not None and (need_val or class_names is None):
-        val_classes, val = _scan_split(val_dir, class_names)
+        val_classes, val = _scan_split(val_dir, class_names, decode=need_val)
         class_names = class_names or val_classes
         if need_val and val.num_images == 0:
             raise UserError(f"{val_dir} has no images in its class folders (add validation images, or train with "

@@ -7,6 +7,7 @@ import numpy as np
 
 from src.config import Config
 from src.data.checks import IMAGE_EXTENSIONS, image_problem
+from src.data.image_check import decode_problem
 from src.data.transforms import eval_transforms
 from src.errors import UserError
 
@@ -29,8 +30,8 @@ def load_images(cfg: Config, paths: list[str]) -> np.ndarray:
             raise UserError(f"image {p} not found (check the path)")
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UserError(f"{p} is not a {'/'.join(IMAGE_EXTENSIONS)} file (convert it to JPEG or PNG)")
-        problem = image_problem(p)
-        if problem:
+        problem = image_problem(p) or decode_problem(p)[0]  # before MindSpore's decoder, which would write
+        if problem:                                            # ./abnormal_image.jpg for a file it cannot decode
             raise UserError(f"{p} {problem} (pass a valid image)")
         batch.append(pipeline(np.fromfile(p, dtype=np.uint8)))
     return np.stack(batch).astype(np.float32)

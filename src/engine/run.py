@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     try:
         model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
                     dataset_sink_mode=False, initial_epoch=initial_epoch)
+    except RuntimeError as exc:
+        if "Dataset Pipeline Error Message" not in str(exc):
+            raise
+        raise UserError(pipeline_error(exc, monitor.epoch, monitor.iter)) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.stop_on_signals)
         last = _last_checkpoint_of_this_run(cfg, folder)
         resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
@@ -145,6 +150,19 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if best.is_file() else None
     return TrainResult(out, best if best.is_file() else None, best_top1, _last_checkpoint_of_this_run(cfg, folder),
                        time.perf_counter() - start)
+
+
+def pipeline_error(exc: Exception, epoch: int, step: int) -> str:
+    """One line for a mindspore.dataset failure during training, naming the file when MindSpore does."""
+    text = " ".join(line.strip() for line in str(exc).splitlines())
+    found = re.search(r"The corresponding data file is: (.+?)\. (.+?\.)(?:\s|$)", text)
+    if found:
+        return (f"{found.group(1)} cannot be read by MindSpore ({found.group(2).strip().rstrip('.')}), found at epoch "
+                f"{epoch} step {step} although the check before training decoded every image (was the file changed? "
+                "delete or re-encode it and train again)")
+    detail = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
+    return (f"the data pipeline failed at epoch {epoch} step {step}: "
+            f"{(detail.group(1) if detail else text)[:300].strip()} (run with --debug for MindSpore's message)")
 
 
 def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path | None:
