@@ -6,6 +6,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -43,13 +44,52 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_held = False  # inside `signals_held_to_step_boundaries`: a signal waits for the end of the current step
+_pending: int | None = None  # the signal that arrived while held
+
+
 def stop_on_signals() -> None:
-    """SIGTERM (and SIGHUP) end the run like Ctrl-C: between steps, with a message and a non-zero exit."""
-    def _raise(signum, frame):
+    """Ctrl-C (SIGINT), SIGTERM (a scheduler or `kill`) and SIGHUP end the run with a message and a non-zero exit.
+
+    Inside `signals_held_to_step_boundaries()` the first signal is held until the step (or the graph compile)
+    in progress ends: raised in the middle of a compile it would make MindSpore log a page of errors and write
+    `rank_0/om/analyze_fail.ir` in the current folder. A second signal stops at once.
+    """
+    def _handle(signum, frame):
+        global _pending
+        if _held and _pending is None:
+            _pending = signum
+            again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {signal.Signals(signum).name} again"
+            try:
+                os.write(1, f"\nstopping after the current step ({again} to stop at once)\n".encode())
+            except OSError:  # stdout closed: the final error line still says where the run stopped
+                pass
+            return
+        _pending = None
         raise Stopped(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _handle)
+
+
+@contextmanager
+def signals_held_to_step_boundaries():
+    """Hold signals (see `stop_on_signals`) until `stop_if_signalled` is called between steps."""
+    global _held, _pending
+    _held, _pending = True, None
+    try:
+        yield
+        stop_if_signalled()
+    finally:
+        _held, _pending = False, None
+
+
+def stop_if_signalled() -> None:
+    """Raise Stopped for a signal held since the last call (a training callback calls this between steps)."""
+    global _pending
+    if _pending is not None:
+        signum, _pending = _pending, None
+        raise Stopped(signum)
 
 
 _SHOW_TRACEBACKS = False

@@ -19,6 +19,7 @@ from mindspore.train import Callback
 from src.engine.checkpoint import first_non_finite, periodic_checkpoints, save_checkpoint
 from src.engine.history import EpochRecord, History, plot_curves, write_metrics
 from src.engine.metrics import topk_hits
+from src.errors import stop_if_signalled
 
 log = logging.getLogger("train")
 EpochOutput = Callable[[EpochRecord, History], None]
@@ -51,6 +52,7 @@ class TrainMonitor(Callback):
                             leave=False, dynamic_ncols=True)
 
     def on_train_step_begin(self, run_context):
+        stop_if_signalled()  # a Ctrl-C or SIGTERM held during the last step, compile or epoch end stops here
         now = time.perf_counter()
         self.reader_cost += now - self.last_end
 
@@ -141,6 +143,7 @@ class EpochEnd(Callback):
             self.monitor.close_bar()
             run_context.request_stop()
             return
+        stop_if_signalled()  # a signal during the epoch: its files are not written (the last ones stay complete)
         record = self.monitor.finish_epoch(epoch)
         if self.evaluator is not None and self.evaluator.due(epoch):
             start = time.perf_counter()
@@ -151,6 +154,7 @@ class EpochEnd(Callback):
                      epoch, record.val_top1, record.val_top5, best.val_top1, best.epoch, time.perf_counter() - start)
         else:
             self.history.add(record)
+        stop_if_signalled()  # ... nor after a signal during the evaluation (held until it ended)
         for output in self.outputs:
             output(record, self.history)
         # between epochs: an interruption now is "at epoch E+1 step 0", after epoch E's files

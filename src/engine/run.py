@@ -35,7 +35,7 @@ from src.engine.weights import (
     read_resume,
     warn_if_other_classes,
 )
-from src.errors import Interrupted, UserError
+from src.errors import Interrupted, UserError, signals_held_to_step_boundaries
 from src.models.common import HeadOnFeatures
 from src.models.registry import net_from_config
 
@@ -122,8 +122,10 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume)),
                folder.settle] if folder else []
     try:
-        model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
-                    dataset_sink_mode=False, initial_epoch=initial_epoch)
+        with signals_held_to_step_boundaries():  # Ctrl-C or SIGTERM stops between steps, never inside a compile
+            model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs,
+                                                                               net)],
+                        dataset_sink_mode=False, initial_epoch=initial_epoch)
     except RuntimeError as exc:
         if "Dataset Pipeline Error Message" not in str(exc):
             raise
