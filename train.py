@@ -10,15 +10,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from src.config import load_config
-from src.device import prepare_cpu_threads
-from src.errors import run_cli, stop_on_signals
-from src.logs import quiet_mindspore, setup_console_logging
+from src.errors import run_cli, stop_if_signalled, stop_on_signals
+
+stop_on_signals()  # before the heavy imports: a Ctrl-C inside one would crash MindSpore's initialisation
+
+from src.config import load_config  # noqa: E402
+from src.device import prepare_cpu_threads  # noqa: E402
+from src.logs import quiet_mindspore, setup_console_logging  # noqa: E402
 
 
 def main(argv: Sequence[str]) -> int:
+    stop_if_signalled()
     cfg = load_config(argv, description=__doc__)
-    stop_on_signals()
     log = setup_console_logging()
     quiet_mindspore()
     prepare_cpu_threads(cfg.platform)

@@ -6,7 +6,6 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,52 +43,56 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_held = False  # inside `signals_held_to_step_boundaries`: a signal waits for the end of the current step
-_pending: int | None = None  # the signal that arrived while held
+_pending: int | None = None  # a signal the run has not stopped for yet
+_received: int | None = None  # the last signal received (an exception that wraps a Stopped is an interruption)
+_handled: set[int] = set()  # the signals stop_on_signals handles
+
+
+def _handle(signum, frame):
+    global _pending, _received
+    _received = signum
+    if _pending is None:
+        _pending = signum
+        try:
+            os.write(1, b"\nstopping at the next safe point (press Ctrl-C or send the signal again to stop at "
+                        b"once)\n")
+        except OSError:  # stdout closed: the final error line still says where the run stopped
+            pass
+        return
+    # the second signal stops at once; `_pending` stays set, so should the code it lands in swallow the exception
+    # (MindSpore's graph compiler does), the next safe point stops the run all the same
+    raise Stopped(_pending)  # reported as the first signal: the one that stopped the run
 
 
 def stop_on_signals() -> None:
-    """Ctrl-C (SIGINT), SIGTERM (a scheduler or `kill`) and SIGHUP end the run with a message and a non-zero exit.
+    """Ctrl-C (SIGINT), SIGTERM (a scheduler or `kill`) and SIGHUP end the run with one line and a non-zero exit.
 
-    Inside `signals_held_to_step_boundaries()` the first signal is held until the step (or the graph compile)
-    in progress ends: raised in the middle of a compile it would make MindSpore log a page of errors and write
-    `rank_0/om/analyze_fail.ir` in the current folder. A second signal stops at once.
+    The first signal is held until the run reaches a safe point (`stop_if_signalled`: between training steps,
+    between images of the data check, between phases of the set-up): raised anywhere else it can land inside an
+    import or a graph compile, which MindSpore turns into a page of errors, a crash, or swallows. A second signal
+    stops at once. Called first thing by train.py, before the heavy imports.
     """
-    def _handle(signum, frame):
-        global _pending
-        if _held and _pending is None:
-            _pending = signum
-            again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {signal.Signals(signum).name} again"
-            try:
-                os.write(1, f"\nstopping after the current step ({again} to stop at once)\n".encode())
-            except OSError:  # stdout closed: the final error line still says where the run stopped
-                pass
-            return
-        _pending = None
-        raise Stopped(signum)
-
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _handle)
-
-
-@contextmanager
-def signals_held_to_step_boundaries():
-    """Hold signals (see `stop_on_signals`) until `stop_if_signalled` is called between steps."""
-    global _held, _pending
-    _held, _pending = True, None
-    try:
-        yield
-        stop_if_signalled()
-    finally:
-        _held, _pending = False, None
+        # a signal ignored when the process started stays ignored (`nohup` ignores SIGHUP, a shell's `&` SIGINT)
+        if sig in _handled or signal.getsignal(sig) is not signal.SIG_IGN:
+            _handled.add(sig)
+            signal.signal(sig, _handle)
 
 
 def stop_if_signalled() -> None:
-    """Raise Stopped for a signal held since the last call (a training callback calls this between steps)."""
-    global _pending
+    """A safe point: raise Stopped for a signal received since the run started (see `stop_on_signals`)."""
+    # MindSpore's runtime installs a C-level SIGINT handler of its own that turns SIGINT into a SIGTERM of the
+    # process (again at every graph run; signal.getsignal does not see it): put ours back at every safe point, so a
+    # Ctrl-C outside a step exits 130 (inside a step it arrives as SIGTERM: 143)
+    for sig in _handled:
+        signal.signal(sig, _handle)
     if _pending is not None:
-        signum, _pending = _pending, None
-        raise Stopped(signum)
+        raise Stopped(_pending)
+
+
+def signal_received() -> int | None:
+    """The signal that is stopping the run, if any (an error raised meanwhile is reported as the interruption)."""
+    return _received
 
 
 _SHOW_TRACEBACKS = False
@@ -121,3 +124,20 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     except KeyboardInterrupt as exc:
         print("error: interrupted (files written so far are complete)", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)
+    except OSError as exc:  # a path the checks could not foresee (too long, a disk that fills up, ...)
+        if _SHOW_TRACEBACKS:
+            traceback.print_exc()
+        if _received is not None:
+            print("error: interrupted (files written so far are complete)", file=sys.stderr)
+            return 128 + _received
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (check the path, its length and the free space, and try again)",
+              file=sys.stderr)
+        return 2
+    except Exception:
+        if _received is None:  # a bug: the traceback is the report
+            raise
+        if _SHOW_TRACEBACKS:
+            traceback.print_exc()
+        print("error: interrupted (files written so far are complete)", file=sys.stderr)
+        return 128 + _received

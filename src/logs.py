@@ -27,8 +27,29 @@ class _TqdmHandler(logging.Handler):
         try:
             tqdm.write(self.format(record), file=sys.stdout)
             sys.stdout.flush()
+        except BrokenPipeError:  # stdout closed (`python train.py | head`): the run goes on, the console stays silent
+            self.setLevel(logging.CRITICAL + 1)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
+
+
+class _LogFile(logging.FileHandler):
+    """The run's log file. A write that fails (a full disk) is remembered, not printed line by line: the next
+    checkpoint or metrics write fails on the same disk with one clear line, and `log_file_error` tells it too."""
+
+    error: OSError | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            _LogFile.error = _LogFile.error or exc
+            return
+        super().handleError(record)
+
+
+def log_file_error() -> OSError | None:
+    """The first error writing the run's log file, if any."""
+    return _LogFile.error
 
 
 def quiet_mindspore() -> None:
@@ -54,7 +75,7 @@ def attach_log_file(path: Path, append: bool = False) -> None:
     for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(h)
         h.close()
-    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
+    handler = _LogFile(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     for early in [h for h in logger.handlers if isinstance(h, _EarlyLines)]:
         for record in early.records:

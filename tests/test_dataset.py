@@ -208,13 +208,15 @@ def test_slightly_damaged_jpegs_train_with_a_warning_and_checks_are_cached(tiny_
     assert decoded == []
 
 
-def test_a_symlink_loop_between_images_is_named(tiny_folder):
+def test_a_symlink_loop_between_images_is_named(tiny_folder, caplog):
     a, b = tiny_folder / "train" / "cat" / "loop_a.jpg", tiny_folder / "train" / "cat" / "loop_b.jpg"
     a.symlink_to(b)
     b.symlink_to(a)
     with pytest.raises(UserError, match=r"loop_a.jpg is a symbolic link that leads nowhere \(a loop of links, or its "
-                                        r"target is missing\) and 1 more \(delete or re-encode the file\)"):
+                                        r"target is missing\) and 1 more \(listed above\) \(delete or re-encode"):
         check_dataset(_cfg(tiny_folder))
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records if "damaged image" in r.getMessage()] == [
+        f"damaged image: {a}", f"damaged image: {b}"]  # every one named, not just the first
 
 
 def test_macos_metadata_files_are_checked_as_the_reader_would_read_them(tiny_folder):

@@ -183,6 +183,10 @@ def test_a_damaged_checkpoint_is_refused_by_its_checksum(trained, tmp_path):
     assert proc.stderr.strip() == (f"error: pretrain_ckpt {damaged} is damaged: its CRC32 checksum does not match its "
                                    "contents (it was changed or cut after it was saved; use another checkpoint, e.g. "
                                    "an earlier <model>-<epoch>_<step>.ckpt of the run)")
+    # cut at a record boundary (here: just its CRC32 trailer), the rest still parses: refused all the same
+    damaged.write_bytes((trained.out / "checkpoint" / "best.ckpt").read_bytes()[:-17])
+    with pytest.raises(UserError, match=r"is damaged: it was cut short \(it holds this package's metadata"):
+        read_checkpoint(damaged)
 
 
 def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
@@ -370,30 +374,64 @@ def test_an_image_that_fails_to_decode_during_training_ends_the_run_in_one_line(
     _assert_kept(out, before)  # a fresh run that fails after its compile leaves the earlier run as it was
 
 
-def test_a_signal_during_training_waits_for_the_step_boundary_and_a_second_one_stops_at_once():
-    from src.errors import Stopped, signals_held_to_step_boundaries, stop_if_signalled, stop_on_signals
+@pytest.fixture
+def signal_handlers(monkeypatch):
+    """This process's signal handlers and the package's signal state, put back after the test."""
+    import src.errors as errors
 
+    monkeypatch.setattr(errors, "_pending", None)
+    monkeypatch.setattr(errors, "_received", None)
+    monkeypatch.setattr(errors, "_handled", set())
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        stop_on_signals()
-        with pytest.raises(Stopped) as stopped:  # outside training (data check, set-up): at once
-            os.kill(os.getpid(), signal.SIGTERM)
-        assert stopped.value.signum == signal.SIGTERM
-        with signals_held_to_step_boundaries():
-            stop_if_signalled()  # nothing held yet
-            os.kill(os.getpid(), signal.SIGINT)  # held: a compile or a step in progress is not cut
-            with pytest.raises(Stopped) as stopped:
-                stop_if_signalled()
-            assert stopped.value.signum == signal.SIGINT
-            os.kill(os.getpid(), signal.SIGINT)
-            with pytest.raises(Stopped):  # a second Ctrl-C stops at once
-                os.kill(os.getpid(), signal.SIGTERM)
-        with pytest.raises(Stopped):  # a signal held until training returned still stops the run
-            with signals_held_to_step_boundaries():
-                os.kill(os.getpid(), signal.SIGHUP)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    yield errors
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_waits_for_a_safe_point_and_a_second_one_stops_at_once(signal_handlers):
+    errors = signal_handlers
+    errors.stop_on_signals()
+    errors.stop_if_signalled()  # nothing received
+    os.kill(os.getpid(), signal.SIGINT)  # held: an import or a graph compile in progress is not cut
+    with pytest.raises(errors.Stopped) as stopped:
+        errors.stop_if_signalled()
+    assert stopped.value.signum == signal.SIGINT
+    with pytest.raises(errors.Stopped):  # a second signal stops at once
+        os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(errors.Stopped):  # and if the code it landed in swallowed it, the next safe point stops
+        errors.stop_if_signalled()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as MindSpore's data engine does
+    with pytest.raises(errors.Stopped):
+        errors.stop_if_signalled()
+    assert signal.getsignal(signal.SIGINT) is errors._handle  # put back
+
+
+def test_a_signal_ignored_at_start_stays_ignored(signal_handlers):
+    errors = signal_handlers
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup python train.py &`: closing the terminal must not stop it
+    errors.stop_on_signals()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is errors._handle
+
+
+def test_an_error_after_a_signal_is_the_interruption_and_an_os_error_is_one_line(signal_handlers, tmp_path, capsys):
+    errors = signal_handlers
+
+    def long_path(argv):
+        (tmp_path / ("x" * 300)).exists()  # ENAMETOOLONG, which pathlib does not swallow
+
+    assert errors.run_cli(long_path, []) == 2
+    line = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: \S+x{300}: File name too long \(check the path, its length and the free space, and "
+                        r"try again\)", line), line
+
+    def import_cut_by_a_second_ctrl_c(argv):
+        errors.stop_on_signals()
+        os.kill(os.getpid(), signal.SIGINT)
+        raise ImportError("initialization failed")  # what a KeyboardInterrupt inside MindSpore's import becomes
+
+    assert errors.run_cli(import_cut_by_a_second_ctrl_c, []) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == "error: interrupted (files written so far are complete)"
 
 
 @pytest.mark.parametrize("what, flag", [("output_path", "--output_path"), ("the folder of file_name", "--file_name")])
@@ -411,3 +449,24 @@ def test_a_read_only_folder_is_one_line(tmp_path, monkeypatch, what, flag):
     out = tmp_path / "out"
     assert str(err.value) == f"{what} {out} is not writable (Read-only file system; pass a writable {flag})"
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_evaluation_over_fewer_images_than_were_checked_is_an_error(tmp_path):
+    """MindSpore's reader lists a folder when it starts reading: images removed after the check would be skipped."""
+    from src.engine.callbacks import Evaluator
+    from src.engine.metrics import accuracy_metrics
+    from src.errors import UserError
+
+    metrics = accuracy_metrics()
+
+    class Model:  # evaluates 4 of the images
+        def eval(self, dataset, dataset_sink_mode):
+            for metric in metrics.values():
+                metric.clear()
+                metric.update(np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], np.array([0, 1, 1, 1]))
+            return {name: metric.eval() for name, metric in metrics.items()}
+
+    assert Evaluator(Model(), None, 1, 1, metrics["acc"], (4, tmp_path))() == (0.75, 1.0)
+    with pytest.raises(UserError, match=rf"evaluated 4 images but {re.escape(str(tmp_path))} held 8 when it was "
+                                        r"checked before training \(were files removed or added\?"):
+        Evaluator(Model(), None, 1, 1, metrics["acc"], (8, tmp_path))()

@@ -171,16 +171,15 @@ def test_qdq_onnx_export_matches_the_qat_net(qat_run, tmp_path: Path):
                        "--file_name", str(tmp_path / "qat"), *TINY_NET)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert float(DIFF_LINE.search(exported.stdout).group(1)) <= 1e-4
-    float_export = run_cli("export.py", "--output_path", str(float_out), "--file_format", "ONNX", "--file_name",
-                           str(tmp_path / "float"), *TINY_NET)
-    assert float_export.returncode == 0, float_export.stderr[-3000:]
     model = onnx.load(str(tmp_path / "qat.onnx"))
     ops = [n.op_type for n in model.graph.node]
     convs = ops.count("Conv") + ops.count("Gemm")
     assert ops.count("QuantizeLinear") == convs and ops.count("DequantizeLinear") == 2 * convs
     int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_int8")]
     assert len(int8) == convs
-    assert (tmp_path / "qat.onnx").stat().st_size < 0.5 * (tmp_path / "float.onnx").stat().st_size
+    # the same weights as float32 would take 4 bytes each: the int8 file is less than half of that
+    float_bytes = sum(4 * int(np.prod(i.dims)) for i in model.graph.initializer)
+    assert (tmp_path / "qat.onnx").stat().st_size < 0.5 * float_bytes
     # eval.py takes export.py's --ckpt_file spelling, eval_onnx.py predict.py's --onnx_file
     ms_eval = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "eval"), "--pact_quant",
                       "True", "--ckpt_file", str(qat_out / "checkpoint" / "best.ckpt"), *TINY_NET)

@@ -136,7 +136,11 @@ def _scan_split(split_dir: Path, class_names: list[str] | None, decode: bool = T
                         split_dir, len(checked.warnings), path, why)
     if problems:
         path, why = problems[0]
-        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        more = ""
+        if len(problems) > 1:
+            for other, reason in problems[:1000]:  # the error line names one: every one is listed (on stdout)
+                log.warning("damaged image: %s %s", other, reason)
+            more = f" and {len(problems) - 1} more (listed above{', the first 1000' if len(problems) > 1000 else ''})"
         if path.name.startswith("._"):
             raise UserError(f"{path} {why}{more} (a macOS metadata file: delete them with "
                             f"find {split_dir} -name '._*' -delete)")

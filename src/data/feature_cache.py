@@ -21,6 +21,7 @@ import numpy as np
 from src.config import Config
 from src.data.checks import DataSource
 from src.data.pipeline import create_dataset
+from src.errors import stop_if_signalled
 from src.models.common import ClassifierNet, PooledFeatures
 
 log = logging.getLogger("train")
@@ -43,6 +44,7 @@ def cache_key(cfg: Config, source: DataSource, net: ClassifierNet) -> str:
 def _extract(extractor: PooledFeatures, dataset) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
     for image, label in dataset.create_tuple_iterator(num_epochs=1):
+        stop_if_signalled()
         feats.append(extractor(image).asnumpy())
         labels.append(label.asnumpy())
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.errors import stop_if_signalled
+
 log = logging.getLogger("train")
 CACHE_VERSION = 1
 FATAL_JPEG_WARNINGS = ("premature end", "huffman")  # data is missing or garbage: part of the image is invented
@@ -160,8 +162,13 @@ def check_images(split_dir: Path, by_class: dict[str, list[Path]], precheck: Cal
 
     start = time.perf_counter()
     threads = max(1, os.cpu_count() or 1) if decode else 16  # decoding is CPU-bound; the precheck waits on I/O
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        outcomes = dict(zip(paths, pool.map(check, paths)))
+    pool, outcomes = ThreadPoolExecutor(max_workers=threads), {}
+    try:
+        for path, outcome in zip(paths, pool.map(check, paths)):
+            outcomes[path] = outcome
+            stop_if_signalled()  # Ctrl-C stops an hour-long check at once, not after it
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     elapsed = time.perf_counter() - start
     for name in todo:
         folder = FolderCheck()

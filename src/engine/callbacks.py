@@ -19,7 +19,7 @@ from mindspore.train import Callback
 from src.engine.checkpoint import first_non_finite, periodic_checkpoints, save_checkpoint
 from src.engine.history import EpochRecord, History, plot_curves, write_metrics
 from src.engine.metrics import topk_hits
-from src.errors import stop_if_signalled
+from src.errors import UserError, stop_if_signalled
 
 log = logging.getLogger("train")
 EpochOutput = Callable[[EpochRecord, History], None]
@@ -110,14 +110,21 @@ class TrainMonitor(Callback):
 class Evaluator:
     """Top-1/top-5 on the val set every `interval` epochs and at the last one."""
 
-    def __init__(self, model, dataset, interval: int, total_epochs: int):
+    def __init__(self, model, dataset, interval: int, total_epochs: int, counter=None,
+                 expected: tuple[int, object] | None = None):
         self.model, self.dataset, self.interval, self.total_epochs = model, dataset, interval, total_epochs
+        self.counter, self.expected = counter, expected  # the metric that counts images; (images checked, where)
 
     def due(self, epoch: int) -> bool:
         return epoch % self.interval == 0 or epoch == self.total_epochs
 
     def __call__(self) -> tuple[float, float]:
         result = self.model.eval(self.dataset, dataset_sink_mode=False)
+        if self.counter is not None and self.expected and self.counter.total != self.expected[0]:
+            # MindSpore's reader lists the folder when it starts: files removed since the check are silently skipped
+            raise UserError(f"evaluated {self.counter.total} images but {self.expected[1]} held {self.expected[0]} "
+                            "when it was checked before training (were files removed or added? keep the data set "
+                            "unchanged while a run reads it, and train again)")
         return float(result["acc"]), float(result["top_5_accuracy"])
 
 

@@ -20,6 +20,7 @@ SCHEDULE_KEYS = ("batch_size", "epoch_size", "lr_decay_mode", "lr_init", "lr_max
                  "steps_per_epoch")
 META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
              "pact_quant", "lr", *SCHEDULE_KEYS)
+OWN_META_KEYS = ("model", "image_size", "class_names", "pact_quant", "steps_per_epoch")  # not written by others
 OPTIMIZER_MARKERS = ("moments.", "global_step")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
 
@@ -116,6 +117,10 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, C
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{what} {path} is not a readable MindSpore checkpoint: {first[:200]} "
                         "(pass a .ckpt file written by MindSpore)") from None
+    if not crc and any(name in OWN_META_KEYS for name in raw):  # this package's, which all end with a CRC32
+        raise UserError(f"{what} {path} is damaged: it was cut short (it holds this package's metadata but not the "
+                        "CRC32 every checkpoint of this package ends with; use another checkpoint, e.g. an earlier "
+                        "<model>-<epoch>_<step>.ckpt of the run)")
     meta = CheckpointMeta()
     params = {}
     for name, value in raw.items():

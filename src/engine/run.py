@@ -35,7 +35,7 @@ from src.engine.weights import (
     read_resume,
     warn_if_other_classes,
 )
-from src.errors import Interrupted, UserError, signals_held_to_step_boundaries
+from src.errors import Interrupted, UserError, signal_received, stop_if_signalled
 from src.models.common import HeadOnFeatures
 from src.models.registry import net_from_config
 
@@ -62,7 +62,9 @@ def train(cfg: Config) -> TrainResult:
     pretrain = read_pretrained(cfg) if cfg.pretrain_ckpt and not resume else None
     if pretrain:
         warn_if_other_classes(pretrain[1], source.class_names, Path(cfg.pretrain_ckpt), cfg)
+    stop_if_signalled()  # the safe points before training: a signal during the checks or the imports stops here
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
+    stop_if_signalled()
     _check_batch_size(cfg, source, ranks)
     folder = RunFolder(cfg, resuming=bool(resume)) if ranks.is_main else None  # only rank 0 writes outputs
     if folder:
@@ -114,27 +116,32 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
              cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level,
              ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
 
-    model = Model(train_step, eval_network=eval_net, metrics=accuracy_metrics())
+    metrics = accuracy_metrics()
+    model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     monitor = TrainMonitor(lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
                            fingerprint_data=ranks.group_size > 1)
-    evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size) if val_ds is not None else None
+    evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
+                          expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
+                          ) if val_ds is not None else None
     outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume)),
                folder.settle] if folder else []
     try:
-        with signals_held_to_step_boundaries():  # Ctrl-C or SIGTERM stops between steps, never inside a compile
-            model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs,
-                                                                               net)],
-                        dataset_sink_mode=False, initial_epoch=initial_epoch)
-    except RuntimeError as exc:
-        if "Dataset Pipeline Error Message" not in str(exc):
+        stop_if_signalled()
+        model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
+                    dataset_sink_mode=False, initial_epoch=initial_epoch)
+        stop_if_signalled()  # a signal during the last epoch's end: the run did not finish as asked
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or SIGTERM (errors.stop_on_signals), or an error after one
+        signum = (getattr(exc, "signum", None) or signal_received()
+                  or (2 if isinstance(exc, KeyboardInterrupt) else None))
+        if signum is None:
+            if isinstance(exc, RuntimeError) and "Dataset Pipeline Error Message" in str(exc):
+                raise UserError(pipeline_error(exc, monitor.epoch, monitor.iter)) from None
             raise
-        raise UserError(pipeline_error(exc, monitor.epoch, monitor.iter)) from None
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (errors.stop_on_signals)
         last = _last_checkpoint_of_this_run(cfg, folder)
         resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
         raise Interrupted(f"training interrupted at epoch {monitor.epoch} step {monitor.iter} ({resume_hint}; "
-                          f"every file written so far is complete)", getattr(exc, "signum", 2)) from None
+                          f"every file written so far is complete)", signum) from None
     if monitor.diverged:
         epoch, step, loss = monitor.diverged
         what = loss if isinstance(loss, str) else f"loss {loss}"

@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 from src.config import Config, save_config
-from src.engine.checkpoint import periodic_checkpoints
+from src.engine.checkpoint import periodic_checkpoints, write_error
 from src.engine.history import EpochRecord, History
 from src.errors import UserError, writable_folder
-from src.logs import attach_log_file
+from src.logs import attach_log_file, log_file_error
 
 log = logging.getLogger("train")
 STAGED_LOG = "train.new.log"
@@ -79,6 +79,8 @@ class RunFolder:
 
     def commit(self, record: EpochRecord, history: History) -> None:
         """Epoch output, first in the list: at the first epoch's end, set the earlier run aside for this one."""
+        if log_file_error():  # the log could not be written (a full disk): stop before anything else is replaced
+            raise write_error(self.path / ("train.log" if self.committed else STAGED_LOG), log_file_error())
         if self.committed:
             if not self._config_written:  # a resumed run
                 save_config(self.cfg, self.path / "config.yaml")
@@ -92,8 +94,12 @@ class RunFolder:
             names = [str(p.relative_to(self.path)) for p in earlier]
             (self.aside / "checkpoint").mkdir(parents=True, exist_ok=True)
             tmp = self.aside / f".tmp-{MANIFEST}"
-            tmp.write_text("".join(f"{name}\n" for name in names))
-            os.replace(tmp, self.aside / MANIFEST)  # from here on, a failure puts these back
+            try:
+                tmp.write_text("".join(f"{name}\n" for name in names))
+                os.replace(tmp, self.aside / MANIFEST)  # from here on, a failure puts these back
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise write_error(self.aside / MANIFEST, exc) from None
             self.committed = True
             for name in names:
                 os.replace(self.path / name, self.aside / name)
