@@ -77,6 +77,8 @@ def stop_on_signals() -> None:
         if sig in _handled or signal.getsignal(sig) is not signal.SIG_IGN:
             _handled.add(sig)
             signal.signal(sig, _handle)
+            # restart interrupted system calls: MindSpore's data threads take an EINTR for a failed pipeline
+            signal.siginterrupt(sig, False)
 
 
 def stop_if_signalled() -> None:
@@ -86,6 +88,7 @@ def stop_if_signalled() -> None:
     # Ctrl-C outside a step exits 130 (inside a step it arrives as SIGTERM: 143)
     for sig in _handled:
         signal.signal(sig, _handle)
+        signal.siginterrupt(sig, False)
     if _pending is not None:
         raise Stopped(_pending)
 
