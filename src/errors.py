@@ -36,7 +36,7 @@ class Interrupted(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """Raised in the main thread by SIGTERM (a scheduler or `kill`), handled like Ctrl-C."""
+    """Raised in the main thread for Ctrl-C, SIGTERM (a scheduler or `kill`) or SIGHUP: see `stop_on_signals`."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -64,6 +64,12 @@ def _handle(signum, frame):
     raise Stopped(_pending)  # reported as the first signal: the one that stopped the run
 
 
+def _install(sig: int) -> None:
+    signal.signal(sig, _handle)
+    # restart interrupted system calls: MindSpore's data threads take an EINTR for a failed pipeline
+    signal.siginterrupt(sig, False)
+
+
 def stop_on_signals() -> None:
     """Ctrl-C (SIGINT), SIGTERM (a scheduler or `kill`) and SIGHUP end the run with one line and a non-zero exit.
 
@@ -76,9 +82,7 @@ def stop_on_signals() -> None:
         # a signal ignored when the process started stays ignored (`nohup` ignores SIGHUP, a shell's `&` SIGINT)
         if sig in _handled or signal.getsignal(sig) is not signal.SIG_IGN:
             _handled.add(sig)
-            signal.signal(sig, _handle)
-            # restart interrupted system calls: MindSpore's data threads take an EINTR for a failed pipeline
-            signal.siginterrupt(sig, False)
+            _install(sig)
 
 
 def stop_if_signalled() -> None:
@@ -87,15 +91,17 @@ def stop_if_signalled() -> None:
     # process (again at every graph run; signal.getsignal does not see it): put ours back at every safe point, so a
     # Ctrl-C outside a step exits 130 (inside a step it arrives as SIGTERM: 143)
     for sig in _handled:
-        signal.signal(sig, _handle)
-        signal.siginterrupt(sig, False)
+        _install(sig)
     if _pending is not None:
         raise Stopped(_pending)
 
 
-def signal_received() -> int | None:
-    """The signal that is stopping the run, if any (an error raised meanwhile is reported as the interruption)."""
-    return _received
+def interrupting_signal(exc: BaseException) -> int | None:
+    """The signal `exc` stands for: a Stopped's own, the signal received before any other exception (an error
+    raised while the run was stopping is reported as the interruption), SIGINT for a plain KeyboardInterrupt;
+    None for an error that no signal caused."""
+    return (getattr(exc, "signum", None) or _received
+            or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None))
 
 
 _SHOW_TRACEBACKS = False
@@ -124,23 +130,17 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     except Interrupted as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    except KeyboardInterrupt as exc:
-        print("error: interrupted (files written so far are complete)", file=sys.stderr)
-        return 128 + getattr(exc, "signum", 2)
-    except OSError as exc:  # a path the checks could not foresee (too long, a disk that fills up, ...)
-        if _SHOW_TRACEBACKS:
+    except (KeyboardInterrupt, Exception) as exc:
+        signum = interrupting_signal(exc)
+        if signum is None and not isinstance(exc, OSError):  # a bug: the traceback is the report
+            raise
+        if _SHOW_TRACEBACKS and not isinstance(exc, KeyboardInterrupt):
             traceback.print_exc()
-        if _received is not None:
+        if signum is not None:
             print("error: interrupted (files written so far are complete)", file=sys.stderr)
-            return 128 + _received
+            return 128 + signum
+        # an OSError the checks could not foresee (a path too long, a disk that fills up, ...)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc} (check the path, its length and the free space, and try again)",
               file=sys.stderr)
         return 2
-    except Exception:
-        if _received is None:  # a bug: the traceback is the report
-            raise
-        if _SHOW_TRACEBACKS:
-            traceback.print_exc()
-        print("error: interrupted (files written so far are complete)", file=sys.stderr)
-        return 128 + _received

@@ -35,7 +35,7 @@ from src.engine.weights import (
     read_resume,
     warn_if_other_classes,
 )
-from src.errors import Interrupted, UserError, signal_received, stop_if_signalled
+from src.errors import Interrupted, UserError, interrupting_signal, stop_if_signalled
 from src.models.common import HeadOnFeatures
 from src.models.registry import net_from_config
 
@@ -132,8 +132,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
                     dataset_sink_mode=False, initial_epoch=initial_epoch)
         stop_if_signalled()  # a signal during the last epoch's end: the run did not finish as asked
     except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or SIGTERM (errors.stop_on_signals), or an error after one
-        signum = (getattr(exc, "signum", None) or signal_received()
-                  or (2 if isinstance(exc, KeyboardInterrupt) else None))
+        signum = interrupting_signal(exc)
         if signum is None:
             if isinstance(exc, RuntimeError) and "Dataset Pipeline Error Message" in str(exc):
                 raise UserError(pipeline_error(exc, monitor.epoch, monitor.iter)) from None
