@@ -13,25 +13,42 @@ CPU cost per image. With --json True the last line is one JSON object. --torch_r
 PyTorch reference script in the same run and prints the ratio; --rounds N alternates N timings of this
 project (the compiled step is reused) with N runs of the reference and reports the median of the N ratios,
 which is far steadier than one pair on a noisy machine.
+
+Each side is timed in its own fresh process started with the environment benchmark.py itself was started with:
+importing MindSpore puts OMP_NUM_THREADS=1 into the C-level environment of its process (invisible to os.environ)
+and this package sets OMP_WAIT_POLICY=PASSIVE, and a reference started from such a process trained PyTorch on one
+thread (docs/performance.md). This process imports neither; the JSON line records each side's threads and the
+threading variables it saw (`env`, `torch_env`), and how much CPU this project's idle worker used while the
+reference ran (`idle_worker_cpu_s`).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Sequence
 
-from src.config import Config, parse_command_line
-from src.device import prepare_cpu_threads
-from src.errors import UserError, run_cli
-from src.logs import quiet_mindspore
+# The environment this command was started with, before this package or MindSpore sets anything: both sides of
+# the comparison start from it.
+START_ENV = dict(os.environ)
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from src.config import Config, parse_command_line  # noqa: E402
+from src.errors import UserError, run_cli  # noqa: E402
 
 TORCH_NAMES = {"mobilenetv2": "mobilenet_v2", "resnet50": "resnet50", "mobilenetv3_large": "mobilenet_v3_large"}
+# variables that change how many threads a side uses or how they wait; each side's JSON lists those it had
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "OMP_DYNAMIC",
+                    "GOMP_SPINCOUNT", "KMP_DUPLICATE_LIB_OK", "KMP_BLOCKTIME", "KMP_AFFINITY", "MKL_NUM_THREADS",
+                    "OPENBLAS_NUM_THREADS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CLS_CPU_KERNELS")
+RESULT = "@benchmark "  # prefix of the worker's result lines on its stdout
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +58,24 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="False", choices=("True", "False", "true", "false", "1", "0"))
     parser.add_argument("--torch_reference", default=None, help="path of shared/bench/torch_reference.py")
     parser.add_argument("--rounds", type=int, default=1, help="alternating timings of this project and the reference")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the timed side, started by main
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def thread_env(getenv) -> dict[str, str]:
+    """The THREAD_VARIABLES that `getenv` finds set."""
+    return {name: value for name in THREAD_VARIABLES if (value := getenv(name)) is not None}
+
+
+def c_getenv(name: str) -> str | None:
+    """The process's C-level environment, which MindSpore changes with setenv and os.environ does not show."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    value = libc.getenv(name.encode())
+    return None if value is None else value.decode(errors="replace")
 
 
 def _timed(step, steps: int) -> list[float]:
@@ -101,8 +132,6 @@ def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
     from src.data.checks import check_dataset
     from src.data.pipeline import create_dataset
 
-    if not cfg.dataset_path:
-        raise UserError("--mode data needs --dataset_path (a folder with train/<class>/ images)")
     source = check_dataset(cfg, need_train=True, need_val=False)
     data = create_dataset(cfg, source, training=True).repeat()  # endless, so any --steps fits
     iterator = data.create_tuple_iterator(output_numpy=True, num_epochs=1)
@@ -114,49 +143,145 @@ def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
             "per_image_ms": 1000 * workers / img_per_s, "workers": workers}
 
 
+def _threads_here() -> dict:
+    """Threads of this (worker) process right after its timed steps, and who set how many."""
+    import mindspore as ms
+
+    from src.models.kernels import kernel_threads
+
+    return {"process": len(os.listdir("/proc/self/task")), "mindspore_runtime": ms.get_context("runtime_num_threads"),
+            "cpp_kernels_openmp": kernel_threads()}
+
+
+def worker(cfg: Config, args: argparse.Namespace) -> int:
+    """The timed side: one result line after the first timing, then one more per `again` line on stdin."""
+    from src.device import prepare_cpu_threads
+    from src.logs import quiet_mindspore
+
+    quiet_mindspore()
+    prepare_cpu_threads(cfg.platform)
+    if args.mode == "data":
+        result = bench_data(cfg, args.steps, args.warmup)
+    else:
+        result = bench_net(cfg, args.mode, args.steps, args.warmup, args.rounds)
+    step = result.pop("step", None)
+    result.update(threads=_threads_here(), env=thread_env(c_getenv), peak_rss_mb=peak_rss_mb())
+    print(RESULT + json.dumps(result), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "again" and step is not None:
+            img_per_s = cfg.batch_size / statistics.median(_timed(step, args.steps))
+            print(RESULT + json.dumps({"img_per_s": img_per_s}), flush=True)
+    return 0
+
+
+class _Worker:
+    """This project's side in a fresh process with START_ENV; `result()` waits for its next result line."""
+
+    def __init__(self, argv: Sequence[str]):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--worker"],
+                                     env=START_ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def result(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(RESULT):
+                return json.loads(line[len(RESULT):])
+            sys.stderr.write(line)  # MindSpore writing to stdout; keep this process's stdout for the report
+        code = self.proc.wait()
+        raise _WorkerEnded(code)  # it said why on its stderr, which is ours
+
+    def again(self) -> dict:
+        self.proc.stdin.write("again\n")
+        self.proc.stdin.flush()
+        return self.result()
+
+    def cpu_s(self) -> float:
+        """CPU seconds the worker has used so far (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class _WorkerEnded(Exception):
+    def __init__(self, code: int):
+        super().__init__(f"the benchmark worker ended with exit code {code}")
+        self.code = code
+
+
 def torch_reference(script: str, cfg: Config, mode: str) -> dict:
     name = TORCH_NAMES.get(cfg.model)
     if name is None:
         raise UserError(f"the PyTorch reference has no {cfg.model} (it has {', '.join(TORCH_NAMES)})")
     proc = subprocess.run([sys.executable, script, "--model", name, "--mode", mode, "--batch-size",
                            str(cfg.batch_size), "--image-size", str(cfg.image_size), "--num-classes",
-                           str(cfg.num_classes)], capture_output=True, text=True)
+                           str(cfg.num_classes)], capture_output=True, text=True, env=START_ENV)
     if proc.returncode != 0:
         raise UserError(f"the PyTorch reference failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''} "
                         "(pip install torch==2.13.0)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _env_text(env: dict[str, str]) -> str:
+    return " ".join(f"{name}={value}" for name, value in env.items()) or "none"
+
+
 def main(argv: Sequence[str]) -> int:
     cfg, args = parse_command_line(argv, "benchmark", __doc__, add_arguments=_arguments)
-    quiet_mindspore()
-    prepare_cpu_threads(cfg.platform)
+    if args.worker:
+        return worker(cfg, args)
     if args.rounds < 1 or (args.rounds > 1 and (not args.torch_reference or args.mode == "data")):
         raise UserError("--rounds needs --torch_reference and --mode train or infer, and must be at least 1")
-    if args.mode == "data":
-        result = bench_data(cfg, args.steps, args.warmup)
-    else:
-        result = bench_net(cfg, args.mode, args.steps, args.warmup, args.rounds)
-    step = result.pop("step", None)
+    if args.mode == "data" and not cfg.dataset_path:
+        raise UserError("--mode data needs --dataset_path (a folder with train/<class>/ images)")
+    if args.torch_reference and args.mode != "data" and cfg.model not in TORCH_NAMES:
+        raise UserError(f"the PyTorch reference has no {cfg.model} (it has {', '.join(TORCH_NAMES)})")
+    side = _Worker(argv)
+    try:
+        return _report(cfg, args, side)
+    except _WorkerEnded as ended:
+        return ended.code or 1
+    finally:
+        side.close()
+
+
+def _report(cfg: Config, args: argparse.Namespace, side: _Worker) -> int:
+    result = side.result()
     result = {"model": cfg.model if args.mode != "data" else None, "mode": args.mode, "batch_size": cfg.batch_size,
-              "image_size": cfg.image_size, "amp_level": cfg.amp_level, **result, "peak_rss_mb": peak_rss_mb()}
+              "image_size": cfg.image_size, "amp_level": cfg.amp_level, **result}
     print(f"{args.mode} {result['model'] or cfg.dataset_path}: {result['img_per_s']:.2f} images/s, median step "
           f"{result['median_step_s'] * 1000:.1f} ms, time to first step {result['compile_s']:.1f} s, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    threads = result["threads"]
+    kernels = f", C++ kernels {threads['cpp_kernels_openmp']} OpenMP" if threads["cpp_kernels_openmp"] else ""
+    print(f"this project: {threads['process']} threads (MindSpore runtime {threads['mindspore_runtime']}{kernels}); "
+          f"thread variables: {_env_text(result['env'])}", flush=True)
     if "per_image_ms" in result:
         print(f"decode + augment: {result['per_image_ms']:.2f} ms of CPU per image ({result['workers']} workers)")
-    if args.torch_reference:
-        ratios, ours, theirs = [], [result["img_per_s"]], []
+    if args.torch_reference and args.mode != "data":
+        ratios, ours, theirs, idle = [], [result["img_per_s"]], [], []
         for i in range(args.rounds):
             if i > 0:
-                ours.append(cfg.batch_size / statistics.median(_timed(step, args.steps)))
+                ours.append(side.again()["img_per_s"])
+            before = side.cpu_s()
             ref = torch_reference(args.torch_reference, cfg, args.mode)
+            idle.append(side.cpu_s() - before)
             theirs.append(ref["img_per_s"])
             ratios.append(ours[-1] / theirs[-1])
-            print(f"PyTorch {ref['torch']} eager ({ref['layout']}): {ref['img_per_s']:.2f} images/s; this project "
-                  f"{ours[-1]:.2f} images/s; ratio {ratios[-1]:.2f}x", flush=True)
-        result["torch_img_per_s"] = statistics.median(theirs)
-        result["ratio_vs_torch"] = statistics.median(ratios)
+            print(f"PyTorch {ref['torch']} eager ({ref['layout']}, {ref.get('threads', '?')} threads): "
+                  f"{ref['img_per_s']:.2f} images/s; this project {ours[-1]:.2f} images/s; ratio {ratios[-1]:.2f}x",
+                  flush=True)
+        result.update(torch_img_per_s=statistics.median(theirs), ratio_vs_torch=statistics.median(ratios),
+                      torch_threads=ref.get("threads"), torch_env=thread_env(START_ENV.get),
+                      idle_worker_cpu_s=round(max(idle), 2))
+        print(f"PyTorch's thread variables: {_env_text(result['torch_env'])}; this project's idle worker used "
+              f"{max(idle):.2f} s of CPU while the reference ran", flush=True)
         if args.rounds > 1:
             result["ratios"] = ratios
             print(f"median ratio over {args.rounds} alternating rounds: {result['ratio_vs_torch']:.2f}x "

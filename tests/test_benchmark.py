@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import make_imagefolder, run_cli
+from conftest import ROOT, make_imagefolder, run_cli
+
+from benchmark import THREAD_VARIABLES
 
 SMALL = ["--width", "0.25", "--image_size", "32", "--batch_size", "2", "--num_classes", "10", "--steps", "2",
          "--warmup", "1", "--json", "True"]
@@ -42,19 +47,50 @@ def test_json_off_prints_no_json():
     assert proc.returncode == 0 and not proc.stdout.strip().splitlines()[-1].startswith("{")
 
 
-@pytest.mark.parametrize("mode", ["train", "infer"])
-def test_rounds_alternate_with_the_reference_and_report_the_median_ratio(tmp_path, mode):
-    # a stand-in for shared/bench/torch_reference.py with its output format (CI has no PyTorch)
+# A stand-in for shared/bench/torch_reference.py with its output format (CI has no PyTorch) that also writes down
+# the threading variables it was started with, as Python and as a shell (the C-level environment) see them.
+FAKE_REFERENCE = """import json, os, pathlib, subprocess, sys
+shell = subprocess.run(["sh", "-c", "echo ${OMP_NUM_THREADS:-unset} ${OMP_WAIT_POLICY:-unset}"],
+                       capture_output=True, text=True).stdout.split()
+seen = {"python": [os.environ.get("OMP_NUM_THREADS", "unset"), os.environ.get("OMP_WAIT_POLICY", "unset")],
+        "shell": shell}
+with open(pathlib.Path(__file__).with_suffix(".seen"), "a") as f:
+    f.write(json.dumps(seen) + "\\n")
+print(json.dumps({"img_per_s": 100.0, "torch": "x", "layout": "nchw", "threads": 2}))
+"""
+
+
+@pytest.mark.parametrize("mode, users_threads", [("train", None), ("infer", "2")])
+def test_rounds_alternate_with_a_reference_that_sees_only_the_users_environment(tmp_path, mode, users_threads):
+    """MindSpore puts OMP_NUM_THREADS=1 into its process's C environment and this package sets OMP_WAIT_POLICY;
+    a reference started from there ran PyTorch on one thread. It must see what the user started with."""
     fake = tmp_path / "reference.py"
-    fake.write_text('import json\nprint(json.dumps({"img_per_s": 100.0, "torch": "x", "layout": "nchw"}))\n')
-    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", mode, "--torch_reference", str(fake),
-                   "--rounds", "3", *SMALL)
+    fake.write_text(FAKE_REFERENCE)
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    if users_threads:
+        env["OMP_NUM_THREADS"] = users_threads
+    proc = subprocess.run([sys.executable, "benchmark.py", "--model", "mobilenetv2", "--mode", mode,
+                           "--torch_reference", str(fake), "--rounds", "3", *SMALL], cwd=ROOT,
+                          env={**env, "GLOG_v": "3"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["ratios"]) == 3 and result["torch_img_per_s"] == 100.0
     assert result["ratio_vs_torch"] == sorted(result["ratios"])[1]
-    assert proc.stdout.count("PyTorch x eager (nchw): 100.00 images/s; this project ") == 3
+    assert proc.stdout.count("PyTorch x eager (nchw, 2 threads): 100.00 images/s; this project ") == 3
     assert "median ratio over 3 alternating rounds: " in proc.stdout
+    seen = [json.loads(line) for line in fake.with_suffix(".seen").read_text().splitlines()]
+    expected = [users_threads or "unset", "unset"]
+    assert seen == [{"python": expected, "shell": expected}] * 3
+    assert result["torch_env"] == ({"OMP_NUM_THREADS": users_threads} if users_threads else {})
+    # this project's side sets its own (in its own process) and says so, with its thread counts
+    assert result["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert result["env"]["OMP_NUM_THREADS"] == (users_threads or "1")  # MindSpore's 1 unless the user chose
+    assert result["threads"]["process"] > 1 and result["threads"]["mindspore_runtime"] >= 1
+    # the C++ kernels run on every core (libgomp read its settings before MindSpore's setenv), or the user's count
+    cores = int(users_threads) if users_threads else len(os.sched_getaffinity(0))
+    assert result["threads"]["cpp_kernels_openmp"] == cores
+    assert f"C++ kernels {result['threads']['cpp_kernels_openmp']} OpenMP" in proc.stdout
+    assert 0 <= result["idle_worker_cpu_s"] < 5
 
 
 def test_rounds_need_the_reference():

@@ -15,6 +15,7 @@ BatchNorm and GPU/Ascend never use it. CLS_CPU_KERNELS=mindspore turns it off; C
 (any subset of KINDS) keeps only those.
 """
 from src.models.kernels.build import KernelUnavailable, build_library
-from src.models.kernels.cpu import KINDS, SWITCH, fast_cpu_kernels, use_fast_kernels
+from src.models.kernels.cpu import KINDS, SWITCH, fast_cpu_kernels, kernel_threads, use_fast_kernels
 
-__all__ = ["KINDS", "SWITCH", "KernelUnavailable", "build_library", "fast_cpu_kernels", "use_fast_kernels"]
+__all__ = ["KINDS", "SWITCH", "KernelUnavailable", "build_library", "fast_cpu_kernels", "kernel_threads",
+           "use_fast_kernels"]

@@ -7,7 +7,12 @@
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i]. The epsilon arrives as a
 // one-element float32 tensor so one compiled function serves every layer.
 #include <cmath>
+#include <atomic>
 #include <cstdint>
+
+#include <omp.h>
+
+extern std::atomic<int> cls_kernel_threads;  // pooling.cc
 
 namespace {
 
@@ -100,6 +105,7 @@ void backward(const float* x, const float* dy, const float* mean, const float* i
 // inputs x (N,C,...), gamma (C), beta (C), eps (1); outputs y, mean (C), invstd (C), unbiased variance (C)
 extern "C" int BatchNormTrainForward(int, void** params, int* ndims, int64_t** shapes, const char**, void*,
                                      void*) {
+  cls_kernel_threads.store(omp_get_max_threads(), std::memory_order_relaxed);
   forward(static_cast<float*>(params[0]), static_cast<float*>(params[1]), static_cast<float*>(params[2]),
           static_cast<float*>(params[3])[0], static_cast<float*>(params[4]), static_cast<float*>(params[5]),
           static_cast<float*>(params[6]), static_cast<float*>(params[7]), planes(shapes[0], ndims[0]));

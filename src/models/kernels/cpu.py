@@ -1,6 +1,7 @@
 """The C++ kernels as MindSpore ops.Custom AOT operators, and the switch that points a net's layers at them."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -140,6 +141,19 @@ def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None
             cell.kernel = mean
     counts = ", ".join(f"{len(found.get(kind, []))} {_NAMES[kind]}" for kind in KINDS)
     return f"CPU: fast kernels for {counts} ({library.name}{ignored})"
+
+
+def kernel_threads() -> int | None:
+    """OpenMP threads the C++ kernels last ran with in this process (None if none ran or they are unavailable).
+
+    The library MindSpore loaded for the ops.Custom operators is the same file, so dlopen returns the same handle
+    and this reads the number its kernels recorded on the thread MindSpore called them from.
+    """
+    try:
+        threads = ctypes.CDLL(str(build_library())).KernelThreads()
+    except (KernelUnavailable, OSError, AttributeError):
+        return None
+    return threads or None
 
 
 def use_fast_kernels(net: nn.Cell, platform_name: str, amp_level: str) -> None:

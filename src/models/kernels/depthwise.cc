@@ -4,8 +4,13 @@
 // tensors, which is 3-20x slower than these direct loops (docs/performance.md). Built by src/models/kernels/build.py.
 //
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+
+#include <omp.h>
+
+extern std::atomic<int> cls_kernel_threads;  // pooling.cc
 
 namespace {
 
@@ -102,6 +107,7 @@ void grad_weight(const float* x, const float* dy, float* dw, const Geometry& g) 
   /* inputs x (N,C,H,W), weight (C,1,k,k); output y */                                                     \
   extern "C" int DepthwiseForwardS##S(int, void** params, int*, int64_t** shapes, const char**, void*,     \
                                       void*) {                                                             \
+    cls_kernel_threads.store(omp_get_max_threads(), std::memory_order_relaxed);                            \
     through_taps<S, false>(static_cast<float*>(params[0]), static_cast<float*>(params[1]),                 \
                            static_cast<float*>(params[2]), geometry(shapes[0], shapes[1][2], S));          \
     return 0;                                                                                              \

@@ -4,12 +4,23 @@
 // run them on every expanded feature map (docs/performance.md). Built by src/models/kernels/build.py.
 //
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
+#include <atomic>
 #include <cstdint>
+
+#include <omp.h>
+
+// The OpenMP team size the kernels run with, as seen on the thread MindSpore calls them from (0 until one ran).
+// MindSpore sets OMP_NUM_THREADS=1 in its process environment when it loads; libgomp has read the variable
+// before that, but a different load order would leave every kernel on one core: KernelThreads() makes it visible.
+std::atomic<int> cls_kernel_threads{0};
+extern "C" int KernelThreads() { return cls_kernel_threads.load(std::memory_order_relaxed); }
+
 
 // inputs x (N,C,H,W); output y (N,C,1,1)
 extern "C" int ChannelMeanForward(int, void** params, int*, int64_t** shapes, const char**, void*, void*) {
   const float* x = static_cast<float*>(params[0]);
   float* y = static_cast<float*>(params[1]);
+  cls_kernel_threads.store(omp_get_max_threads(), std::memory_order_relaxed);
   const int64_t planes = shapes[0][0] * shapes[0][1], hw = shapes[0][2] * shapes[0][3];
 #pragma omp parallel for schedule(static)
   for (int64_t nc = 0; nc < planes; ++nc) {
