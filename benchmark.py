@@ -242,6 +242,9 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("--mode data needs --dataset_path (a folder with train/<class>/ images)")
     if args.torch_reference and args.mode != "data" and cfg.model not in TORCH_NAMES:
         raise UserError(f"the PyTorch reference has no {cfg.model} (it has {', '.join(TORCH_NAMES)})")
+    if args.torch_reference and not Path(args.torch_reference).is_file():
+        raise UserError(f"--torch_reference {args.torch_reference} is not a file (pass the path of "
+                        "shared/bench/torch_reference.py)")
     side = _Worker(argv)
     try:
         return _report(cfg, args, side)

@@ -96,3 +96,9 @@ def test_rounds_alternate_with_a_reference_that_sees_only_the_users_environment(
 def test_rounds_need_the_reference():
     proc = run_cli("benchmark.py", "--mode", "infer", "--rounds", "3", *SMALL)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --rounds needs --torch_reference")
+
+
+def test_a_missing_reference_is_refused_before_anything_runs(tmp_path):
+    proc = run_cli("benchmark.py", "--mode", "infer", "--torch_reference", str(tmp_path / "nope.py"), *SMALL)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --torch_reference {tmp_path / 'nope.py'} is not")
+    assert "images/s" not in proc.stdout  # refused before the worker started

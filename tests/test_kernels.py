@@ -9,6 +9,7 @@ from mindspore import nn, ops
 
 from src.models import create_model, kernels
 from src.models.common import GlobalAvgPooling
+from src.models.resnet import StemMaxPool
 
 
 class SquareLoss(nn.Cell):
@@ -95,7 +96,7 @@ def test_switch_off_and_non_depthwise_layers(monkeypatch):
     monkeypatch.setenv(kernels.SWITCH, "fast")  # a typo: said, and the default (every kernel) applies
     conv = _depthwise(4, 3, 1)
     note = kernels.fast_cpu_kernels(conv)
-    assert "CLS_CPU_KERNELS=fast ignored: use mindspore, or some of depthwise,batchnorm,pooling" in note
+    assert "CLS_CPU_KERNELS=fast ignored: use mindspore, or some of depthwise,batchnorm,pooling,maxpool" in note
     assert isinstance(conv.conv2d, ops.Custom)
 
 
@@ -223,4 +224,38 @@ def test_mobilenetv3_squeeze_excite_uses_the_pooling_kernel():
     before = net(x).asnumpy()
     note = kernels.fast_cpu_kernels(net)
     assert "for 11 depthwise convolutions, 34 batch norms, 10 average poolings" in note, note  # 9 SE + the head
+    np.testing.assert_allclose(net(x).asnumpy(), before, rtol=1e-4, atol=1e-5)
+
+
+class _ReluThenPool(nn.Cell):
+    """ResNet's stem: ReLU (so many inputs are exactly 0, like the zero border) then the 3 x 3 / 2 max pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu, self.pool = nn.ReLU(), StemMaxPool()
+
+    def construct(self, x):
+        return self.pool(self.relu(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (2, 4, 1, 1), (2, 3, 56, 56)])
+def test_stem_max_pooling_equals_mindspores(shape):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = ms.Tensor(np.random.default_rng(shape[3]).standard_normal(shape).astype(np.float32))
+    reference, fast = _ReluThenPool(), _ReluThenPool()
+    assert "1 average poolings" not in kernels.fast_cpu_kernels(fast)
+    assert fast.pool.kernel is not None and reference.pool.kernel is None
+    want, got = _forward_and_grads(reference, x), _forward_and_grads(fast, x)
+    assert got[0].shape == want[0].shape == (shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2)
+    for name, w, g in zip(["output", "loss", "d input"], want, got):
+        np.testing.assert_array_equal(g, w, err_msg=name)  # a max and a routed gradient: exact
+
+
+def test_resnet_uses_the_max_pooling_kernel_and_keeps_its_output():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = create_model("resnet50", 10).set_train(False)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    before = net(x).asnumpy()
+    note = kernels.fast_cpu_kernels(net)
+    assert "for 0 depthwise convolutions, 53 batch norms, 1 average poolings, 1 max poolings" in note, note
     np.testing.assert_allclose(net(x).asnumpy(), before, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """PACT quantization-aware training: fake-quant numerics, gradients, checkpoints, CLI and the QDQ ONNX export."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -187,6 +188,14 @@ def test_qdq_onnx_export_matches_the_qat_net(qat_run, tmp_path: Path):
                        str(tmp_path / "qat.onnx"), *TINY_NET)
     assert ms_eval.returncode == 0 and ort_eval.returncode == 0, ms_eval.stderr[-2000:] + ort_eval.stderr[-2000:]
     assert RESULT_LINE.search(ms_eval.stdout).group(1) == RESULT_LINE.search(ort_eval.stdout).group(1)
+    # tools/bench_onnx.py times ONNX files in fresh processes and shows what onnxruntime made of the graph
+    bench = run_cli("tools/bench_onnx.py", str(tmp_path / "qat.onnx"), str(tmp_path / "qat.onnx"), "--batch_sizes",
+                    "1,2", "--rounds", "1", "--steps", "2", "--warmup", "1")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    rows = json.loads(bench.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["batch"], r["ratio_to_first"] > 0, r["img_per_s"] > 0) for r in rows] == [(1, True, True)] * 2 + [
+        (2, True, True)] * 2
+    assert all(r["ops"].get("DequantizeLinear") for r in rows) and "after onnxruntime's optimisation: " in bench.stdout
     mindir = run_cli("export.py", "--output_path", str(qat_out), "--pact_quant", "True", "--file_name",
                      str(tmp_path / "qat"), *TINY_NET)
     assert mindir.returncode == 0 and float(DIFF_LINE.search(mindir.stdout).group(1)) <= 1e-5

@@ -45,15 +45,32 @@ class ResidualBlock(nn.Cell):
         return self.relu(out + identity)
 
 
+class StemMaxPool(nn.Cell):
+    """3 x 3 max pooling, stride 2, over a zero border of 1 (torchvision pads with -inf: the same here, as the input
+    is post-ReLU, >= 0). Written as Pad + valid MaxPool2d because MaxPool2d(pad_mode="pad") does not export to ONNX.
+
+    `kernel`, when set, is a primitive x -> (y, argmax) doing the same in one pass (src/models/kernels sets a C++
+    one on CPU: MindSpore's Pad and MaxPool kernels take ~1 s of every ResNet-50 training step at batch 32).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1)))
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
+        self.kernel = None
+
+    def construct(self, x):
+        if self.kernel is None:
+            return self.pool(self.pad(x))
+        return self.kernel(x)[0]
+
+
 class ResNetBackbone(nn.Cell):
     def __init__(self, layer_nums: tuple[int, int, int, int]):
         super().__init__()
         self.conv1, self.bn1 = _conv(3, 64, 7, 2), _bn(64)
         self.relu = nn.ReLU()
-        # zero padding equals torchvision's -inf padding here (the input is post-ReLU, >= 0) and, unlike
-        # MaxPool2d(pad_mode="pad"), exports to ONNX
-        self.pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1)))
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
+        self.maxpool = StemMaxPool()
         in_channels, out_channels = (64, 256, 512, 1024), (256, 512, 1024, 2048)
         strides = (1, 2, 2, 2)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
@@ -63,7 +80,7 @@ class ResNetBackbone(nn.Cell):
         self.out_channels = out_channels[-1]
 
     def construct(self, x):
-        x = self.maxpool(self.pad(self.relu(self.bn1(self.conv1(x)))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("depthwise.cc", "batchnorm.cc", "pooling.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("depthwise.cc", "batchnorm.cc", "pooling.cc", "maxpool.cc"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
 
 

@@ -12,6 +12,7 @@ import mindspore.ops as ops
 
 from src.models.common import GlobalAvgPooling
 from src.models.kernels.build import KernelUnavailable, build_library
+from src.models.resnet import StemMaxPool
 
 SWITCH = "CLS_CPU_KERNELS"
 
@@ -99,9 +100,30 @@ def _is_pooling(cell: nn.Cell) -> bool:
     return isinstance(cell, GlobalAvgPooling) and cell.kernel is None
 
 
-KINDS = ("depthwise", "batchnorm", "pooling")
-_MATCHES = {"depthwise": _is_depthwise, "batchnorm": _is_batchnorm, "pooling": _is_pooling}
-_NAMES = {"depthwise": "depthwise convolutions", "batchnorm": "batch norms", "pooling": "average poolings"}
+def _maxpool_op(library: Path) -> ops.Custom:
+    """x (N, C, H, W) -> (3 x 3 / 2 max over a zero border of 1, int32 index of each maximum), with the C++ gradient."""
+    backward = ops.Custom(f"{library}:MaxPool3x3S2Backward", out_shape=lambda x, arg, dy: x,
+                          out_dtype=lambda x, arg, dy: x, func_type="aot")
+
+    def bprop(x, out, dout):
+        return (backward(x, out[1], dout[0]),)
+
+    def shape(x):
+        y = [x[0], x[1], (x[2] - 1) // 2 + 1, (x[3] - 1) // 2 + 1]
+        return y, y
+
+    return ops.Custom(f"{library}:MaxPool3x3S2Forward", out_shape=shape,
+                      out_dtype=lambda x: (x, ms.int32), func_type="aot", bprop=bprop)
+
+
+def _is_maxpool(cell: nn.Cell) -> bool:
+    return isinstance(cell, StemMaxPool) and cell.kernel is None
+
+
+KINDS = ("depthwise", "batchnorm", "pooling", "maxpool")
+_MATCHES = {"depthwise": _is_depthwise, "batchnorm": _is_batchnorm, "pooling": _is_pooling, "maxpool": _is_maxpool}
+_NAMES = {"depthwise": "depthwise convolutions", "batchnorm": "batch norms", "pooling": "average poolings",
+          "maxpool": "max poolings"}
 
 
 def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None:
@@ -139,6 +161,10 @@ def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None
         mean = _mean_op(library)
         for cell in found["pooling"]:
             cell.kernel = mean
+    if found.get("maxpool"):
+        pool = _maxpool_op(library)
+        for cell in found["maxpool"]:
+            cell.kernel = pool
     counts = ", ".join(f"{len(found.get(kind, []))} {_NAMES[kind]}" for kind in KINDS)
     return f"CPU: fast kernels for {counts} ({library.name}{ignored})"
 
