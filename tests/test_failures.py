@@ -387,6 +387,8 @@ def signal_handlers(monkeypatch):
     monkeypatch.setattr(errors, "_received", None)
     monkeypatch.setattr(errors, "_handled", set())
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig in saved:  # as in a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored,
+        signal.signal(sig, signal.SIG_DFL)  # which stop_on_signals rightly keeps ignored
     yield errors
     for sig, handler in saved.items():
         signal.signal(sig, handler)
