@@ -135,7 +135,8 @@ class Config:
                                  nullable=True)
     file_format: str = _opt("MINDIR", "export format", choices=("MINDIR", "ONNX", "AIR"))
     onnx_file: str | None = _opt(None, "ONNX model for eval_onnx.py and predict.py (default: "
-                                 "output_path/<model>.onnx for eval_onnx.py)", nullable=True)
+                                 "output_path/<model>.onnx for eval_onnx.py, else the one .onnx file in "
+                                 "output_path)", nullable=True)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

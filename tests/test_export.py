@@ -169,3 +169,24 @@ def test_file_name_under_a_file_is_one_line(trained, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: the folder of file_name {blocker} cannot be created: {blocker} is a file "
                                    "(pass another --file_name)")
+
+
+def test_eval_onnx_finds_the_export_named_after_the_checkpoints_model(tmp_path):
+    """export.py names the file after the checkpoint's model (mobilenetv3_large.onnx) while the config may say
+    mobilenetv2: with only --output_path, eval_onnx.py takes the one ONNX file there, and names the choice to make
+    when there are several."""
+    from src.config import load_config
+    from src.deploy.onnx_eval import onnx_path
+    from src.errors import UserError
+
+    cfg = load_config(["--output_path", str(tmp_path)], "eval_onnx")
+    assert cfg.model == "mobilenetv2" and onnx_path(cfg) == tmp_path / "mobilenetv2.onnx"  # nothing there yet
+    (tmp_path / ".tmp-7-mobilenetv2.onnx").write_bytes(b"")  # an export being written is not a candidate
+    (tmp_path / "mobilenetv3_large.onnx").write_bytes(b"")
+    assert onnx_path(cfg) == tmp_path / "mobilenetv3_large.onnx"
+    (tmp_path / "resnet50.onnx").write_bytes(b"")
+    with pytest.raises(UserError, match=r"holds 2 ONNX files: mobilenetv3_large.onnx, resnet50.onnx \(pass "
+                                        r"--onnx_file with the one to evaluate\)"):
+        onnx_path(cfg)
+    (tmp_path / "mobilenetv2.onnx").write_bytes(b"")  # the config's model wins when its file is there
+    assert onnx_path(cfg) == tmp_path / "mobilenetv2.onnx"

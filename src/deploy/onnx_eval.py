@@ -9,13 +9,23 @@ from src.data.pipeline import create_dataset
 from src.deploy.onnx_model import load_onnx
 from src.engine.evaluate import EvalResult
 from src.engine.metrics import accuracy_metrics
+from src.errors import UserError
 
 
 def onnx_path(cfg: Config) -> Path:
     """--onnx_file (or --file_name, or the YAML's file_name), with .onnx added when the name has no such file;
-    default output_path/<model>.onnx."""
+    default output_path/<model>.onnx, or the one .onnx file in output_path (export.py names the file after the
+    checkpoint's model, which the config need not name)."""
     name = cfg.onnx_file or cfg.file_name
-    path = Path(name) if name else Path(cfg.output_path) / f"{cfg.model}.onnx"
+    if not name:
+        path = Path(cfg.output_path) / f"{cfg.model}.onnx"
+        found = [] if path.exists() else sorted(f for f in Path(cfg.output_path).glob("*.onnx")
+                                                 if not f.name.startswith("."))  # not an export being written
+        if len(found) > 1:
+            raise UserError(f"{path} not found, and {cfg.output_path} holds {len(found)} ONNX files: "
+                            f"{', '.join(f.name for f in found)} (pass --onnx_file with the one to evaluate)")
+        return found[0] if found else path
+    path = Path(name)
     if path.suffix != ".onnx" and not path.exists():
         path = path.with_name(path.name + ".onnx")
     return path
