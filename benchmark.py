@@ -216,10 +216,8 @@ class _WorkerEnded(Exception):
 
 
 def torch_reference(script: str, cfg: Config, mode: str) -> dict:
-    name = TORCH_NAMES.get(cfg.model)
-    if name is None:
-        raise UserError(f"the PyTorch reference has no {cfg.model} (it has {', '.join(TORCH_NAMES)})")
-    proc = subprocess.run([sys.executable, script, "--model", name, "--mode", mode, "--batch-size",
+    """One run of the reference, in a fresh process with START_ENV (main has checked that it has cfg.model)."""
+    proc = subprocess.run([sys.executable, script, "--model", TORCH_NAMES[cfg.model], "--mode", mode, "--batch-size",
                            str(cfg.batch_size), "--image-size", str(cfg.image_size), "--num-classes",
                            str(cfg.num_classes)], capture_output=True, text=True, env=START_ENV)
     if proc.returncode != 0:

@@ -217,13 +217,18 @@ def test_average_pooling_equals_mindspores(keep_dims, shape):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_mobilenetv3_squeeze_excite_uses_the_pooling_kernel():
+@pytest.mark.parametrize("model,batch,expected", [
+    # MobileNetV3's squeeze-excite blocks use the average-pooling kernel: 9 SE + the head
+    ("mobilenetv3_small", 2, "for 11 depthwise convolutions, 34 batch norms, 10 average poolings"),
+    # ResNet's stem uses the max-pooling kernel
+    ("resnet50", 1, "for 0 depthwise convolutions, 53 batch norms, 1 average poolings, 1 max poolings")])
+def test_a_net_uses_its_kernels_and_keeps_its_output(model, batch, expected):
     ms.set_context(mode=ms.GRAPH_MODE)
-    net = create_model("mobilenetv3_small", 10).set_train(False)
-    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    net = create_model(model, 10).set_train(False)
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32))
     before = net(x).asnumpy()
     note = kernels.fast_cpu_kernels(net)
-    assert "for 11 depthwise convolutions, 34 batch norms, 10 average poolings" in note, note  # 9 SE + the head
+    assert expected in note, note
     np.testing.assert_allclose(net(x).asnumpy(), before, rtol=1e-4, atol=1e-5)
 
 
@@ -249,13 +254,3 @@ def test_stem_max_pooling_equals_mindspores(shape):
     assert got[0].shape == want[0].shape == (shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2)
     for name, w, g in zip(["output", "loss", "d input"], want, got):
         np.testing.assert_array_equal(g, w, err_msg=name)  # a max and a routed gradient: exact
-
-
-def test_resnet_uses_the_max_pooling_kernel_and_keeps_its_output():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    net = create_model("resnet50", 10).set_train(False)
-    x = ms.Tensor(np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
-    before = net(x).asnumpy()
-    note = kernels.fast_cpu_kernels(net)
-    assert "for 0 depthwise convolutions, 53 batch norms, 1 average poolings, 1 max poolings" in note, note
-    np.testing.assert_allclose(net(x).asnumpy(), before, rtol=1e-4, atol=1e-5)
