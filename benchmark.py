@@ -33,6 +33,7 @@ import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -190,8 +191,11 @@ class _Worker:
         raise _WorkerEnded(code)  # it said why on its stderr, which is ours
 
     def again(self) -> dict:
-        self.proc.stdin.write("again\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("again\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it has ended: result() says how
+            pass
         return self.result()
 
     def cpu_s(self) -> float:
@@ -201,7 +205,10 @@ class _Worker:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -247,7 +254,11 @@ def main(argv: Sequence[str]) -> int:
     try:
         return _report(cfg, args, side)
     except _WorkerEnded as ended:
-        return ended.code or 1
+        if ended.code < 0:  # killed by a signal, so it could not say why itself
+            print(f"error: this project's timing process was killed by {signal.Signals(-ended.code).name} "
+                  "(out of memory? see dmesg; then run the benchmark again)", file=sys.stderr)
+            return 128 - ended.code
+        return ended.code or 1  # it printed its own error line on our stderr
     finally:
         side.close()
 

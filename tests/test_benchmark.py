@@ -102,3 +102,26 @@ def test_a_missing_reference_is_refused_before_anything_runs(tmp_path):
     proc = run_cli("benchmark.py", "--mode", "infer", "--torch_reference", str(tmp_path / "nope.py"), *SMALL)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: --torch_reference {tmp_path / 'nope.py'} is not")
     assert "images/s" not in proc.stdout  # refused before the worker started
+
+
+def test_a_killed_timing_process_ends_the_benchmark_with_one_line(tmp_path):
+    # the stand-in reference kills this project's timing process (its sibling) in the first round, as the OOM
+    # killer would
+    fake = tmp_path / "reference.py"
+    fake.write_text("""import json, os, signal
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        cmdline = open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        continue
+    if int(stat[1]) == os.getppid() and "--worker" in cmdline:
+        os.kill(int(pid), signal.SIGKILL)
+print(json.dumps({"img_per_s": 100.0, "torch": "x", "layout": "nchw", "threads": 2}))
+""")
+    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", "infer", "--torch_reference", str(fake),
+                   "--rounds", "2", *SMALL)
+    assert proc.returncode == 128 + 9, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: this project's timing process was killed by SIGKILL (out "
+                                                    "of memory? see dmesg; then run the benchmark again)")
+    assert not proc.stdout.strip().splitlines()[-1].startswith("{")  # no result line
