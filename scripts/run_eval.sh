@@ -15,7 +15,10 @@ case "$PLATFORM" in
     *) echo "error: platform '$PLATFORM' is not one of CPU, GPU, Ascend" >&2; exit 2 ;;
 esac
 [ -d "$DATASET_PATH" ] || { echo "error: DATASET_PATH $DATASET_PATH does not exist (pass the dataset folder)" >&2; exit 2; }
-[ -f "$CHECKPOINT_PATH" ] || { echo "error: CHECKPOINT_PATH $CHECKPOINT_PATH not found (pass a .ckpt file)" >&2; exit 2; }
+case "$CHECKPOINT_PATH" in
+    http://*|https://*|mindcv:*|torchvision:*) ;;  # published weights: eval.py downloads them into its cache
+    *) [ -f "$CHECKPOINT_PATH" ] || { echo "error: CHECKPOINT_PATH $CHECKPOINT_PATH not found (pass a checkpoint file, a URL or a short name such as mindcv:resnet50)" >&2; exit 2; } ;;
+esac
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 exec python "$ROOT/eval.py" --platform "$PLATFORM" --dataset_path "$DATASET_PATH" \
     --pretrain_ckpt "$CHECKPOINT_PATH" "$@"

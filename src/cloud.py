@@ -7,7 +7,6 @@ standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY credentials. Credentials are 
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
 import os
@@ -176,14 +175,14 @@ def sync_inputs(cfg: Config) -> Config:
     if cfg.checkpoint_url:
         local_ckpt = Path(cfg.output_path) / "pretrained"
         download_once(transfer, cfg.checkpoint_url, local_ckpt)
-        found = sorted(local_ckpt.rglob("*.ckpt"))
+        found = sorted(p for ext in ("*.ckpt", "*.safetensors", "*.pth", "*.pt") for p in local_ckpt.rglob(ext))
         name = Path(cfg.pretrain_ckpt).name if cfg.pretrain_ckpt else None
         chosen = next((p for p in found if p.name == name), None) if name else (found[0] if len(found) == 1 else None)
         if chosen is None:
-            raise UserError(f"{cfg.checkpoint_url} holds {len(found)} .ckpt files; name the one to use with "
+            raise UserError(f"{cfg.checkpoint_url} holds {len(found)} checkpoint files; name the one to use with "
                             "--pretrain_ckpt FILE_NAME")
         changes["pretrain_ckpt"] = str(chosen)
-    return dataclasses.replace(cfg, **changes)
+    return cfg.replace(**changes)
 
 
 def upload_outputs(cfg: Config) -> None:

@@ -71,7 +71,14 @@ class Config:
     image_size: int = _opt(32, "network input size in pixels", min=16, max=1024)
     width: float = _opt(1.0, "MobileNet width multiplier (channels rounded to multiples of 8)", min=0.1, max=4.0)
     dropout: float = _opt(0.0, "dropout before the classifier", min=0.0, max=0.9)
-    # where and how
+    bn_eps: float | None = _opt(None, "BatchNorm epsilon (default: the net's own, 1e-3 for the MobileNetV3s and 1e-5 "
+                                "for the others; a checkpoint's or published layout's value is taken from it)",
+                                min=1e-10, max=0.1, nullable=True)
+    padding: str = _opt("symmetric", "the padding convention of the weights (taken from the checkpoint): symmetric "
+                        "(k-1)/2 as torchvision; mindcv (MindSpore's 'same' rule on MobileNetV3's depthwise "
+                        "convolutions and ResNet's stem max pooling); modelzoo ('same' on ResNet's strided "
+                        "convolutions too)", choices=("symmetric", "mindcv", "modelzoo"))
+
     platform: str = _opt("CPU", "device to run on", choices=("CPU", "GPU", "Ascend"))
     device_id: int = _opt(0, "device index on GPU/Ascend (distributed runs take DEVICE_ID from the launcher)",
                           min=0, max=15)
@@ -87,6 +94,14 @@ class Config:
     random_flip: float = _opt(0.5, "probability of a horizontal flip (0 disables)", min=0.0, max=1.0)
     color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength (0 disables)",
                                min=0.0, max=1.0)
+    mean: str | None = _opt(None, "per-channel mean of the input normalization, 0..1 units, e.g. 0.485,0.456,0.406 "
+                            "(default: the checkpoint's, else ImageNet's, CIFAR-10's for cifar10)", nullable=True)
+    std: str | None = _opt(None, "per-channel standard deviation, 0..1 units (default as mean)", nullable=True)
+    crop_pct: float | None = _opt(None, "eval crop: resize to image_size / crop_pct, then center-crop image_size "
+                                  "(default: the checkpoint's, else 0.875 = 224/256)", min=0.1, max=1.0,
+                                  nullable=True)
+    interpolation: str | None = _opt(None, "resize interpolation (default: the checkpoint's, else bilinear)",
+                                     choices=("bilinear", "bicubic"), nullable=True)
     # optimisation
     epoch_size: int = _opt(30, "number of epochs", min=1)
     lr_decay_mode: str = _opt("cosine", "learning-rate schedule",
@@ -152,11 +167,20 @@ class Config:
         if self.pact_quant and self.freeze_layer == "backbone":
             raise UserError("--pact_quant True trains the whole net and cannot be combined with --freeze_layer "
                             "backbone (drop one of them)")
+        for key in ("mean", "std"):
+            if getattr(self, key) is not None:
+                channel_values(getattr(self, key), key)
         if self.model.startswith("resnet") and self.image_size < 32:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        """dataclasses.replace that keeps which keys the command line set (given_on_command_line)."""
+        new = dataclasses.replace(self, **changes)
+        object.__setattr__(new, "_given", given_on_command_line(self))
+        return new
 
     def resolved_dataset_path(self) -> Path:
         """The dataset folder: as given, or relative to the package when that is where it exists."""
@@ -167,6 +191,20 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def channel_values(text: str, key: str) -> list[float]:
+    """Three numbers, 0..1 units, from '0.485,0.456,0.406' (or '[0.485, 0.456, 0.406]'); UserError otherwise."""
+    parts = [p for p in text.strip("[]() ").replace(",", " ").split() if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    low = 0.0 if key == "mean" else 1e-6  # a standard deviation divides
+    if len(values) != 3 or not all(low <= v <= 1 for v in values):
+        raise UserError(f"--{key} got {text!r} (give three numbers in 0..1 units for R,G,B, e.g. "
+                        f"{'0.485,0.456,0.406' if key == 'mean' else '0.229,0.224,0.225'})")
+    return values
 
 
 def _type_name(f: dataclasses.Field) -> str:

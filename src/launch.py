@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.config import ROOT, Config, load_config
+from src.engine.published import is_remote
 from src.errors import UserError
 
 _OPTIONAL = "[CKPT_PATH FREEZE_LAYER [FILTER_HEAD]] [--key value ...]"
@@ -137,12 +138,15 @@ def plan_launch(argv: list[str]) -> Plan:
         raise UserError(f"DATASET_PATH {dataset} does not exist (pass the dataset folder)")
     train_args = ["--platform", platform, "--dataset_path", str(dataset.resolve())]
     if len(rest) >= 3:
-        ckpt, freeze = Path(rest[1]), rest[2]
-        if not ckpt.is_file():
-            raise UserError(f"CKPT_PATH {ckpt} not found (pass a .ckpt file)")
+        ckpt, freeze = rest[1], rest[2]
+        if not is_remote(ckpt) and not Path(ckpt).is_file():
+            raise UserError(f"CKPT_PATH {ckpt} not found (pass a checkpoint file, a URL, or a short name such as "
+                            "mindcv:mobilenet_v2_100)")
         if freeze not in ("none", "backbone"):
             raise UserError(f"FREEZE_LAYER '{freeze}' is not none or backbone")
-        train_args += ["--pretrain_ckpt", str(ckpt.resolve()), "--freeze_layer", freeze]
+        # a short name or URL is downloaded by the ranks, one at a time through the cache's lock
+        train_args += ["--pretrain_ckpt", ckpt if is_remote(ckpt) else str(Path(ckpt).resolve()),
+                       "--freeze_layer", freeze]
         if len(rest) == 4:
             train_args += ["--filter_head", rest[3]]
     if device_num > 1:

@@ -332,3 +332,26 @@ def test_a_cifar_format_set_of_any_size_is_read_as_mindspores_reader_reads_cifar
     (own / "test_batch.bin").write_bytes(b"")
     with pytest.raises(UserError, match=r"test_batch.bin has 0 bytes, which is not a whole number"):
         check_dataset(cfg)
+
+
+def test_predict_preprocesses_images_as_the_checkpoint_was_trained(tmp_path):
+    """A CIFAR-10 model records CIFAR-10's normalization and no crop; predict.py reads PNG files through the image
+    pipeline and, with the recorded preprocessing, gives what the CIFAR-10 eval pipeline gives (not ImageNet's)."""
+    import mindspore.dataset.transforms as transforms
+    from PIL import Image
+
+    from src.data.transforms import image_transforms, preprocessing, with_recorded_preprocessing
+    from src.deploy.predict import load_images
+
+    cifar = Config(dataset="cifar10", image_size=32)
+    recorded = preprocessing(cifar, "cifar10").to_json()  # what a CIFAR-10 run writes into its checkpoints
+    image = tmp_path / "a.png"
+    write_image(image, size=(32, 32), seed=3)
+    want = transforms.Compose(image_transforms(cifar, "cifar10", training=False))(
+        np.asarray(Image.open(image).convert("RGB")))
+    got = load_images(with_recorded_preprocessing(Config(image_size=32), recorded), [str(image)])[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(load_images(Config(image_size=32), [str(image)])[0] - want).max() > 0.1  # ImageNet's differ
+    bicubic = with_recorded_preprocessing(Config(image_size=32, interpolation="bilinear"),
+                                          {"crop_pct": 0.5, "interpolation": "bicubic"})
+    assert (bicubic.crop_pct, bicubic.interpolation) == (0.5, "bilinear")  # set keys win over the recorded ones

@@ -33,6 +33,18 @@ def test_onnx_evaluation_and_prediction_match_mindspore(trained, tmp_path):
                        str(onnx_file), *TINY_NET)
     assert ort_eval.returncode == 0, ort_eval.stderr[-3000:]
     assert "does not match actual shape" not in ort_eval.stderr  # dynamic batch on the output too
+    # the preprocessing travels: the checkpoint records what training used, the ONNX file what the checkpoint says
+    import json
+
+    import onnx
+
+    from src.engine.checkpoint import read_checkpoint
+
+    recorded = read_checkpoint(out / "checkpoint" / "best.ckpt")[1].preprocess
+    assert json.loads(recorded) == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 0.875,
+                                    "interpolation": "bilinear"}
+    onnx_meta = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(onnx_meta["preprocess"]) == json.loads(recorded)
     ms_acc, ms_top5, _ = RESULT_LINE.search(ms_eval.stdout).groups()
     ort_acc, ort_top5, ckpt = RESULT_LINE.search(ort_eval.stdout).groups()
     assert abs(float(ms_acc) - float(ort_acc)) <= 0.005 and ckpt == str(onnx_file)

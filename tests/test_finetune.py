@@ -15,6 +15,7 @@ from src.config import Config
 from src.data.checks import check_dataset
 from src.data.feature_cache import cache_key
 from src.engine.checkpoint import read_checkpoint, save_checkpoint
+from src.engine.layouts import read_weights
 from src.engine.weights import load_pretrained, read_pretrained, warn_if_other_classes
 from src.errors import UserError
 from src.models import create_model
@@ -43,10 +44,10 @@ def _values(net) -> dict[str, np.ndarray]:
 
 def test_filter_head_drops_the_classifier_and_loads_the_rest(tmp_path):
     path = _save(tmp_path, 10, extra={"moments.head.1.weight": np.zeros((10, 1280), np.float32)})
-    params, meta = read_checkpoint(path)
+    params, _ = read_checkpoint(path)
     net = create_model("mobilenetv2", 3, 0.25)
     before = _values(net)
-    report = load_pretrained(net, params, meta, path, Config(num_classes=3, filter_head=True, **SMALL))
+    report = load_pretrained(net, read_weights(path, "pretrain_ckpt"), Config(num_classes=3, filter_head=True, **SMALL))
     after = _values(net)
     assert report.dropped == ["head.1.bias", "head.1.weight"]
     assert report.left_at_init == ["head.1.weight", "head.1.bias"]
@@ -58,9 +59,9 @@ def test_filter_head_drops_the_classifier_and_loads_the_rest(tmp_path):
 
 def test_same_classes_without_filter_loads_everything(tmp_path):
     path = _save(tmp_path, 3)
-    params, meta = read_checkpoint(path)
+    params, _ = read_checkpoint(path)
     net = create_model("mobilenetv2", 3, 0.25)
-    report = load_pretrained(net, params, meta, path, Config(num_classes=3, **SMALL))
+    report = load_pretrained(net, read_weights(path, "pretrain_ckpt"), Config(num_classes=3, **SMALL))
     assert report.left_at_init == [] and report.dropped == []
     np.testing.assert_array_equal(_values(net)["head.1.weight"], params["head.1.weight"].asnumpy())
 
@@ -90,10 +91,10 @@ def test_class_mismatch_without_filter_head_suggests_it(tmp_path):
 def test_foreign_checkpoint_shape_mismatch_names_the_parameter(tmp_path):
     """A ModelZoo-style checkpoint without our metadata: the shape check names the parameter."""
     path = _save(tmp_path, 10, meta=False)
-    params, meta = read_checkpoint(path)
     with pytest.raises(UserError, match=r"parameter head.1.weight has shape \(10, 1280\) but the net expects "
                                         r"\(3, 1280\) \(fine-tune onto other classes with --filter_head True"):
-        load_pretrained(create_model("mobilenetv2", 3, 0.25), params, meta, path, Config(num_classes=3, **SMALL))
+        load_pretrained(create_model("mobilenetv2", 3, 0.25), read_weights(path, "pretrain_ckpt"),
+                        Config(num_classes=3, **SMALL))
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

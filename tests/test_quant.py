@@ -13,6 +13,7 @@ from mindspore import Tensor, nn
 
 from src.config import Config
 from src.engine.checkpoint import read_checkpoint, save_checkpoint
+from src.engine.layouts import read_weights
 from src.engine.weights import load_pretrained
 from src.errors import UserError
 from src.models import create_model, net_from_config
@@ -107,8 +108,7 @@ def test_quantized_net_keeps_the_float_names_and_a_float_checkpoint_loads(tmp_pa
     layers = quant_layers(qat)
     assert len(layers) == sum(isinstance(c, (nn.Conv2d, nn.Dense)) for _, c in float_net.cells_and_names())
     assert {n[: -len("weight")] + "pact_alpha" for n, _ in layers} == {n for n in qat_names if n.endswith("alpha")}
-    params, meta = read_checkpoint(path)
-    report = load_pretrained(qat, params, meta, path, cfg)
+    report = load_pretrained(qat, read_weights(path, "pretrain_ckpt"), cfg)
     assert report.loaded == len(float_names)
     assert len(report.left_at_init) == 3 * len(layers) and all("act_" in n or "pact" in n
                                                                 for n in report.left_at_init)

@@ -22,6 +22,7 @@ from src.config import Config
 from src.data.checks import DataSource
 from src.data.pipeline import create_dataset
 from src.errors import stop_if_signalled
+from src.data.transforms import preprocessing
 from src.models.common import ClassifierNet, PooledFeatures
 
 log = logging.getLogger("train")
@@ -32,6 +33,7 @@ def cache_key(cfg: Config, source: DataSource, net: ClassifierNet) -> str:
     """Fingerprint of everything the cached features depend on."""
     digest = hashlib.sha256()
     settings = {"version": CACHE_VERSION, "model": cfg.model, "width": cfg.width, "image_size": cfg.image_size,
+                "bn_eps": cfg.bn_eps, "padding": cfg.padding, "preprocess": preprocessing(cfg, source.kind).to_json(),
                 "dataset": source.kind, "classes": source.class_names,
                 "train": source.train.fingerprint, "val": source.val.fingerprint if source.val else None}
     digest.update(json.dumps(settings, sort_keys=True).encode())

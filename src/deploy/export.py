@@ -1,7 +1,6 @@
 """Export a checkpoint to MINDIR, ONNX or AIR, then reload the file and check it reproduces the net."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -13,14 +12,14 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from src.config import Config
-from src.data.transforms import normalization
+from src.data.transforms import preprocessing
 from src.deploy.qdq import QdqLayer, insert_qdq, qdq_settings
 from src.device import setup_device
 from src.engine.checkpoint import CheckpointMeta, write_error
+from src.engine.layouts import Weights
 from src.engine.weights import inference_net, open_for_inference
 from src.errors import UserError, writable_folder
 from src.models.common import onnx_exportable
-from src.models.quant import is_quant_param
 
 log = logging.getLogger("train")
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
@@ -49,10 +48,11 @@ def export_path(cfg: Config) -> Path:
 
 def model_metadata(cfg: Config, meta: CheckpointMeta) -> dict[str, str]:
     """What a deployed model needs to preprocess inputs and name its outputs."""
-    mean, std = normalization(cfg.dataset)
+    pre = preprocessing(cfg, cfg.dataset)
     names = meta.class_names or [str(i) for i in range(cfg.num_classes)]
     return {"model": cfg.model, "image_size": str(cfg.image_size), "dataset": cfg.dataset,
-            "class_names": json.dumps(names), "mean": json.dumps(mean), "std": json.dumps(std),
+            "class_names": json.dumps(names), "preprocess": pre.to_json(),
+            "mean": json.dumps([v * 255 for v in pre.mean]), "std": json.dumps([v * 255 for v in pre.std]),
             "pact_quant": str(cfg.pact_quant)}
 
 
@@ -64,7 +64,7 @@ def export_model(cfg: Config) -> ExportResult:
     if cfg.file_format == "AIR" and cfg.platform != "Ascend":
         raise UserError("AIR export needs an Ascend device (MindSpore builds AIR files only on Ascend; use "
                         "--file_format MINDIR or ONNX here, or run with --platform Ascend on an Ascend machine)")
-    cfg, ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
+    cfg, weights = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     setup_device(cfg)
     path = export_path(cfg)
     if path.is_dir():
@@ -72,12 +72,12 @@ def export_model(cfg: Config) -> ExportResult:
     writable_folder(path.parent, "the folder of file_name", "--file_name")
     x = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, cfg.image_size, cfg.image_size))
     x = Tensor(x.astype(np.float32))
-    net = inference_net(cfg, params, ckpt)
+    net = inference_net(cfg, weights)
     reference = net(x).asnumpy()
     tmp = _tmp_base(path)
     tmp_file = Path(str(tmp) + EXTENSIONS[cfg.file_format])
     try:
-        diff = _export_and_check(cfg, net, params, ckpt, meta, x, reference, tmp, tmp_file)
+        diff = _export_and_check(cfg, net, weights, x, reference, tmp, tmp_file)
         limit = (QDQ_TOLERANCE if cfg.pact_quant and cfg.file_format == "ONNX" else TOLERANCE) * max(
             1.0, float(np.abs(reference).max()))
         if diff is not None and not diff <= limit:  # nan fails too
@@ -95,17 +95,16 @@ def export_model(cfg: Config) -> ExportResult:
     return result
 
 
-def _export_and_check(cfg: Config, net, params: dict, ckpt: Path, meta: CheckpointMeta, x: Tensor,
-                      reference: np.ndarray, tmp: Path, tmp_file: Path) -> float | None:
+def _export_and_check(cfg: Config, net, weights: Weights, x: Tensor, reference: np.ndarray, tmp: Path,
+                      tmp_file: Path) -> float | None:
     """Write the model to `tmp_file`; the largest difference of its output from `reference` (None for AIR)."""
     if cfg.file_format == "ONNX":
         # MindSpore cannot export one net instance twice: always export from a fresh one. A QAT net is
         # exported as its float twin and the quantization is written into the ONNX graph as QDQ nodes.
-        float_cfg = dataclasses.replace(cfg, pact_quant=False)
-        float_params = {k: v for k, v in params.items() if not is_quant_param(k)}
-        ms.onnx.export(onnx_exportable(inference_net(float_cfg, float_params, ckpt)), x, file_name=str(tmp_file),
+        float_cfg = cfg.replace(pact_quant=False)
+        ms.onnx.export(onnx_exportable(inference_net(float_cfg, weights)), x, file_name=str(tmp_file),
                        input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
-        return _finish_onnx(tmp_file, x.asnumpy(), reference, model_metadata(cfg, meta),
+        return _finish_onnx(tmp_file, x.asnumpy(), reference, model_metadata(cfg, weights.meta),
                             qdq=qdq_settings(net) if cfg.pact_quant else None)
     ms.export(net, x, file_name=str(tmp), file_format=cfg.file_format)
     if cfg.file_format == "MINDIR":

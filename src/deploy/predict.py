@@ -8,7 +8,7 @@ import numpy as np
 from src.config import Config
 from src.data.checks import IMAGE_EXTENSIONS, image_problem
 from src.data.image_check import decode_problem
-from src.data.transforms import eval_transforms
+from src.data.transforms import eval_transforms, with_recorded_preprocessing
 from src.errors import UserError
 
 
@@ -44,6 +44,7 @@ def predict_images(cfg: Config, paths: list[str], k: int = 5):
 
         model = load_onnx(cfg.onnx_file)
         model.check(cfg.image_size, cfg.num_classes)
+        cfg = with_recorded_preprocessing(cfg, model.metadata.get("preprocess"))
         logits, names = model(load_images(cfg, paths)), model.class_names
     else:
         logits, names = _predict_ckpt(cfg, paths)
@@ -62,7 +63,7 @@ def _predict_ckpt(cfg: Config, paths: list[str]):
     from src.device import setup_device
     from src.engine.weights import inference_net, open_for_inference
 
-    cfg, ckpt, params, meta = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
+    cfg, weights = open_for_inference(cfg, cfg.ckpt_file, "ckpt_file")
     images = load_images(cfg, paths)
     setup_device(cfg)
-    return inference_net(cfg, params, ckpt)(ms.Tensor(images)).asnumpy(), meta.class_names
+    return inference_net(cfg, weights)(ms.Tensor(images)).asnumpy(), weights.meta.class_names

@@ -18,8 +18,10 @@ from src.errors import UserError
 # the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
 SCHEDULE_KEYS = ("batch_size", "epoch_size", "lr_decay_mode", "lr_init", "lr_max", "lr_end", "warmup_epochs",
                  "steps_per_epoch")
+# the net's shape beyond model/width/num_classes: a checkpoint made from published weights keeps their convention
+ARCH_KEYS = ("bn_eps", "padding")
 META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
-             "pact_quant", "lr", *SCHEDULE_KEYS)
+             "pact_quant", "lr", *ARCH_KEYS, "preprocess", "source", *SCHEDULE_KEYS)
 OWN_META_KEYS = ("model", "image_size", "class_names", "pact_quant", "steps_per_epoch")  # not written by others
 OPTIMIZER_MARKERS = ("moments.", "global_step")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
@@ -38,6 +40,10 @@ class CheckpointMeta:
     class_names: list[str] | None = None
     val_top1: float | None = None
     pact_quant: bool | None = None
+    bn_eps: float | None = None
+    padding: str | None = None
+    preprocess: str | None = None  # JSON: mean, std (0..1), crop_pct, interpolation (data.transforms.Preprocessing)
+    source: str | None = None  # JSON: the published weights it was converted from (layout, file, sha256)
     lr: float | None = None  # the learning rate of the epoch's last step
     batch_size: int | None = None
     epoch_size: int | None = None
@@ -47,6 +53,11 @@ class CheckpointMeta:
     lr_end: float | None = None
     warmup_epochs: float | None = None
     steps_per_epoch: int | None = None
+
+
+def arch_meta(cfg) -> dict[str, Any]:
+    """What a checkpoint records of the net's conventions beyond model, width and classes."""
+    return {key: getattr(cfg, key) for key in ARCH_KEYS}
 
 
 class NonFiniteParameter(UserError):
@@ -127,6 +138,8 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, C
         if name in META_KEYS:
             if isinstance(value, ms.Parameter):
                 value = value.asnumpy().item()
+            if name == "bn_eps":  # saved as float32: 1e-05 comes back as 9.99999974e-06
+                value = float(f"{value:.7g}")
             setattr(meta, name, json.loads(value) if name == "class_names" else value)
         else:
             params[name] = value

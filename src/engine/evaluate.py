@@ -40,7 +40,8 @@ def report(result: EvalResult, output_path: str | Path) -> None:
 
 
 def evaluate(cfg: Config) -> EvalResult:
-    cfg, ckpt, params, meta = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
+    cfg, weights = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
+    ckpt, meta = weights.path, weights.meta
     source = check_dataset(cfg, need_train=False, need_val=True)
     if meta.class_names and source.class_names != meta.class_names:
         log.warning("the val class folders differ from the classes %s was trained on; labels may not match",
@@ -50,7 +51,7 @@ def evaluate(cfg: Config) -> EvalResult:
         log.info("CPU: onnxruntime is the faster path for inference here: python export.py --file_format ONNX, "
                  "then python eval_onnx.py or predict.py --onnx_file")
     dataset = create_dataset(cfg, source, training=False)
-    eval_net = eval_cell(inference_net(cfg, params, ckpt), cfg).set_train(False)
+    eval_net = eval_cell(inference_net(cfg, weights), cfg).set_train(False)
     model = Model(eval_net, eval_network=eval_net, metrics=accuracy_metrics())
     result = model.eval(dataset, dataset_sink_mode=False)
     return EvalResult(float(result["acc"]), float(result["top_5_accuracy"]), ckpt, source.val.num_images)

@@ -20,9 +20,17 @@ from src.config import Config
 from src.data.checks import DataSource, check_dataset
 from src.data.feature_cache import cached_features, feature_datasets
 from src.data.pipeline import create_dataset
+from src.data.transforms import preprocessing
 from src.device import RankInfo, amp_speed_warning, setup_device
 from src.engine.callbacks import BestCheckpoint, EpochEnd, Evaluator, MetricsFiles, PeriodicCheckpoints, TrainMonitor
-from src.engine.checkpoint import NOT_RESTORED, SCHEDULE_KEYS, load_into, periodic_checkpoints, read_checkpoint
+from src.engine.checkpoint import (
+    NOT_RESTORED,
+    SCHEDULE_KEYS,
+    arch_meta,
+    load_into,
+    periodic_checkpoints,
+    read_checkpoint,
+)
 from src.engine.history import History, read_metrics
 from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
@@ -58,10 +66,12 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     start = time.perf_counter()
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
-    resume = read_resume(cfg) if cfg.resume_ckpt else None
-    pretrain = read_pretrained(cfg) if cfg.pretrain_ckpt and not resume else None
-    if pretrain:
-        warn_if_other_classes(pretrain[1], source.class_names, Path(cfg.pretrain_ckpt), cfg)
+    resume = pretrain = None
+    if cfg.resume_ckpt:
+        cfg, *resume = read_resume(cfg)
+    elif cfg.pretrain_ckpt:
+        cfg, pretrain = read_pretrained(cfg)
+        warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)
     stop_if_signalled()  # the safe points before training: a signal during the checks or the imports stops here
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
     stop_if_signalled()
@@ -94,7 +104,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     if resume:
         load_into(net, resume[0], Path(cfg.resume_ckpt))
     elif pretrain:
-        load_pretrained(net, *pretrain, Path(cfg.pretrain_ckpt), cfg)
+        load_pretrained(net, pretrain, cfg)
     train_ds, val_ds, trainable = _datasets(cfg, source, net, ranks)
     steps = train_ds.get_dataset_size()
     if resume:
@@ -214,6 +224,7 @@ def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell
     floor = read_checkpoint(best, "best.ckpt")[1].val_top1 if resuming and best.is_file() else None
     meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
             "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant,
+            **arch_meta(cfg), "preprocess": preprocessing(cfg, source.kind).to_json(),
             **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
             "steps_per_epoch": steps_per_epoch}
     return [BestCheckpoint(net, best, meta, floor),

@@ -5,23 +5,27 @@ quantization it was trained with, and a difference from the config is refused na
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.config import Config, given_on_command_line
+from src.data.transforms import with_recorded_preprocessing
 from src.engine.checkpoint import (
+    ARCH_KEYS,
     SCHEDULE_KEYS,
+    SHAPE_HINT,
     CheckpointMeta,
     best_checkpoint,
     has_optimizer_state,
-    load_into,
     read_checkpoint,
 )
+from src.engine.layouts import Weights, check_family, map_onto, read_weights
+from src.engine.published import PUBLISHED
 from src.errors import UserError
 from src.models.common import ClassifierNet
+from src.models.quant import is_quant_param
 from src.models.registry import net_from_config
 
 log = logging.getLogger("train")
@@ -63,24 +67,74 @@ class LoadReport:
     left_at_init: list[str]
 
 
-def load_pretrained(net: ClassifierNet, params: dict, meta: CheckpointMeta, path: Path, cfg: Config) -> LoadReport:
-    """Load `params` into `net`; with cfg.filter_head the classifier's parameters are dropped first."""
-    dropped = sorted(n for n in params if n.startswith(net.head_prefixes)) if cfg.filter_head else []
-    kept = {k: v for k, v in params.items() if k not in dropped}
-    left = load_into(net, kept, path, hint=FILTER_HINT)
-    total = len(list(net.get_parameters()))
-    report = LoadReport(total - len(left), dropped, left)
+def load_pretrained(net: ClassifierNet, weights: Weights, cfg: Config) -> LoadReport:
+    """Load a --pretrain_ckpt of any layout into `net`: every backbone parameter must be found; with cfg.filter_head
+    the classifier is dropped, else its shape must fit. Logs what was mapped, ignored, dropped and left at init."""
+    path, head = weights.path, net.head_prefixes
+    mapped = map_onto(weights, net, cfg.model, cfg.width)
+    own = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    if weights.foreign:
+        log.info("%s layout: %d/%d parameters mapped%s", weights.layout.name(cfg.model, cfg.width), len(mapped),
+                 len(weights.params), f" (bn_eps {cfg.bn_eps:g}, padding {cfg.padding})" if cfg.bn_eps else "")
+    if weights.ignored:
+        log.info("pretrain_ckpt %s: ignored %d optimizer entries (%s%s): fine-tuning starts a new optimizer", path,
+                 len(weights.ignored), ", ".join(weights.ignored[:3]), ", ..." if len(weights.ignored) > 3 else "")
+    dropped = sorted(n for n in mapped if n.startswith(head)) if cfg.filter_head else []
+    for name in dropped:
+        del mapped[name]
+    for name, value in mapped.items():
+        if tuple(value.shape) != own[name]:
+            raise UserError(f"pretrain_ckpt {path}: parameter {name} has shape {tuple(value.shape)} but the net "
+                            f"expects {own[name]} ({FILTER_HINT})")
+    missing = [n for n in own if n not in mapped and not n.startswith(head) and not is_quant_param(n)]
+    if missing:
+        raise UserError(f"pretrain_ckpt {path} ({weights.layout.name(cfg.model, cfg.width)} layout) lacks "
+                        f"{len(missing)} backbone parameter{'s' if len(missing) > 1 else ''} of {cfg.model}: "
+                        f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} (they would train from "
+                        "random values: pass a complete checkpoint of the net)")
+    load_mapped(net, mapped)
+    left = [n for n in own if n not in mapped]
+    report = LoadReport(len(mapped), dropped, left)
     log.info("pretrain_ckpt %s: loaded %d parameters, dropped %d classifier parameters%s, %d left at init%s", path,
              report.loaded, len(dropped), f" ({', '.join(dropped)})" if dropped else "", len(left),
              f" ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''})" if left else "")
     return report
 
 
-def read_pretrained(cfg: Config) -> tuple[dict, CheckpointMeta]:
-    """The --pretrain_ckpt file, read and checked against the config (before anything compiles)."""
-    params, meta = read_checkpoint(cfg.pretrain_ckpt, "pretrain_ckpt")
-    check_fits(meta, Path(cfg.pretrain_ckpt), cfg, "pretrain_ckpt", fine_tune=True)
-    return params, meta
+def load_mapped(net: ClassifierNet, mapped: dict) -> None:
+    import mindspore as ms
+
+    ms.load_param_into_net(net, {n: ms.Parameter(ms.Tensor(v), name=n) for n, v in mapped.items()}, strict_load=False)
+
+
+def read_pretrained(cfg: Config) -> tuple[Config, Weights]:
+    """The --pretrain_ckpt file, read, recognised and checked against the config (before anything compiles), and the
+    config with the net conventions (BatchNorm epsilon, padding) of the weights."""
+    weights = read_weights(cfg.pretrain_ckpt, "pretrain_ckpt")
+    check_family(weights, cfg.model, "pretrain_ckpt")
+    check_fits(weights.meta, weights.path, cfg, "pretrain_ckpt", fine_tune=True)
+    # the weights' input normalization and interpolation; the eval crop stays the data set's
+    cfg = with_recorded_preprocessing(arch_from_checkpoint(cfg, weights.meta, weights.path), weights.meta.preprocess,
+                                      keys=("mean", "std", "interpolation"))
+    return cfg, weights
+
+
+def arch_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> Config:
+    """The config with the checkpoint's BatchNorm epsilon and padding, unless the command line sets them."""
+    given = given_on_command_line(cfg)
+    taken = {}
+    for key in ARCH_KEYS:
+        have = getattr(meta, key)
+        if have is None or have == getattr(cfg, key):
+            continue
+        if key in given:
+            log.warning("UserWarning: %s was trained with %s=%s; --%s %s changes its outputs", ckpt, key, have, key,
+                        getattr(cfg, key))
+        else:
+            taken[key] = have
+    if taken:
+        log.info("%s: %s from the checkpoint", ckpt, ", ".join(f"{k}={v}" for k, v in taken.items()))
+    return cfg.replace(**taken) if taken else cfg
 
 
 def warn_if_other_classes(meta: CheckpointMeta, class_names: list[str], path: Path, cfg: Config) -> bool:
@@ -99,7 +153,7 @@ def warn_if_other_classes(meta: CheckpointMeta, class_names: list[str], path: Pa
     return True
 
 
-def read_resume(cfg: Config) -> tuple[dict, CheckpointMeta]:
+def read_resume(cfg: Config) -> tuple[Config, dict, CheckpointMeta]:
     """The --resume_ckpt file: a periodic checkpoint of this config with optimizer state and epochs left to run."""
     path = Path(cfg.resume_ckpt)
     params, meta = read_checkpoint(path, "resume_ckpt")
@@ -111,7 +165,7 @@ def read_resume(cfg: Config) -> tuple[dict, CheckpointMeta]:
     if meta.epoch_num >= cfg.epoch_size:
         raise UserError(f"resume_ckpt {path} already finished epoch {meta.epoch_num} of epoch_size "
                         f"{cfg.epoch_size} (to train further, {extend_hint(meta, path)})")
-    return params, meta
+    return with_recorded_preprocessing(arch_from_checkpoint(cfg, meta, path), meta.preprocess), params, meta
 
 
 def extend_hint(meta: CheckpointMeta, path: Path) -> str:
@@ -148,19 +202,26 @@ def check_same_steps(meta: CheckpointMeta, steps_per_epoch: int, path: Path, gro
                         f"start a new run from its weights with --pretrain_ckpt {path})")
 
 
-def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Config, Path, dict, CheckpointMeta]:
-    """The checkpoint named by --`flag` (default: the run's best.ckpt), read, and the config it is used with.
+def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Config, Weights]:
+    """The checkpoint named by --`flag` (default: the run's best.ckpt), of any layout, read, and the config it is
+    used with.
 
-    The model settings the checkpoint records (model, width, num_classes, image_size) replace the YAML's unless
-    the command line gives them; a command-line image_size other than the trained one is used with a warning.
+    The model settings the checkpoint records (model, width, num_classes, image_size, bn_eps, padding; for published
+    weights the class count of their classifier and their layout's conventions) replace the YAML's unless the
+    command line gives them; a command-line image_size other than the trained one is used with a warning.
     """
     ckpt = Path(path) if path else best_checkpoint(cfg.output_path)
     if not path and not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
-    params, meta = read_checkpoint(ckpt, flag)
-    cfg = settings_from_checkpoint(cfg, meta, ckpt)
-    check_fits(meta, ckpt, cfg, flag)
-    return cfg, ckpt, params, meta
+    if path in PUBLISHED and "model" not in given_on_command_line(cfg):
+        cfg = cfg.replace(model=PUBLISHED[path].model, width=1.0)  # the short name says which net
+    weights = read_weights(path or ckpt, flag)  # the string: Path() would fold a URL's "//"
+    ckpt = weights.path
+    check_family(weights, weights.meta.model or cfg.model, flag)
+    cfg = arch_from_checkpoint(settings_from_checkpoint(cfg, weights.meta, ckpt), weights.meta, ckpt)
+    cfg = with_recorded_preprocessing(cfg, weights.meta.preprocess)
+    check_fits(weights.meta, ckpt, cfg, flag)
+    return cfg, weights
 
 
 def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> Config:
@@ -180,15 +241,21 @@ def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> C
     log.info("%s: %s from the checkpoint", ckpt, ", ".join(f"{k}={v}" for k, v in taken.items()))
     if "model" in taken and taken["model"].startswith("resnet") and "width" not in given:
         taken.setdefault("width", 1.0)
-    return dataclasses.replace(cfg, **taken)
+    return cfg.replace(**taken)
 
 
-def inference_net(cfg: Config, params: dict, ckpt: Path) -> ClassifierNet:
-    """A fresh net in eval mode with every parameter loaded from `params`."""
+def inference_net(cfg: Config, weights: Weights) -> ClassifierNet:
+    """A fresh net in eval mode with every parameter loaded from `weights`."""
     net = net_from_config(cfg)
-    missing = load_into(net, params, ckpt)
+    mapped = map_onto(weights, net, cfg.model, cfg.width)
+    missing = [p.name for p in net.get_parameters() if p.name not in mapped]
     if missing:
-        raise UserError(f"checkpoint {ckpt} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
+        raise UserError(f"checkpoint {weights.path} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
                         "(pass a checkpoint of the same --model)")
+    for p in net.get_parameters():
+        if tuple(mapped[p.name].shape) != tuple(p.shape):
+            raise UserError(f"checkpoint {weights.path}: parameter {p.name} has shape {tuple(mapped[p.name].shape)} "
+                            f"but the net expects {tuple(p.shape)} ({SHAPE_HINT})")
+    load_mapped(net, mapped)
     net.set_train(False)
     return net

@@ -4,6 +4,16 @@ from __future__ import annotations
 from mindspore import nn, ops
 
 
+def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, same: bool = False,
+           **kwargs) -> nn.Conv2d:
+    """A convolution padded by (kernel - 1) / 2 on each side (torchvision), or by MindSpore's (and TensorFlow's)
+    "same" rule: for stride 2 on an even size the smaller half of the padding goes first (mindcv's MobileNetV3
+    depthwise convolutions, the ModelZoo's ResNets)."""
+    if same:
+        return nn.Conv2d(in_ch, out_ch, kernel, stride, pad_mode="same", group=groups, **kwargs)
+    return nn.Conv2d(in_ch, out_ch, kernel, stride, pad_mode="pad", padding=(kernel - 1) // 2, group=groups, **kwargs)
+
+
 class GlobalAvgPooling(nn.Cell):
     """N x C x H x W -> N x C (N x C x 1 x 1 with keep_dims).
 

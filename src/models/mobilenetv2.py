@@ -9,12 +9,13 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, GlobalAvgPooling
+from src.models.common import ClassifierNet, GlobalAvgPooling, conv2d
 from src.models.registry import register_model
 
 # expansion t, output channels c, repeats n, first stride s
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+BN_EPS = 1e-5  # as torchvision, mindcv and the ModelZoo
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -24,24 +25,24 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class ConvBNReLU(nn.Cell):
-    def __init__(self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+    def __init__(self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 bn_eps: float = BN_EPS):
         super().__init__()
-        conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride, pad_mode="pad",
-                         padding=(kernel_size - 1) // 2, group=groups)
-        self.features = nn.SequentialCell([conv, nn.BatchNorm2d(out_planes), nn.ReLU6()])
+        conv = conv2d(in_planes, out_planes, kernel_size, stride, groups)
+        self.features = nn.SequentialCell([conv, nn.BatchNorm2d(out_planes, eps=bn_eps), nn.ReLU6()])
 
     def construct(self, x):
         return self.features(x)
 
 
 class InvertedResidual(nn.Cell):
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, bn_eps: float = BN_EPS):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = stride == 1 and inp == oup
-        layers = [ConvBNReLU(inp, hidden, kernel_size=1)] if expand_ratio != 1 else []
-        layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
-                   nn.Conv2d(hidden, oup, kernel_size=1, stride=1), nn.BatchNorm2d(oup)]
+        layers = [ConvBNReLU(inp, hidden, kernel_size=1, bn_eps=bn_eps)] if expand_ratio != 1 else []
+        layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden, bn_eps=bn_eps),
+                   nn.Conv2d(hidden, oup, kernel_size=1, stride=1), nn.BatchNorm2d(oup, eps=bn_eps)]
         self.conv = nn.SequentialCell(layers)
 
     def construct(self, x):
@@ -51,17 +52,17 @@ class InvertedResidual(nn.Cell):
 
 
 class MobileNetV2Backbone(nn.Cell):
-    def __init__(self, width: float = 1.0, round_nearest: int = 8):
+    def __init__(self, width: float = 1.0, round_nearest: int = 8, bn_eps: float = BN_EPS):
         super().__init__()
         channels = make_divisible(32 * width, round_nearest)
         self.out_channels = make_divisible(1280 * max(1.0, width), round_nearest)
-        features = [ConvBNReLU(3, channels, stride=2)]
+        features = [ConvBNReLU(3, channels, stride=2, bn_eps=bn_eps)]
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             out = make_divisible(c * width, round_nearest)
             for i in range(n):
-                features.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
+                features.append(InvertedResidual(channels, out, s if i == 0 else 1, t, bn_eps))
                 channels = out
-        features.append(ConvBNReLU(channels, self.out_channels, kernel_size=1))
+        features.append(ConvBNReLU(channels, self.out_channels, kernel_size=1, bn_eps=bn_eps))
         self.features = nn.SequentialCell(features)
         self._init_weights()
 
@@ -98,7 +99,9 @@ class MobileNetV2Head(nn.Cell):
 
 
 @register_model
-def mobilenetv2(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
-    backbone = MobileNetV2Backbone(width)
+def mobilenetv2(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
+                padding: str = "symmetric") -> ClassifierNet:
+    """`padding` changes nothing here: every source pads MobileNetV2 symmetrically."""
+    backbone = MobileNetV2Backbone(width, bn_eps=BN_EPS if bn_eps is None else bn_eps)
     head = MobileNetV2Head(backbone.out_channels, num_classes, dropout)
     return ClassifierNet(backbone, head, head_prefixes=("head.",))

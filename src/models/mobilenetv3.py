@@ -14,7 +14,7 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, GlobalAvgPooling, HSigmoid, HSwish
+from src.models.common import ClassifierNet, GlobalAvgPooling, HSigmoid, HSwish, conv2d
 from src.models.mobilenetv2 import make_divisible
 from src.models.registry import register_model
 
@@ -29,16 +29,16 @@ SMALL = ((3, 16, 16, True, "RE", 2), (3, 72, 24, False, "RE", 2), (3, 88, 24, Fa
          (5, 120, 48, True, "HS", 1), (5, 144, 48, True, "HS", 1), (5, 288, 96, True, "HS", 2),
          (5, 576, 96, True, "HS", 1), (5, 576, 96, True, "HS", 1))
 ARCHS = {"large": (LARGE, 1280), "small": (SMALL, 1024)}
-BN_EPS = 1e-3  # as torchvision and the paper's TF reference
+BN_EPS = 1e-3  # as torchvision and the paper's TF reference (mindcv's is 1e-5: its checkpoints set bn_eps)
 
 
 def _activation(kind: str) -> nn.Cell:
     return HSwish() if kind == "HS" else nn.ReLU()
 
 
-def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Cell]:
-    return [nn.Conv2d(in_ch, out_ch, kernel, stride, pad_mode="pad", padding=(kernel - 1) // 2, group=groups),
-            nn.BatchNorm2d(out_ch, eps=BN_EPS)]
+def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, bn_eps: float = BN_EPS,
+             same: bool = False) -> list[nn.Cell]:
+    return [conv2d(in_ch, out_ch, kernel, stride, groups, same), nn.BatchNorm2d(out_ch, eps=bn_eps)]
 
 
 class SqueezeExcite(nn.Cell):
@@ -61,14 +61,15 @@ class SqueezeExcite(nn.Cell):
 class Bottleneck(nn.Cell):
     """Expand (1x1) -> depthwise (k x k) -> squeeze-excite -> project (1x1, linear), residual when shapes allow."""
 
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, kernel: int, stride: int, act: str, use_se: bool):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, kernel: int, stride: int, act: str, use_se: bool,
+                 bn_eps: float = BN_EPS, same: bool = False):
         super().__init__()
         self.use_res_connect = stride == 1 and in_ch == out_ch
-        layers = _conv_bn(in_ch, mid_ch, 1) + [_activation(act)] if mid_ch != in_ch else []
-        layers += _conv_bn(mid_ch, mid_ch, kernel, stride, groups=mid_ch) + [_activation(act)]
+        layers = _conv_bn(in_ch, mid_ch, 1, bn_eps=bn_eps) + [_activation(act)] if mid_ch != in_ch else []
+        layers += _conv_bn(mid_ch, mid_ch, kernel, stride, mid_ch, bn_eps, same) + [_activation(act)]
         if use_se:
             layers.append(SqueezeExcite(mid_ch))
-        layers += _conv_bn(mid_ch, out_ch, 1)
+        layers += _conv_bn(mid_ch, out_ch, 1, bn_eps=bn_eps)
         self.layers = nn.SequentialCell(layers)
 
     def construct(self, x):
@@ -78,17 +79,17 @@ class Bottleneck(nn.Cell):
 
 
 class MobileNetV3Backbone(nn.Cell):
-    def __init__(self, arch: str, width: float = 1.0):
+    def __init__(self, arch: str, width: float = 1.0, bn_eps: float = BN_EPS, same: bool = False):
         super().__init__()
         settings, _ = ARCHS[arch]
         channels = make_divisible(16 * width)
-        features = _conv_bn(3, channels, 3, stride=2) + [HSwish()]
+        features = _conv_bn(3, channels, 3, stride=2, bn_eps=bn_eps) + [HSwish()]
         for kernel, expanded, out, use_se, act, stride in settings:
             mid, out = make_divisible(expanded * width), make_divisible(out * width)
-            features.append(Bottleneck(channels, mid, out, kernel, stride, act, use_se))
+            features.append(Bottleneck(channels, mid, out, kernel, stride, act, use_se, bn_eps, same))
             channels = out
         self.out_channels = 6 * channels
-        features += _conv_bn(channels, self.out_channels, 1) + [HSwish()]
+        features += _conv_bn(channels, self.out_channels, 1, bn_eps=bn_eps) + [HSwish()]
         self.features = nn.SequentialCell(features)
         self._init_weights()
 
@@ -128,18 +129,22 @@ class MobileNetV3Head(nn.Cell):
         return self.classify(self.pool(x))
 
 
-def _mobilenetv3(arch: str, num_classes: int, width: float, dropout: float) -> ClassifierNet:
-    backbone = MobileNetV3Backbone(arch, width)
+def _mobilenetv3(arch: str, num_classes: int, width: float, dropout: float, bn_eps: float | None,
+                 padding: str) -> ClassifierNet:
+    """`padding` "mindcv": the depthwise convolutions pad by MindSpore's "same" rule, as mindcv's."""
+    backbone = MobileNetV3Backbone(arch, width, BN_EPS if bn_eps is None else bn_eps, padding == "mindcv")
     last = make_divisible(ARCHS[arch][1] * width)
     head = MobileNetV3Head(backbone.out_channels, last, num_classes, dropout)
     return ClassifierNet(backbone, head, head_prefixes=("classifier.3.",))
 
 
 @register_model
-def mobilenetv3_large(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2) -> ClassifierNet:
-    return _mobilenetv3("large", num_classes, width, dropout)
+def mobilenetv3_large(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2, bn_eps: float | None = None,
+                      padding: str = "symmetric") -> ClassifierNet:
+    return _mobilenetv3("large", num_classes, width, dropout, bn_eps, padding)
 
 
 @register_model
-def mobilenetv3_small(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2) -> ClassifierNet:
-    return _mobilenetv3("small", num_classes, width, dropout)
+def mobilenetv3_small(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2, bn_eps: float | None = None,
+                      padding: str = "symmetric") -> ClassifierNet:
+    return _mobilenetv3("small", num_classes, width, dropout, bn_eps, padding)

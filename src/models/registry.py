@@ -23,18 +23,19 @@ def list_models() -> list[str]:
     return list(_MODELS)
 
 
-def create_model(name: str, num_classes: int = 1000, width: float = 1.0, dropout: float | None = None
-                 ) -> ClassifierNet:
-    """The named net; dropout None keeps the net's own default (0.2 for MobileNetV3, 0 for the others)."""
+def create_model(name: str, num_classes: int = 1000, width: float = 1.0, dropout: float | None = None,
+                 bn_eps: float | None = None, padding: str = "symmetric") -> ClassifierNet:
+    """The named net; dropout None keeps the net's own default (0.2 for MobileNetV3, 0 for the others), bn_eps None
+    its BatchNorm epsilon (1e-3 for MobileNetV3, 1e-5 for the others); `padding` see config.Config.padding."""
     if name not in _MODELS:
         raise UserError(f"unknown model '{name}' (known: {', '.join(_MODELS)})")
     extra = {} if dropout is None else {"dropout": dropout}
-    return _MODELS[name](num_classes=num_classes, width=width, **extra)
+    return _MODELS[name](num_classes=num_classes, width=width, bn_eps=bn_eps, padding=padding, **extra)
 
 
 def net_from_config(cfg) -> ClassifierNet:
     """The configured net, made a PACT QAT net when cfg.pact_quant is set."""
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout)
+    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout, cfg.bn_eps, cfg.padding)
     if cfg.pact_quant:
         from src.models.quant import quantize_net
 

@@ -8,31 +8,34 @@ from __future__ import annotations
 from mindspore import nn
 from mindspore.common.initializer import HeNormal
 
-from src.models.common import ClassifierNet, GlobalAvgPooling
+from src.models.common import ClassifierNet, GlobalAvgPooling, conv2d
 from src.models.registry import register_model
 
 
-def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride, pad_mode="pad", padding=(k - 1) // 2,
-                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+def _conv(cin: int, cout: int, k: int, stride: int = 1, same: bool = False) -> nn.Conv2d:
+    return conv2d(cin, cout, k, stride, same=same, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
 
 
-def _bn(channels: int, last: bool = False) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, momentum=0.9, gamma_init="zeros" if last else "ones")
+BN_EPS = 1e-5  # as torchvision, mindcv and the ModelZoo
+
+
+def _bn(channels: int, last: bool = False, eps: float = BN_EPS) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=0.9, gamma_init="zeros" if last else "ones")
 
 
 class ResidualBlock(nn.Cell):
     expansion = 4
 
-    def __init__(self, in_channel: int, out_channel: int, stride: int = 1):
+    def __init__(self, in_channel: int, out_channel: int, stride: int = 1, bn_eps: float = BN_EPS, same: bool = False):
         super().__init__()
         channel = out_channel // self.expansion
-        self.conv1, self.bn1 = _conv(in_channel, channel, 1), _bn(channel)
-        self.conv2, self.bn2 = _conv(channel, channel, 3, stride), _bn(channel)
-        self.conv3, self.bn3 = _conv(channel, out_channel, 1), _bn(out_channel, last=True)
+        self.conv1, self.bn1 = _conv(in_channel, channel, 1), _bn(channel, eps=bn_eps)
+        self.conv2, self.bn2 = _conv(channel, channel, 3, stride, same), _bn(channel, eps=bn_eps)
+        self.conv3, self.bn3 = _conv(channel, out_channel, 1), _bn(out_channel, last=True, eps=bn_eps)
         self.relu = nn.ReLU()
         self.down_sample = stride != 1 or in_channel != out_channel
-        self.down_sample_layer = (nn.SequentialCell([_conv(in_channel, out_channel, 1, stride), _bn(out_channel)])
+        self.down_sample_layer = (nn.SequentialCell([_conv(in_channel, out_channel, 1, stride),
+                                                     _bn(out_channel, eps=bn_eps)])
                                   if self.down_sample else None)
 
     def construct(self, x):
@@ -49,33 +52,43 @@ class StemMaxPool(nn.Cell):
     """3 x 3 max pooling, stride 2, over a zero border of 1 (torchvision pads with -inf: the same here, as the input
     is post-ReLU, >= 0). Written as Pad + valid MaxPool2d because MaxPool2d(pad_mode="pad") does not export to ONNX.
 
-    `kernel`, when set, is a primitive x -> (y, argmax) doing the same in one pass (src/models/kernels sets a C++
-    one on CPU: MindSpore's Pad and MaxPool kernels take ~1 s of every ResNet-50 training step at batch 32).
+    `same`: pad by MindSpore's "same" rule instead (mindcv's and the ModelZoo's ResNets): on an even size, none
+    before and one row and column after.
+
+    `kernel`, when set, is a primitive x -> (y, argmax) doing the symmetric pooling in one pass (src/models/kernels
+    sets a C++ one on CPU: MindSpore's Pad and MaxPool kernels take ~1 s of every ResNet-50 training step at batch 32).
     """
 
-    def __init__(self):
+    def __init__(self, same: bool = False):
         super().__init__()
+        self.same = same
         self.pad = nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1)))
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="same" if self.same else "valid")
         self.kernel = None
 
     def construct(self, x):
-        if self.kernel is None:
-            return self.pool(self.pad(x))
-        return self.kernel(x)[0]
+        if self.kernel is not None:
+            return self.kernel(x)[0]
+        if self.same:
+            return self.pool(x)
+        return self.pool(self.pad(x))
 
 
 class ResNetBackbone(nn.Cell):
-    def __init__(self, layer_nums: tuple[int, int, int, int]):
+    def __init__(self, layer_nums: tuple[int, int, int, int], bn_eps: float = BN_EPS, padding: str = "symmetric"):
+        """`padding` "mindcv": the stem max pooling pads by MindSpore's "same" rule; "modelzoo": the strided
+        convolutions too (as those layouts' nets)."""
         super().__init__()
-        self.conv1, self.bn1 = _conv(3, 64, 7, 2), _bn(64)
+        same_conv = padding == "modelzoo"
+        self.conv1, self.bn1 = _conv(3, 64, 7, 2, same_conv), _bn(64, eps=bn_eps)
         self.relu = nn.ReLU()
-        self.maxpool = StemMaxPool()
+        self.maxpool = StemMaxPool(same=padding in ("mindcv", "modelzoo"))
         in_channels, out_channels = (64, 256, 512, 1024), (256, 512, 1024, 2048)
         strides = (1, 2, 2, 2)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             nn.SequentialCell([ResidualBlock(in_channels[i] if j == 0 else out_channels[i], out_channels[i],
-                                             strides[i] if j == 0 else 1) for j in range(layer_nums[i])])
+                                             strides[i] if j == 0 else 1, bn_eps, same_conv)
+                                for j in range(layer_nums[i])])
             for i in range(4))
         self.out_channels = out_channels[-1]
 
@@ -101,22 +114,25 @@ class ResNetHead(nn.Cell):
         return self.classify(self.pool(x))
 
 
-def _resnet(layer_nums, num_classes: int, width: float, dropout: float) -> ClassifierNet:
+def _resnet(layer_nums, num_classes: int, width: float, dropout: float, bn_eps: float | None,
+            padding: str) -> ClassifierNet:
     if width != 1.0:
         raise ValueError(f"ResNet has no width multiplier (got width={width}; use 1.0)")
-    backbone = ResNetBackbone(layer_nums)
+    backbone = ResNetBackbone(layer_nums, BN_EPS if bn_eps is None else bn_eps, padding)
     return ClassifierNet(backbone, ResNetHead(backbone.out_channels, num_classes, dropout),
                          head_prefixes=("end_point.",))
 
 
 @register_model
-def resnet50(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
-    return _resnet((3, 4, 6, 3), num_classes, width, dropout)
+def resnet50(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
+             padding: str = "symmetric") -> ClassifierNet:
+    return _resnet((3, 4, 6, 3), num_classes, width, dropout, bn_eps, padding)
 
 
 @register_model
-def resnet101(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0) -> ClassifierNet:
-    return _resnet((3, 4, 23, 3), num_classes, width, dropout)
+def resnet101(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
+              padding: str = "symmetric") -> ClassifierNet:
+    return _resnet((3, 4, 23, 3), num_classes, width, dropout, bn_eps, padding)
 
 
 

@@ -117,7 +117,7 @@ def _maxpool_op(library: Path) -> ops.Custom:
 
 
 def _is_maxpool(cell: nn.Cell) -> bool:
-    return isinstance(cell, StemMaxPool) and cell.kernel is None
+    return isinstance(cell, StemMaxPool) and cell.kernel is None and not cell.same
 
 
 KINDS = ("depthwise", "batchnorm", "pooling", "maxpool")
