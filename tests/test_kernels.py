@@ -27,7 +27,9 @@ def _forward_and_grads(conv: nn.Conv2d, x: ms.Tensor) -> list[np.ndarray]:
     return [conv(x).asnumpy(), loss.asnumpy(), dx.asnumpy(), *[g.asnumpy() for g in dparams]]
 
 
-def _depthwise(channels, k, stride):
+def _depthwise(channels, k, stride, pad_mode="pad"):
+    if pad_mode == "same":  # MindSpore's rule (mindcv's MobileNetV3): the smaller half of the padding first
+        return nn.Conv2d(channels, channels, k, stride, pad_mode="same", group=channels, has_bias=True)
     return nn.Conv2d(channels, channels, k, stride, pad_mode="pad", padding=(k - 1) // 2, group=channels,
                      has_bias=True)
 
@@ -38,13 +40,15 @@ def _own_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv(kernels.SWITCH, raising=False)
 
 
-@pytest.mark.parametrize("k,stride,size", [(3, 1, (8, 7)), (3, 2, (8, 7)), (3, 2, (7, 7)), (5, 1, (6, 9)),
-                                           (5, 2, (9, 10))])
-def test_forward_and_both_gradients_equal_mindspores(k, stride, size):
+@pytest.mark.parametrize("k,stride,size,pad_mode", [(3, 1, (8, 7), "pad"), (3, 2, (8, 7), "pad"), (3, 2, (7, 7), "pad"),
+                                                    (5, 1, (6, 9), "pad"), (5, 2, (9, 10), "pad"),
+                                                    (3, 2, (8, 7), "same"), (5, 2, (10, 9), "same"),
+                                                    (5, 1, (6, 9), "same")])
+def test_forward_and_both_gradients_equal_mindspores(k, stride, size, pad_mode):
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(k + 10 * stride)
     x = ms.Tensor(rng.standard_normal((3, 6, *size)).astype(np.float32))
-    reference, fast = _depthwise(6, k, stride), _depthwise(6, k, stride)
+    reference, fast = _depthwise(6, k, stride, pad_mode), _depthwise(6, k, stride, pad_mode)
     for a, b in zip(reference.get_parameters(), fast.get_parameters()):
         value = rng.standard_normal(a.shape).astype(np.float32)
         a.set_data(ms.Tensor(value))
@@ -217,14 +221,17 @@ def test_average_pooling_equals_mindspores(keep_dims, shape):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("model,batch,expected", [
+@pytest.mark.parametrize("model,batch,padding,expected", [
     # MobileNetV3's squeeze-excite blocks use the average-pooling kernel: 9 SE + the head
-    ("mobilenetv3_small", 2, "for 11 depthwise convolutions, 34 batch norms, 10 average poolings"),
-    # ResNet's stem uses the max-pooling kernel
-    ("resnet50", 1, "for 0 depthwise convolutions, 53 batch norms, 1 average poolings, 1 max poolings")])
-def test_a_net_uses_its_kernels_and_keeps_its_output(model, batch, expected):
+    ("mobilenetv3_small", 2, "symmetric", "for 11 depthwise convolutions, 34 batch norms, 10 average poolings"),
+    # mindcv's weights: the strided depthwise convolutions pad "same", and keep their kernel
+    ("mobilenetv3_small", 2, "mindcv", "for 11 depthwise convolutions, 34 batch norms, 10 average poolings"),
+    # ResNet's stem uses the max-pooling kernel, with mindcv's "same" padding too
+    ("resnet50", 1, "symmetric", "for 0 depthwise convolutions, 53 batch norms, 1 average poolings, 1 max poolings"),
+    ("resnet50", 1, "mindcv", "for 0 depthwise convolutions, 53 batch norms, 1 average poolings, 1 max poolings")])
+def test_a_net_uses_its_kernels_and_keeps_its_output(model, batch, padding, expected):
     ms.set_context(mode=ms.GRAPH_MODE)
-    net = create_model(model, 10).set_train(False)
+    net = create_model(model, 10, padding=padding).set_train(False)
     x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32))
     before = net(x).asnumpy()
     note = kernels.fast_cpu_kernels(net)
@@ -235,19 +242,22 @@ def test_a_net_uses_its_kernels_and_keeps_its_output(model, batch, expected):
 class _ReluThenPool(nn.Cell):
     """ResNet's stem: ReLU (so many inputs are exactly 0, like the zero border) then the 3 x 3 / 2 max pooling."""
 
-    def __init__(self):
+    def __init__(self, same: bool = False):
         super().__init__()
-        self.relu, self.pool = nn.ReLU(), StemMaxPool()
+        self.relu, self.pool = nn.ReLU(), StemMaxPool(same)
 
     def construct(self, x):
         return self.pool(self.relu(x))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (2, 4, 1, 1), (2, 3, 56, 56)])
-def test_stem_max_pooling_equals_mindspores(shape):
+@pytest.mark.parametrize("shape,same", [((2, 3, 8, 8), False), ((1, 2, 7, 9), False), ((2, 4, 1, 1), False),
+                                        ((2, 3, 56, 56), False), ((2, 3, 8, 8), True), ((1, 2, 7, 10), True),
+                                        ((2, 3, 56, 56), True)])
+def test_stem_max_pooling_equals_mindspores(shape, same):
+    """Symmetric (torchvision) and MindSpore's "same" padding (mindcv's and the ModelZoo's ResNets)."""
     ms.set_context(mode=ms.GRAPH_MODE)
     x = ms.Tensor(np.random.default_rng(shape[3]).standard_normal(shape).astype(np.float32))
-    reference, fast = _ReluThenPool(), _ReluThenPool()
+    reference, fast = _ReluThenPool(same), _ReluThenPool(same)
     assert "1 average poolings" not in kernels.fast_cpu_kernels(fast)
     assert fast.pool.kernel is not None and reference.pool.kernel is None
     want, got = _forward_and_grads(reference, x), _forward_and_grads(fast, x)

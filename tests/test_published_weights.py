@@ -308,3 +308,34 @@ def test_train_refuses_a_partial_backbone_with_one_line_and_exit_2(tmp_path):
     assert last.startswith(f"error: pretrain_ckpt {path} (MindSpore ModelZoo layout) lacks 20 backbone parameters "
                            "of resnet50: layer1.0.down_sample_layer.0.weight"), last
     assert not list(out.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("source", ["torchvision", "modelzoo"])
+def test_fine_tuning_from_torchvision_and_modelzoo_weights_trains(tmp_path, source):
+    """train.py --pretrain_ckpt (a torchvision .safetensors, a ModelZoo training checkpoint) --filter_head True:
+    the layout line, every backbone parameter loaded, only the classifier at init, and a finished run."""
+    from conftest import TINY_TRAIN, make_imagefolder, run_cli
+
+    if source == "torchvision":
+        pytest.importorskip("torch")
+        from safetensors.torch import save_file
+        from torch_nets import MobileNetV2
+
+        path = tmp_path / "mobilenet_v2.safetensors"
+        save_file(MobileNetV2(1000, width=0.25).state_dict(), str(path))
+        layout = "torchvision/timm mobilenet_v2 layout: 262/262 parameters mapped"
+    else:
+        net = create_model("mobilenetv2", 1000, 0.25)
+        path = tmp_path / "mobilenetv2_modelzoo.ckpt"
+        entries = [{"name": p.name.replace("head.1.", "dense."), "data": p} for p in net.get_parameters()]
+        ms.save_checkpoint(entries + [{"name": "global_step", "data": ms.Tensor(np.int32(5))}], str(path))
+        layout = "MindSpore ModelZoo layout: 262/262 parameters mapped"
+    data, out = make_imagefolder(tmp_path / "data"), tmp_path / "out"
+    result = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), "--epoch_size", "1",
+                     "--pretrain_ckpt", str(path), "--filter_head", "True", *TINY_TRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert layout in log
+    assert ("loaded 260 parameters, dropped 2 classifier parameters (head.1.bias, head.1.weight), 2 left at init "
+            "(head.1.weight, head.1.bias)") in log
+    assert (out / "checkpoint" / "best.ckpt").is_file()

@@ -23,28 +23,32 @@ def _is_depthwise(cell: nn.Cell) -> bool:
     k = cell.kernel_size
     return (cell.group > 1 and cell.group == cell.in_channels == cell.out_channels and k[0] == k[1]
             and k[0] % 2 == 1 and cell.stride in ((1, 1), (2, 2)) and cell.dilation == (1, 1)
-            and cell.pad_mode == "pad" and cell.padding in ((k[0] - 1) // 2, ((k[0] - 1) // 2,) * 4)
+            and (cell.pad_mode == "same" or (cell.pad_mode == "pad" and cell.padding in ((k[0] - 1) // 2,
+                                                                                          ((k[0] - 1) // 2,) * 4)))
             and cell.data_format == "NCHW")
 
 
 def _output_shape(stride: int):
+    """(size + 2p - k) // stride + 1 with p = (k - 1) / 2, which is also ceil(size / stride) ("same") for odd k."""
     def shape(x, w):
         k, p = w[2], (w[2] - 1) // 2
         return [x[0], x[1], (x[2] + 2 * p - k) // stride + 1, (x[3] + 2 * p - k) // stride + 1]
     return shape
 
 
-def _depthwise_op(library: Path, stride: int) -> ops.Custom:
-    """Conv2D-compatible primitive (x, weight) -> y with the C++ forward and a bprop made of the C++ gradients."""
-    grad_x = ops.Custom(f"{library}:DepthwiseGradInputS{stride}", out_shape=lambda x, dy, w: x,
+def _depthwise_op(library: Path, stride: int, same: bool = False) -> ops.Custom:
+    """Conv2D-compatible primitive (x, weight) -> y with the C++ forward and a bprop made of the C++ gradients.
+    `same`: MindSpore's "same" padding (differs from (k - 1) / 2 on each side only for stride 2 on even sizes)."""
+    name = f"{'Same' if same else ''}S{stride}"
+    grad_x = ops.Custom(f"{library}:DepthwiseGradInput{name}", out_shape=lambda x, dy, w: x,
                         out_dtype=lambda x, dy, w: x, func_type="aot")
-    grad_w = ops.Custom(f"{library}:DepthwiseGradWeightS{stride}", out_shape=lambda x, dy, w: w,
+    grad_w = ops.Custom(f"{library}:DepthwiseGradWeight{name}", out_shape=lambda x, dy, w: w,
                         out_dtype=lambda x, dy, w: w, func_type="aot")
 
     def bprop(x, weight, out, dout):
         return grad_x(x, dout, weight), grad_w(x, dout, weight)
 
-    return ops.Custom(f"{library}:DepthwiseForwardS{stride}", out_shape=_output_shape(stride),
+    return ops.Custom(f"{library}:DepthwiseForward{name}", out_shape=_output_shape(stride),
                       out_dtype=lambda x, w: x, func_type="aot", bprop=bprop)
 
 
@@ -100,8 +104,9 @@ def _is_pooling(cell: nn.Cell) -> bool:
     return isinstance(cell, GlobalAvgPooling) and cell.kernel is None
 
 
-def _maxpool_op(library: Path) -> ops.Custom:
-    """x (N, C, H, W) -> (3 x 3 / 2 max over a zero border of 1, int32 index of each maximum), with the C++ gradient."""
+def _maxpool_op(library: Path, same: bool = False) -> ops.Custom:
+    """x (N, C, H, W) -> (3 x 3 / 2 max over a zero border of 1, or MindSpore's "same" padding, int32 index of each
+    maximum), with the C++ gradient."""
     backward = ops.Custom(f"{library}:MaxPool3x3S2Backward", out_shape=lambda x, arg, dy: x,
                           out_dtype=lambda x, arg, dy: x, func_type="aot")
 
@@ -112,12 +117,12 @@ def _maxpool_op(library: Path) -> ops.Custom:
         y = [x[0], x[1], (x[2] - 1) // 2 + 1, (x[3] - 1) // 2 + 1]
         return y, y
 
-    return ops.Custom(f"{library}:MaxPool3x3S2Forward", out_shape=shape,
+    return ops.Custom(f"{library}:MaxPool3x3S2{'Same' if same else ''}Forward", out_shape=shape,
                       out_dtype=lambda x: (x, ms.int32), func_type="aot", bprop=bprop)
 
 
 def _is_maxpool(cell: nn.Cell) -> bool:
-    return isinstance(cell, StemMaxPool) and cell.kernel is None and not cell.same
+    return isinstance(cell, StemMaxPool) and cell.kernel is None
 
 
 KINDS = ("depthwise", "batchnorm", "pooling", "maxpool")
@@ -150,9 +155,10 @@ def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None
     except KernelUnavailable as exc:
         return f"CPU: MindSpore's own kernels (slow on CPU; the fast kernels are unavailable: {exc}{ignored})"
     if found.get("depthwise"):
-        primitives = {stride: _depthwise_op(library, stride) for stride in (1, 2)}
-        for cell in found["depthwise"]:
-            cell.conv2d = primitives[cell.stride[0]]
+        primitives = {(1, False): _depthwise_op(library, 1), (2, False): _depthwise_op(library, 2),
+                      (2, True): _depthwise_op(library, 2, same=True)}
+        for cell in found["depthwise"]:  # stride 1 "same" is (k - 1) / 2 on each side for odd k
+            cell.conv2d = primitives[cell.stride[0], cell.stride[0] == 2 and cell.pad_mode == "same"]
     if found.get("batchnorm"):
         forward = _batchnorm_op(library)
         for cell in found["batchnorm"]:
@@ -162,9 +168,9 @@ def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None
         for cell in found["pooling"]:
             cell.kernel = mean
     if found.get("maxpool"):
-        pool = _maxpool_op(library)
+        pools = {same: _maxpool_op(library, same) for same in (False, True)}
         for cell in found["maxpool"]:
-            cell.kernel = pool
+            cell.kernel = pools[cell.same]
     counts = ", ".join(f"{len(found.get(kind, []))} {_NAMES[kind]}" for kind in KINDS)
     return f"CPU: fast kernels for {counts} ({library.name}{ignored})"
 
