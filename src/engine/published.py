@@ -125,7 +125,11 @@ def _url_and_digest(spec: str, what: str) -> tuple[str, str | None]:
 @contextlib.contextmanager
 def _locked(dest: Path):
     with open(dest.with_name(dest.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is downloading %s: waiting for it", dest.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
