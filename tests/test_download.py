@@ -3,6 +3,7 @@ cache, resumed after a broken connection, checked against the digest in their na
 fine-tune from them end to end."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import re
 import threading
@@ -32,12 +33,16 @@ class Server:
                     self.send_error(404)
                     return
                 data = path.read_bytes()
+                etag = f'"{hashlib.sha256(data).hexdigest()[:12]}"'
                 start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) \
                     if self.headers.get("Range") else 0
+                if self.headers.get("If-Range") not in (None, etag):
+                    start = 0  # the file changed since the part was fetched: all of it
                 if start >= len(data) > 0:
                     self.send_error(416)
                     return
                 self.send_response(206 if start else 200)
+                self.send_header("ETag", etag)
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
@@ -164,3 +169,16 @@ def test_eval_export_and_predict_take_a_url(server, tmp_path):
     cfg, weights = open_for_inference(Config(), f"{server.url}/tiny.ckpt", "ckpt_file")
     assert (cfg.model, cfg.width, cfg.num_classes) == ("mobilenetv2", 0.25, 2)
     assert weights.path == cached_path(f"{server.url}/tiny.ckpt") and weights.path.is_file()
+
+
+def test_a_file_that_changed_between_two_tries_is_downloaded_whole(server):
+    """If-Range with the ETag the part was fetched with: a changed file is not appended to the old part."""
+    (server.root / "w.ckpt").write_bytes(b"a" * 300_000)
+    url = f"{server.url}/w.ckpt"
+    server.cut_next = 100_000
+    with pytest.raises(UserError, match="broke off at 100000 of 300000 bytes"):
+        local_path(url, "pretrain_ckpt")
+    (server.root / "w.ckpt").write_bytes(b"b" * 250_000)  # a new version of the file
+    assert local_path(url, "pretrain_ckpt").read_bytes() == b"b" * 250_000
+    assert server.ranges == [None, "bytes=100000-"]
+    assert sorted(p.name for p in cached_path(url).parent.iterdir()) == ["w.ckpt", "w.ckpt.lock"]

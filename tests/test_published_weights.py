@@ -130,7 +130,7 @@ def test_torchvision_state_dicts_give_torchvisions_logits(tmp_path, model, caplo
     path, want = _torch_state(model, suffix, tmp_path)
     got, weights = _ours(path, model)
     assert weights.layout.source == "torchvision/timm"
-    assert weights.meta.bn_eps == (1e-3 if model.startswith("mobilenetv3") else None)
+    assert weights.meta.bn_eps == (1e-3 if model.startswith("mobilenetv3") else 1e-5)
     assert _close(want, got) <= TOLERANCE, (want[0, :4], got[0, :4])
     _fine_tune(path, model, caplog)
 
@@ -165,7 +165,7 @@ def _modelzoo_checkpoint(tmp_path: Path, model: str, cfg: Config, drop: str = ""
 
 @pytest.mark.parametrize("model", ["mobilenetv2", "resnet50"])
 def test_modelzoo_checkpoints_load_by_their_published_names(tmp_path, model, caplog):
-    conventions = {"mobilenetv2": {}, "resnet50": {"bn_eps": 1e-4, "padding": "modelzoo"}}[model]
+    conventions = {"mobilenetv2": {"bn_eps": 1e-5}, "resnet50": {"bn_eps": 1e-4, "padding": "modelzoo"}}[model]
     path, values = _modelzoo_checkpoint(tmp_path, model, Config(model=model, **conventions))
     cfg, weights = read_pretrained(Config(model=model, num_classes=3, filter_head=True, pretrain_ckpt=str(path)))
     assert weights.layout.source == "MindSpore ModelZoo" and weights.meta.num_classes == 1000
@@ -253,7 +253,7 @@ def test_inference_takes_class_count_conventions_and_preprocessing_from_publishe
 
     path, _ = _torch_state("mobilenetv3_large", ".safetensors", tmp_path)
     cfg, weights = open_for_inference(Config(model="mobilenetv3_large", mean="0.5,0.5,0.5"), str(path), "ckpt_file")
-    assert (cfg.num_classes, cfg.bn_eps, cfg.padding) == (CLASSES, 1e-3, "symmetric")
+    assert (cfg.num_classes, cfg.bn_eps, cfg.padding, cfg.image_size) == (CLASSES, 1e-3, "symmetric", 224)
     assert (cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation) == ("0.5,0.5,0.5", "0.229,0.224,0.225", 0.875,
                                                                     "bilinear")  # a key the user set stays
 

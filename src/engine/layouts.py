@@ -30,6 +30,7 @@ log = logging.getLogger("train")
 FAMILIES = {"mobilenetv2": "mobilenetv2", "mobilenetv3_large": "mobilenetv3", "mobilenetv3_small": "mobilenetv3",
             "resnet50": "resnet", "resnet101": "resnet"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
+PUBLISHED_IMAGE_SIZE = 224
 # optimizer state and step counters of MindSpore training checkpoints (the ModelZoo's keep them)
 # (Momentum, Adam(W), RMSProp, Lamb, FTRL, mindcv's Lion/NAdam, EMA copies)
 OPTIMIZER_NAMES = re.compile(r"(moments|moment[123]?|accum|adam_[mv]|mean_square|mean_grad|lamb_[mv]|linear|lion_m|"
@@ -105,7 +106,8 @@ def read_weights(path: str | Path, what: str) -> Weights:
     layout = recognise(params, meta, path, what)
     if meta.model is None:  # published weights: what this package's checkpoints record, from the layout
         meta.num_classes, meta.bn_eps, meta.padding = classifier_classes(params), layout.bn_eps, layout.padding
-        meta.preprocess = IMAGENET_PREPROCESSING.to_json()  # all of them: ImageNet's, 256 -> 224, bilinear
+        meta.image_size = PUBLISHED_IMAGE_SIZE  # all of them: ImageNet at 224 px, 256 -> 224, bilinear
+        meta.preprocess = IMAGENET_PREPROCESSING.to_json()
     return Weights(path, params, meta, layout, ignored)
 
 
@@ -189,11 +191,11 @@ def recognise(params: dict, meta: CheckpointMeta, path: Path, what: str) -> Layo
                             "does not read (use torchvision's or mindcv's weights of the net, e.g. --pretrain_ckpt "
                             "torchvision:mobilenet_v2)")
         if has(r"layer1\.0\.conv1\.weight"):
-            return Layout("torchvision/timm", "resnet")
+            return Layout("torchvision/timm", "resnet", bn_eps=1e-5)
         if has(r"features\.\d+\.block\.\d+\."):
             return Layout("torchvision/timm", "mobilenetv3", bn_eps=1e-3)
         if has(r"features\.\d+\.conv\.\d+\."):
-            return Layout("torchvision/timm", "mobilenetv2")
+            return Layout("torchvision/timm", "mobilenetv2", bn_eps=1e-5)
     else:
         if has(r"layer\d\.0\.down_sample_layer\.|end_point\."):
             return Layout("MindSpore ModelZoo", "resnet", bn_eps=1e-4, padding="modelzoo", by_name=True)
@@ -204,7 +206,7 @@ def recognise(params: dict, meta: CheckpointMeta, path: Path, what: str) -> Layo
                 return Layout("mindcv", "mobilenetv3", bn_eps=1e-5, padding="mindcv")
             return Layout("mindcv", "mobilenetv2", bn_eps=1e-5)
         if has(r"features\.0\.features\.0\.weight"):
-            return Layout("MindSpore ModelZoo", "mobilenetv2", by_name=True)
+            return Layout("MindSpore ModelZoo", "mobilenetv2", bn_eps=1e-5, by_name=True)
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     raise UserError(f"{what} {path}: its parameter names ({shown or 'none'}) match none of the layouts this package "
                     "reads (its own, the MindSpore ModelZoo's and mindcv's .ckpt files, torchvision's and timm's "

@@ -140,14 +140,19 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
     from tqdm import tqdm
 
     part = dest.with_name(dest.name + ".part")
+    validator = dest.with_name(dest.name + ".part.version")  # the ETag or Last-Modified the part was sent with
     have = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    if have and validator.is_file():  # If-Range: a file that changed since is sent whole, not appended to
+        headers["If-Range"] = validator.read_text().strip()
+    request = urllib.request.Request(url, headers=headers)
     hand = f"download {url} by hand to {dest}, or pass the file's path"
     try:
         response = urllib.request.urlopen(request, timeout=60)  # noqa: S310 - http(s) only (is_remote)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # not a prefix of the file (it changed, or a stray part file): start anew
             part.unlink()
+            validator.unlink(missing_ok=True)
             return _download(url, dest, digest, spec)
         raise UserError(f"cannot download {spec}: HTTP {exc.code} {exc.reason} from {url} ({hand})") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a bad URL
@@ -155,6 +160,9 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
         raise UserError(f"cannot download {spec}: {reason} (offline, or a wrong URL? {hand})") from None
     with response:
         resumed = response.status == 206
+        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if version and not resumed:
+            validator.write_text(version)
         total = response.headers.get("Content-Length")
         total = int(total) + (have if resumed else 0) if total else None
         log.info("downloading %s to %s%s", url, dest, f" (resuming at {have} bytes)" if resumed else "")
@@ -179,9 +187,11 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
     sha = file_sha256(part)
     if digest and not sha.startswith(digest):
         part.unlink()
+        validator.unlink(missing_ok=True)
         raise UserError(f"the download of {spec} is damaged: its sha256 is {sha[:16]}..., its name says "
                         f"{digest} (run again to download it anew, or {hand})")
     os.replace(part, dest)
+    validator.unlink(missing_ok=True)
     log.info("downloaded %s (sha256 %s%s)", dest, sha, ", as its name says" if digest else "")
 
 
