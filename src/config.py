@@ -87,6 +87,9 @@ class Config:
     output_path: str = _opt("./output", "folder for checkpoints, logs, metrics and curves")
     seed: int = _opt(1, "random seed (numpy, mindspore, dataset)", min=0, max=2**32 - 1)
     debug: bool = _opt(False, "show tracebacks for user errors")
+    fingerprint_data: bool = _opt(False, "debugging: hash every training batch on the host and log the digest at "
+                                  "the end (shows each rank of a distributed run read its own shard; costs host time "
+                                  "every step)")
     # data pipeline
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
     num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)

@@ -125,7 +125,7 @@ def test_two_cpu_workers_train_data_parallel(tmp_path):
     out = tmp_path / "out"
     proc = _sh("CPU", "2", str(data), "--output_path", str(out), "--epoch_size", "2", "--batch_size", "4",
                "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs", "0",
-               "--num_parallel_workers", "1", timeout=900)
+               "--num_parallel_workers", "1", "--fingerprint_data", "True", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = {}
     for rank in (0, 1):

@@ -130,7 +130,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     monitor = TrainMonitor(lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
-                           fingerprint_data=ranks.group_size > 1)
+                           fingerprint_data=cfg.fingerprint_data)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
                           ) if val_ds is not None else None
@@ -160,9 +160,10 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
             + (f" or --loss_scale (now {cfg.loss_scale:g})" if cfg.loss_scale > 1 else "")
             + (f", or train in float32 with --amp_level O0 (now {cfg.amp_level}: float16 on CPU is slower and "
                "overflows easily)" if cfg.platform == "CPU" and cfg.amp_level != "O0" else "") + " and train again")
-    if ranks.group_size > 1:
-        log.info("rank %d of %d: trained on data sha256 %s; final weights sha256 %s", ranks.rank, ranks.group_size,
-                 monitor.data_digest.hexdigest()[:16], weights_digest(net)[:16])
+    if ranks.group_size > 1 or cfg.fingerprint_data:  # the weights digest is one pass over them, at the end
+        data = f"trained on data sha256 {monitor.data_digest.hexdigest()[:16]}; " if cfg.fingerprint_data else ""
+        log.info("rank %d of %d: %sfinal weights sha256 %s", ranks.rank, ranks.group_size, data,
+                 weights_digest(net)[:16])
 
     best = ckpt_dir / "best.ckpt"
     best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if best.is_file() else None
