@@ -64,10 +64,6 @@ class Layout:
         pattern = _SOURCE_MODELS.get(self.source, {}).get(model)
         return f"{self.source} {pattern.format(w=f'{round(width * 100):03d}')}" if pattern else self.source
 
-    @property
-    def arch(self) -> dict:
-        return {"bn_eps": self.bn_eps, "padding": self.padding}
-
 
 @dataclass
 class Weights:
