@@ -6,7 +6,6 @@ from pathlib import Path
 from src.config import Config
 from src.data.checks import check_dataset
 from src.data.pipeline import create_dataset
-from src.data.transforms import with_recorded_preprocessing
 from src.deploy.onnx_model import load_onnx
 from src.engine.evaluate import EvalResult
 from src.engine.metrics import accuracy_metrics
@@ -35,8 +34,7 @@ def onnx_path(cfg: Config) -> Path:
 def evaluate_onnx(cfg: Config) -> EvalResult:
     path = onnx_path(cfg)
     model = load_onnx(path)
-    model.check(cfg.image_size, cfg.num_classes)
-    cfg = with_recorded_preprocessing(cfg, model.metadata.get("preprocess"))
+    cfg = model.settings(cfg)
     source = check_dataset(cfg, need_train=False, need_val=True)
     metrics = accuracy_metrics()
     for images, labels in create_dataset(cfg, source, training=False).create_tuple_iterator(output_numpy=True,

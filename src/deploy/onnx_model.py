@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.config import Config
 from src.errors import UserError
 
 
@@ -24,15 +25,19 @@ class OnnxModel:
         names = self.metadata.get("class_names")
         return json.loads(names) if names else None
 
-    def check(self, image_size: int, num_classes: int) -> None:
+    def settings(self, cfg: Config) -> Config:
+        """The config checked against the file (image size, class count) and with its recorded preprocessing."""
+        from src.data.transforms import with_recorded_preprocessing
+
         size = self.metadata.get("image_size")
-        if size and int(size) != image_size:
-            raise UserError(f"{self.path} was exported for image_size {size} but the config has {image_size} "
+        if size and int(size) != cfg.image_size:
+            raise UserError(f"{self.path} was exported for image_size {size} but the config has {cfg.image_size} "
                             f"(pass --image_size {size})")
         names = self.class_names
-        if names and len(names) != num_classes:
-            raise UserError(f"{self.path} has {len(names)} classes but num_classes is {num_classes} "
+        if names and len(names) != cfg.num_classes:
+            raise UserError(f"{self.path} has {len(names)} classes but num_classes is {cfg.num_classes} "
                             f"(pass --num_classes {len(names)})")
+        return with_recorded_preprocessing(cfg, self.metadata.get("preprocess"))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Logits for a batch of any size (split or padded when the model has a fixed batch)."""

@@ -8,7 +8,7 @@ import numpy as np
 from src.config import Config
 from src.data.checks import IMAGE_EXTENSIONS, image_problem
 from src.data.image_check import decode_problem
-from src.data.transforms import eval_transforms, with_recorded_preprocessing
+from src.data.transforms import eval_transforms
 from src.errors import UserError
 
 
@@ -43,8 +43,7 @@ def predict_images(cfg: Config, paths: list[str], k: int = 5):
         from src.deploy.onnx_model import load_onnx
 
         model = load_onnx(cfg.onnx_file)
-        model.check(cfg.image_size, cfg.num_classes)
-        cfg = with_recorded_preprocessing(cfg, model.metadata.get("preprocess"))
+        cfg = model.settings(cfg)
         logits, names = model(load_images(cfg, paths)), model.class_names
     else:
         logits, names = _predict_ckpt(cfg, paths)

@@ -121,20 +121,7 @@ def read_pretrained(cfg: Config) -> tuple[Config, Weights]:
 
 def arch_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> Config:
     """The config with the checkpoint's BatchNorm epsilon and padding, unless the command line sets them."""
-    given = given_on_command_line(cfg)
-    taken = {}
-    for key in ARCH_KEYS:
-        have = getattr(meta, key)
-        if have is None or have == getattr(cfg, key):
-            continue
-        if key in given:
-            log.warning("UserWarning: %s was trained with %s=%s; --%s %s changes its outputs", ckpt, key, have, key,
-                        getattr(cfg, key))
-        else:
-            taken[key] = have
-    if taken:
-        log.info("%s: %s from the checkpoint", ckpt, ", ".join(f"{k}={v}" for k, v in taken.items()))
-    return cfg.replace(**taken) if taken else cfg
+    return settings_from_checkpoint(cfg, meta, ckpt, ARCH_KEYS)
 
 
 def warn_if_other_classes(meta: CheckpointMeta, class_names: list[str], path: Path, cfg: Config) -> bool:
@@ -218,16 +205,21 @@ def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Config
     weights = read_weights(path or ckpt, flag)  # the string: Path() would fold a URL's "//"
     ckpt = weights.path
     check_family(weights, weights.meta.model or cfg.model, flag)
-    cfg = arch_from_checkpoint(settings_from_checkpoint(cfg, weights.meta, ckpt), weights.meta, ckpt)
-    cfg = with_recorded_preprocessing(cfg, weights.meta.preprocess)
+    cfg = with_recorded_preprocessing(settings_from_checkpoint(cfg, weights.meta, ckpt), weights.meta.preprocess)
     check_fits(weights.meta, ckpt, cfg, flag)
     return cfg, weights
 
 
-def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> Config:
+MODEL_KEYS = ("model", "width", "num_classes", "image_size", *ARCH_KEYS)
+
+
+def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path, keys: tuple[str, ...] = MODEL_KEYS
+                             ) -> Config:
+    """The config with the checkpoint's values of `keys`, except those the command line gives (a different
+    image_size or net convention from the command line is used with a warning)."""
     given = given_on_command_line(cfg)
     taken = {}
-    for key in ("model", "width", "num_classes", "image_size"):
+    for key in keys:
         have = getattr(meta, key)
         if have is None or have == getattr(cfg, key):
             continue
@@ -236,6 +228,9 @@ def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path) -> C
         elif key == "image_size":
             log.warning("image_size %d: %s was trained at %d px; its accuracy at another size may differ",
                         cfg.image_size, ckpt, have)
+        elif key in ARCH_KEYS:
+            log.warning("UserWarning: %s was trained with %s=%s; --%s %s changes its outputs", ckpt, key, have, key,
+                        getattr(cfg, key))
     if not taken:
         return cfg
     log.info("%s: %s from the checkpoint", ckpt, ", ".join(f"{k}={v}" for k, v in taken.items()))
