@@ -1,14 +1,17 @@
-"""Launch training on one or more devices, the way scripts/run_train.sh is called (USAGE below).
+"""Launch training on one or more devices of one or more servers, as scripts/run_train.sh is called (USAGE below).
 
 Ascend: one process per device with DEVICE_ID / RANK_ID / RANK_SIZE / RANK_TABLE_FILE (HCCL), each in
-output_path/rank_<i>/ with its own log. GPU, and CPU with DEVICE_NUM > 1: MindSpore's msrun. Every
-argument is checked before anything starts; the launcher waits for every rank and, when one fails,
-stops the others and exits non-zero. DRY_RUN=1 prints each rank's environment and command instead.
+output_path/rank_<i>/ with its own log; with several servers in the rank table, this server's entry gives the
+devices' ranks. GPU, and CPU with several workers: MindSpore's msrun, across nodes with NODE_NUM / NODE_RANK /
+MASTER_ADDR / MASTER_PORT (every node runs the same command). Every argument is checked before anything starts;
+the launcher waits for every rank and, when one fails, stops the others and exits non-zero. DRY_RUN=1 prints each
+rank's environment and command instead.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -28,9 +31,13 @@ USAGE = f"""usage:
   sh scripts/run_train.sh GPU DEVICE_NUM VISIBLE_DEVICES DATASET_PATH {_OPTIONAL}
   sh scripts/run_train.sh CPU [DEVICE_NUM] DATASET_PATH {_OPTIONAL}
 VISIBLE_DEVICES: 0-7 or 0,2,4,6; FREEZE_LAYER: none|backbone; FILTER_HEAD: True|False;
+several nodes (GPU, CPU): NODE_NUM=2 NODE_RANK=0|1 MASTER_ADDR=<node 0's address> [MASTER_PORT=8118]
+[CLUSTER_TIMEOUT=300] on every node; several Ascend servers: a rank table listing them all [SERVER_ID=...];
 DRY_RUN=1 prints each rank's environment and command and launches nothing"""
 MAX_DEVICES = 8
-HCCL_ENV = {"HCCL_CONNECT_TIMEOUT": "600"}  # as the ModelZoo scripts set it
+DEFAULT_MASTER_PORT = 8118
+# seconds; on Ascend it is HCCL_CONNECT_TIMEOUT, 600 as the ModelZoo's scripts set it
+DEFAULT_CLUSTER_TIMEOUT = {"Ascend": 600, "GPU": 300, "CPU": 300}
 
 
 class UsageError(UserError):
@@ -46,6 +53,22 @@ class Rank:
     log: Path | None = None
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """Where this node sits in a job of several (the NODE_* / MASTER_* / CLUSTER_TIMEOUT environment)."""
+    num: int = 1
+    rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None  # None on one node: a free port is picked, so two jobs can share a machine
+    timeout: int = 300
+
+
+@dataclass(frozen=True)
+class TableServer:
+    server_id: str
+    devices: tuple[tuple[int, int], ...]  # (device_id, rank_id) in the table's order
+
+
 @dataclass
 class Plan:
     platform: str
@@ -57,6 +80,9 @@ class Plan:
     ranks: list[Rank] = field(default_factory=list)
     shared_command: list[str] | None = None  # msrun starts every rank itself
     shared_env: dict[str, str] = field(default_factory=dict)
+    nodes: Nodes = field(default_factory=Nodes)
+    world_size: int = 0
+    note: str | None = None  # said once before the ranks start
 
 
 def parse_devices(text: str) -> list[int]:
@@ -78,18 +104,107 @@ def parse_devices(text: str) -> list[int]:
     return devices
 
 
-def check_rank_table(path: Path, device_num: int) -> None:
+def read_rank_table(path: Path) -> list[TableServer]:
+    """The servers of an HCCL rank table, checked: every rank 0..N-1 once, no device twice on a server."""
     if not path.is_file():
         raise UserError(f"RANK_TABLE_FILE {path} not found (generate it with hccl_tools.py on the Ascend server)")
     try:
         table = json.loads(path.read_text())
-        count = sum(len(server["device"]) for server in table["server_list"])
+        servers = [TableServer(str(server["server_id"]),
+                               tuple((int(d["device_id"]), int(d["rank_id"])) for d in server["device"]))
+                   for server in table["server_list"]]
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"RANK_TABLE_FILE {path} is not an HCCL rank table (JSON with server_list[].device[]; "
-                        "generate it with hccl_tools.py)") from None
-    if count != device_num:
-        raise UserError(f"RANK_TABLE_FILE {path} lists {count} devices but DEVICE_NUM is {device_num} "
-                        "(use a rank table made for this device count)")
+        raise UserError(f"RANK_TABLE_FILE {path} is not an HCCL rank table (JSON with server_list[].server_id and "
+                        "device[].device_id/rank_id; generate it with hccl_tools.py)") from None
+    ranks = sorted(rank for server in servers for _, rank in server.devices)
+    if not servers or ranks != list(range(len(ranks))):
+        raise UserError(f"RANK_TABLE_FILE {path} has rank_ids {_short(ranks)} across its servers, not "
+                        f"0..{len(ranks) - 1} each once (regenerate the table, or merge the servers' tables with "
+                        "consecutive ranks)")
+    for server in servers:
+        ids = [device for device, _ in server.devices]
+        if len(set(ids)) != len(ids):
+            raise UserError(f"RANK_TABLE_FILE {path} lists a device_id twice for server {server.server_id} "
+                            "(regenerate the table)")
+    if len({server.server_id for server in servers}) != len(servers):
+        raise UserError(f"RANK_TABLE_FILE {path} lists a server_id twice (each server once, with its own address)")
+    return servers
+
+
+def _short(values: list[int]) -> str:
+    return str(values) if len(values) <= 10 else f"[{', '.join(map(str, values[:8]))}, ... {values[-1]}]"
+
+
+def is_local_address(address: str) -> bool:
+    """True when `address` (an IP or a host name) is one of this machine's: only those can be bound."""
+    try:
+        infos = socket.getaddrinfo(address, None, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.bind((sockaddr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def this_server(servers: list[TableServer], path: Path, env: dict[str, str]) -> int:
+    """Index of this machine's entry: SERVER_ID (its server_id or its index), else the entry with a local address."""
+    given = env.get("SERVER_ID", "").strip()
+    names = ", ".join(server.server_id for server in servers)
+    if given:
+        for i, server in enumerate(servers):
+            if given == server.server_id:
+                return i
+        if given.isdigit() and int(given) < len(servers):
+            return int(given)
+        raise UserError(f"SERVER_ID '{given}' is neither a server_id of RANK_TABLE_FILE {path} ({names}) nor an index "
+                        f"0..{len(servers) - 1} (export SERVER_ID=<this server's server_id>)")
+    if len(servers) == 1:
+        return 0
+    local = [i for i, server in enumerate(servers) if is_local_address(server.server_id)]
+    if len(local) != 1:
+        what = "none is" if not local else f"{len(local)} are"
+        raise UserError(f"RANK_TABLE_FILE {path} lists servers {names} and {what} an address of this machine "
+                        "(export SERVER_ID=<this server's server_id> on each server)")
+    return local[0]
+
+
+def _int_env(env: dict[str, str], name: str, default: int, lo: int, hi: int | None, hint: str) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < lo or (hi is not None and int(text) > hi):
+        bounds = f"{lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+        raise UserError(f"{name} '{text}' must be {bounds} ({hint})")
+    return int(text)
+
+
+def read_nodes(env: dict[str, str], platform: str) -> Nodes:
+    """NODE_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT and CLUSTER_TIMEOUT, checked."""
+    num = _int_env(env, "NODE_NUM", 1, 1, None, "the number of servers in the job")
+    rank = _int_env(env, "NODE_RANK", 0, 0, None, "this server's index")
+    if rank >= num:
+        raise UserError(f"NODE_RANK {rank} is out of range for NODE_NUM {num} (use 0..{num - 1}: 0 on the server at "
+                        "MASTER_ADDR, a different one on each other server)")
+    timeout = _int_env(env, "CLUSTER_TIMEOUT", DEFAULT_CLUSTER_TIMEOUT[platform], 1, None,
+                       "seconds to wait for every node")
+    port = _int_env(env, "MASTER_PORT", DEFAULT_MASTER_PORT, 1024, 65535, "a free TCP port on node 0")
+    addr = env.get("MASTER_ADDR", "").strip() or None
+    if num == 1 or platform == "Ascend":  # one node, or HCCL's rank table connects the servers
+        return Nodes(num, rank, addr, port if "MASTER_PORT" in env else None, timeout)
+    if addr is None:
+        raise UserError(f"MASTER_ADDR is not set but NODE_NUM is {num} (export MASTER_ADDR=<node 0's IP address> "
+                        "on every node)")
+    try:
+        socket.getaddrinfo(addr, None)
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"MASTER_ADDR '{addr}' is not an IP address or a known host name (export MASTER_ADDR=<node "
+                        "0's IP address>)") from None
+    return Nodes(num, rank, addr, port, timeout)
 
 
 def _device_num(text: str) -> int:
@@ -105,15 +220,33 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def plan_launch(argv: list[str]) -> Plan:
-    """Check every argument and work out what each rank runs."""
+def _table_devices(servers: list[TableServer], index: int, path: Path, device_num: int,
+                   devices: list[int]) -> tuple[int, ...]:
+    """This server's ranks, in VISIBLE_DEVICES order, after checking the table agrees with the command line."""
+    server = servers[index]
+    where = f" for server {server.server_id}" if len(servers) > 1 else ""
+    if len(server.devices) != device_num:
+        raise UserError(f"RANK_TABLE_FILE {path} lists {len(server.devices)} devices{where} but DEVICE_NUM is "
+                        f"{device_num} (use a rank table made for this device count)")
+    ranks = dict(server.devices)
+    if set(ranks) != set(devices):
+        raise UserError(f"RANK_TABLE_FILE {path} lists devices {sorted(ranks)}{where} but VISIBLE_DEVICES names "
+                        f"{devices} (pass the table's devices, or regenerate it with hccl_tools.py "
+                        "--visible_devices)")
+    return tuple(ranks[d] for d in devices)
+
+
+def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
+    """Check every argument and work out what each rank of this node runs."""
+    env = dict(os.environ) if env is None else env
     positional, extra = _split(list(argv))
     if not positional:
         raise UsageError("no platform given")
     platform, rest = positional[0], positional[1:]
     if platform not in ("Ascend", "GPU", "CPU"):
         raise UsageError(f"platform '{platform}' is not one of Ascend, GPU, CPU")
-    rank_table = None
+    nodes = read_nodes(env, platform)
+    rank_table, table_ranks, world = None, None, 0
     if platform in ("Ascend", "GPU"):
         need = 4 if platform == "Ascend" else 3
         if len(rest) < need:
@@ -124,18 +257,27 @@ def plan_launch(argv: list[str]) -> Plan:
             raise UserError(f"VISIBLE_DEVICES '{rest[1]}' names {len(devices)} devices but DEVICE_NUM is {device_num}")
         if platform == "Ascend":
             rank_table = Path(rest[2]).resolve()
-            check_rank_table(rank_table, device_num)
+            servers = read_rank_table(rank_table)
+            if "NODE_NUM" in env and nodes.num != len(servers):
+                raise UserError(f"NODE_NUM is {nodes.num} but RANK_TABLE_FILE {rank_table} lists {len(servers)} "
+                                "servers (use the table of this job, or unset NODE_NUM)")
+            index = this_server(servers, rank_table, env)
+            table_ranks = _table_devices(servers, index, rank_table, device_num, devices)
+            world = sum(len(server.devices) for server in servers)
+            nodes = Nodes(len(servers), index, timeout=nodes.timeout)
         rest = rest[need - 1:]
     else:
         device_num = _device_num(rest.pop(0)) if rest and rest[0].isdigit() else 1
         devices = list(range(device_num))
+    world = world or device_num * nodes.num
     if not rest:
         raise UsageError("DATASET_PATH is missing")
     if len(rest) not in (1, 3, 4):
         raise UsageError("CKPT_PATH needs FREEZE_LAYER after it (none or backbone)")
     dataset = Path(rest[0])
     if not dataset.exists():
-        raise UserError(f"DATASET_PATH {dataset} does not exist (pass the dataset folder)")
+        raise UserError(f"DATASET_PATH {dataset} does not exist (pass the dataset folder; on several servers, "
+                        "each needs it at this path)")
     train_args = ["--platform", platform, "--dataset_path", str(dataset.resolve())]
     if len(rest) >= 3:
         ckpt, freeze = rest[1], rest[2]
@@ -149,13 +291,16 @@ def plan_launch(argv: list[str]) -> Plan:
                        "--freeze_layer", freeze]
         if len(rest) == 4:
             train_args += ["--filter_head", rest[3]]
-    if device_num > 1:
+    if world > 1:
         train_args += ["--run_distribute", "True"]
     cfg: Config = load_config(train_args + extra)  # every flag is checked once here, not in 8 failing ranks
     output = Path(cfg.output_path).resolve()
     train_args += extra + ["--output_path", str(output)]
-    plan = Plan(platform, device_num, devices, rank_table, train_args, output)
-    _add_ranks(plan)
+    plan = Plan(platform, device_num, devices, rank_table, train_args, output, nodes=nodes, world_size=world)
+    if platform == "Ascend":
+        _add_ascend_ranks(plan, table_ranks)
+    else:
+        _add_ranks(plan)
     return plan
 
 
@@ -165,32 +310,60 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _add_ranks(plan: Plan) -> None:
+def _add_ascend_ranks(plan: Plan, table_ranks: tuple[int, ...]) -> None:
     train = [sys.executable, str(ROOT / "train.py"), *plan.train_args]
-    n = plan.device_num
-    if plan.platform == "Ascend":
-        for i, device in enumerate(plan.devices):
-            env = {"DEVICE_ID": str(device), "RANK_ID": str(i), "RANK_SIZE": str(n),
-                   "RANK_TABLE_FILE": str(plan.rank_table), **HCCL_ENV}
-            folder = plan.output_path / f"rank_{i}"
-            plan.ranks.append(Rank(i, env, train, folder, folder / "log.txt"))
-        return
+    for device, rank in zip(plan.devices, table_ranks):
+        env = {"DEVICE_ID": str(device), "RANK_ID": str(rank), "RANK_SIZE": str(plan.world_size),
+               "RANK_TABLE_FILE": str(plan.rank_table), "HCCL_CONNECT_TIMEOUT": str(plan.nodes.timeout)}
+        folder = plan.output_path / f"rank_{rank}"
+        plan.ranks.append(Rank(rank, env, train, folder, folder / "log.txt"))
+
+
+def _add_ranks(plan: Plan) -> None:
+    """GPU and CPU: one process when the job has one rank, else msrun (or, see below, the workers themselves)."""
+    train = [sys.executable, str(ROOT / "train.py"), *plan.train_args]
+    n, nodes = plan.device_num, plan.nodes
     visible = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, plan.devices))} if plan.platform == "GPU" else {}
     plan.shared_env = visible
-    if n == 1:
+    if plan.world_size == 1:
         plan.ranks.append(Rank(0, {**visible, "RANK_ID": "0", "RANK_SIZE": "1"}, train, Path.cwd()))
         return
     log_dir = plan.output_path / "logs"
-    plan.shared_command = ["msrun", f"--worker_num={n}", f"--local_worker_num={n}", f"--master_port={_free_port()}",
-                           f"--log_dir={log_dir}", "--join=True", "--cluster_time_out=300",
-                           str(ROOT / "train.py"), *plan.train_args]
+    first = nodes.rank * n  # global rank of this node's first worker, as msrun numbers them with --node_rank
+    addr, port = nodes.master_addr or "127.0.0.1", nodes.master_port or _free_port()
+    if nodes.rank > 0 and is_local_address(addr):
+        # Several nodes on one machine (a test, or a trial before using servers): msrun starts a scheduler on every
+        # node whose MASTER_ADDR is local, and the second one fails. Start this node's workers with the variables
+        # msrun gives them (MindSpore's dynamic cluster) and supervise them here instead.
+        plan.note = (f"node {nodes.rank}: MASTER_ADDR {addr} is this machine, where node 0's msrun runs the "
+                     "scheduler; starting this node's workers directly with MindSpore's cluster variables")
+        for i in range(n):
+            rank = first + i
+            env = {**visible, "MS_ROLE": "MS_WORKER", "MS_SCHED_HOST": addr, "MS_SCHED_PORT": str(port),
+                   "MS_WORKER_NUM": str(plan.world_size), "MS_NODE_ID": str(rank),
+                   "MS_TOPO_TIMEOUT": str(nodes.timeout), "RANK_ID": str(rank), "RANK_SIZE": str(plan.world_size),
+                   "DEVICE_ID": str(i)}
+            plan.ranks.append(Rank(rank, env, train, Path.cwd(), log_dir / f"worker_{rank}.log"))
+        return
+    plan.shared_command = ["msrun", f"--worker_num={plan.world_size}", f"--local_worker_num={n}"]
+    if nodes.num > 1:
+        plan.shared_command += [f"--node_rank={nodes.rank}", f"--master_addr={addr}"]
+    plan.shared_command += [f"--master_port={port}", f"--log_dir={log_dir}", "--join=True",
+                            f"--cluster_time_out={nodes.timeout}", str(ROOT / "train.py"), *plan.train_args]
     for i in range(n):
-        plan.ranks.append(Rank(i, {**visible, "RANK_ID": str(i), "RANK_SIZE": str(n)}, plan.shared_command,
-                               Path.cwd(), log_dir / f"worker_{i}.log"))
+        plan.ranks.append(Rank(first + i, {**visible, "RANK_ID": str(first + i), "RANK_SIZE": str(plan.world_size)},
+                               plan.shared_command, Path.cwd(), log_dir / f"worker_{first + i}.log"))
 
 
 def describe(plan: Plan) -> str:
     lines = []
+    if plan.nodes.num > 1:
+        first, last = plan.ranks[0].rank, plan.ranks[-1].rank
+        ranks = f"ranks {first}..{last}" if last > first else f"rank {first}"
+        master = f", master {plan.nodes.master_addr}:{plan.nodes.master_port}" if plan.platform != "Ascend" else ""
+        lines.append(f"node {plan.nodes.rank} of {plan.nodes.num}: {ranks} of {plan.world_size}{master}")
+    if plan.note:
+        lines.append(plan.note)
     for r in plan.ranks:
         env = " ".join(f"{k}={v}" for k, v in r.env.items())
         where = f" (msrun worker {r.rank})" if plan.shared_command else ""
@@ -209,6 +382,8 @@ def _run_ranks(plan: Plan) -> int:
     procs = []
     for r in plan.ranks:
         r.cwd.mkdir(parents=True, exist_ok=True)
+        if r.log:
+            r.log.parent.mkdir(parents=True, exist_ok=True)
         out = open(r.log, "w") if r.log else None  # noqa: SIM115 - closed below
         procs.append((r, subprocess.Popen(r.command, cwd=r.cwd, env={**os.environ, **r.env}, stdout=out,
                                           stderr=subprocess.STDOUT if out else None, start_new_session=True), out))
@@ -240,8 +415,33 @@ def _run_ranks(plan: Plan) -> int:
         print(f"error: rank {r.rank} failed with exit code {code}; the other ranks were stopped "
               f"(see {r.log or 'the output above'})", file=sys.stderr)
         return 1
-    print(f"all {plan.device_num} ranks finished; outputs in {plan.output_path}", flush=True)
+    print(finished(plan), flush=True)
     return 0
+
+
+def what_failed(plan: Plan) -> str:
+    """What msrun's failure was, as far as this node can tell: the scheduler (node 0) logs the ranks it lost."""
+    if plan.nodes.num == 1:
+        return "a rank failed"
+    try:
+        text = (plan.output_path / "logs" / "scheduler.log").read_text(errors="replace")
+    except OSError:
+        text = ""
+    lost = sorted({int(n) for n in re.findall(r"The node: (\d+) is timed out", text)})
+    if lost:
+        ranks = ", ".join(map(str, lost))
+        return (f"lost rank{'s' if len(lost) > 1 else ''} {ranks} of {plan.world_size}: stopped responding to the "
+                "scheduler (did its server or its launcher die?)")
+    if plan.nodes.rank > 0:
+        return f"a rank failed, or node 0 ({plan.nodes.master_addr}, the scheduler) was lost"
+    return "a rank failed or another node was lost"
+
+
+def finished(plan: Plan) -> str:
+    if plan.nodes.num == 1:
+        return f"all {len(plan.ranks)} ranks finished; outputs in {plan.output_path}"
+    where = f"outputs in {plan.output_path}" if plan.nodes.rank == 0 else "rank 0 on node 0 wrote the outputs"
+    return f"all {len(plan.ranks)} ranks of node {plan.nodes.rank} finished; {where}"
 
 
 def launch(argv: list[str]) -> int:
@@ -258,11 +458,13 @@ def launch(argv: list[str]) -> int:
         print(describe(plan), flush=True)
         code = subprocess.run(plan.shared_command, env={**os.environ, **plan.shared_env}).returncode
         if code != 0:
-            print(f"error: a rank failed (exit code {code}); msrun stopped the others (see the worker logs in "
-                  f"{plan.output_path / 'logs'})", file=sys.stderr)
+            print(f"error: {what_failed(plan)} (msrun exit code {code}); msrun stopped this node's ranks (see the "
+                  f"worker logs in {plan.output_path / 'logs'})", file=sys.stderr)
             return 1
-        print(f"all {plan.device_num} ranks finished; outputs in {plan.output_path}", flush=True)
+        print(finished(plan), flush=True)
         return 0
+    if plan.note:
+        print(plan.note, flush=True)
     return _run_ranks(plan)
 
 

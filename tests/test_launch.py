@@ -64,6 +64,76 @@ def test_gpu_4p_dry_run(tmp_path):
     assert "--platform GPU" in command and "--config_path configs/resnet50_imagenet.yaml" in command
 
 
+def _two_server_table(path: Path, ranks=None) -> Path:
+    """An HCCL rank table for 2 servers x 8 devices (ranks 0..7 on 10.0.0.1, 8..15 on 10.0.0.2)."""
+    ranks = ranks or list(range(16))
+    servers = [{"server_id": f"10.0.0.{s + 1}", "container_ip": f"10.0.0.{s + 1}", "host_nic_ip": "reserve",
+                "device": [{"device_id": str(d), "device_ip": f"192.98.{s}.{d}", "rank_id": str(ranks[s * 8 + d])}
+                           for d in range(8)]} for s in range(2)]
+    path.write_text(json.dumps({"version": "1.0", "server_count": "2", "status": "completed",
+                                "server_list": servers}))
+    return path
+
+
+@pytest.mark.parametrize("server_id", ["10.0.0.2", "1"])
+def test_ascend_two_servers_dry_run(tmp_path, server_id):
+    """The second server of a 16-device job runs ranks 8..15 with RANK_SIZE 16, found by SERVER_ID."""
+    table = _two_server_table(tmp_path / "hccl_16p.json")
+    proc = _sh("Ascend", "8", "0-7", str(table), str(tmp_path), "--output_path", str(tmp_path / "out"),
+               env={"DRY_RUN": "1", "SERVER_ID": server_id})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("node 1 of 2: ranks 8..15 of 16\n")
+    for d in range(8):
+        assert f"rank {8 + d}: DEVICE_ID={d} RANK_ID={8 + d} RANK_SIZE=16 RANK_TABLE_FILE={table} " \
+               "HCCL_CONNECT_TIMEOUT=600" in proc.stdout
+        assert f"> {tmp_path / 'out' / f'rank_{8 + d}' / 'log.txt'} 2>&1" in proc.stdout
+    assert proc.stdout.count("--run_distribute True") == 8 and not (tmp_path / "out").exists()
+
+
+def test_gpu_two_nodes_dry_run(tmp_path):
+    env = {"DRY_RUN": "1", "NODE_NUM": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "CLUSTER_TIMEOUT": "900"}
+    proc = _sh("GPU", "4", "0-3", str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("node 1 of 2: ranks 4..7 of 8, master 10.0.0.1:8118\n")
+    for i in range(4):
+        assert f"rank {4 + i}: CUDA_VISIBLE_DEVICES=0,1,2,3 RANK_ID={4 + i} RANK_SIZE=8 (msrun worker {4 + i})" \
+            in proc.stdout
+    command = re.search(r"^command: CUDA_VISIBLE_DEVICES=0,1,2,3 msrun (.*)$", proc.stdout, re.M).group(1)
+    assert command.startswith("--worker_num=8 --local_worker_num=4 --node_rank=1 --master_addr=10.0.0.1 "
+                              "--master_port=8118 ")
+    assert "--join=True --cluster_time_out=900 " in command and "--run_distribute True" in command
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["Ascend", "8", "0-7", "{table16}", "{data}"], {"SERVER_ID": "10.0.0.9"},
+     "SERVER_ID '10.0.0.9' is neither a server_id of RANK_TABLE_FILE {table16} (10.0.0.1, 10.0.0.2) nor an index"),
+    (["Ascend", "8", "0-7", "{table16}", "{data}"], {},
+     "lists servers 10.0.0.1, 10.0.0.2 and none is an address of this machine (export SERVER_ID="),
+    (["Ascend", "8", "0-7", "{bad_ranks}", "{data}"], {"SERVER_ID": "1"},
+     "has rank_ids [0, 1, 2, 3, 4, 5, 6, 7, ... 16] across its servers, not 0..15 each once"),
+    (["Ascend", "4", "0-3", "{table16}", "{data}"], {"SERVER_ID": "1"},
+     "lists 8 devices for server 10.0.0.2 but DEVICE_NUM is 4"),
+    (["Ascend", "8", "0-7", "{table16}", "{data}"], {"SERVER_ID": "1", "NODE_NUM": "3"},
+     "NODE_NUM is 3 but RANK_TABLE_FILE {table16} lists 2 servers"),
+    (["GPU", "4", "0-3", "{data}"], {"NODE_NUM": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"},
+     "NODE_RANK 2 is out of range for NODE_NUM 2 (use 0..1"),
+    (["GPU", "4", "0-3", "{data}"], {"NODE_NUM": "2", "NODE_RANK": "1"},
+     "MASTER_ADDR is not set but NODE_NUM is 2 (export MASTER_ADDR=<node 0's IP address> on every node)"),
+    (["CPU", "{data}"], {"NODE_NUM": "2", "MASTER_ADDR": "no-such-host.invalid"},
+     "MASTER_ADDR 'no-such-host.invalid' is not an IP address or a known host name"),
+    (["CPU", "{data}"], {"NODE_NUM": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "80"},
+     "MASTER_PORT '80' must be 1024..65535"),
+    (["CPU", "{data}"], {"NODE_NUM": "0"}, "NODE_NUM '0' must be an integer >= 1"),
+])
+def test_inconsistent_clusters_are_refused(tmp_path, args, env, message):
+    names = {"data": tmp_path, "table16": _two_server_table(tmp_path / "t16.json"),
+             "bad_ranks": _two_server_table(tmp_path / "bad.json", ranks=[*range(15), 16])}
+    proc = _sh(*[a.format(**names) for a in args], env={"DRY_RUN": "1", **env})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and message.format(**names) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+
+
 def test_fine_tune_arguments_reach_train_py(tmp_path):
     ckpt = tmp_path / "m.ckpt"
     ckpt.write_bytes(b"x")
@@ -119,13 +189,15 @@ def test_a_failing_rank_stops_the_others(tmp_path):
     assert code == 1 and (tmp_path / "r1.log").read_text().strip() == "boom"
 
 
-def test_two_cpu_workers_train_data_parallel(tmp_path):
-    """A real msrun run: both ranks end with identical weights, each having read a different shard."""
+def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
+    """A real msrun run: both ranks end with identical weights, each having read a different shard; resuming it
+    from rank 0's periodic checkpoint restores both ranks identically."""
     data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
     out = tmp_path / "out"
-    proc = _sh("CPU", "2", str(data), "--output_path", str(out), "--epoch_size", "2", "--batch_size", "4",
-               "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs", "0",
-               "--num_parallel_workers", "1", "--fingerprint_data", "True", timeout=900)
+    common = ["--batch_size", "4", "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs",
+              "0", "--num_parallel_workers", "1", "--epoch_size", "3"]
+    proc = _sh("CPU", "2", str(data), "--output_path", str(out), *common, "--save_checkpoint_epochs", "2",
+               "--fingerprint_data", "True", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = {}
     for rank in (0, 1):
@@ -133,10 +205,138 @@ def test_two_cpu_workers_train_data_parallel(tmp_path):
         m = re.search(rf"rank {rank} of 2: trained on data sha256 (\w+); final weights sha256 (\w+)", log)
         assert m, log[-2000:]
         summaries[rank] = m.groups()
-        assert re.search(r"^epoch: 2 step: 2, loss is", log, re.M)  # 16 images / 2 ranks / batch 4
+        assert re.search(r"^epoch: 3 step: 2, loss is", log, re.M)  # 16 images / 2 ranks / batch 4
     assert summaries[0][1] == summaries[1][1]  # identical weights
     assert summaries[0][0] != summaries[1][0]  # different shards
-    # only rank 0 writes outputs (demo.yaml saves every 5th and the last epoch)
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["best.ckpt", "mobilenetv2-2_2.ckpt"]
-    assert len(list((out / "metrics.csv").read_text().splitlines())) == 3
+    # only rank 0 writes outputs (every 2nd and the last epoch)
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["best.ckpt", "mobilenetv2-2_2.ckpt",
+                                                                      "mobilenetv2-3_2.ckpt"]
+    assert len(list((out / "metrics.csv").read_text().splitlines())) == 4
     assert f"all 2 ranks finished; outputs in {out}" in proc.stdout and "error:" not in proc.stderr
+
+    # resume epoch 3 from rank 0's checkpoint of epoch 2, in another folder: both ranks restore the same state
+    resumed_out = tmp_path / "resumed"
+    proc = _sh("CPU", "2", str(data), "--output_path", str(resumed_out), *common,
+               "--resume_ckpt", str(out / "checkpoint" / "mobilenetv2-2_2.ckpt"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = {}
+    for rank in (0, 1):
+        log = (resumed_out / "logs" / f"worker_{rank}.log").read_text()
+        assert "from epoch 2 (global step 4)" in log and not re.search(r"^epoch: [12] step", log, re.M)
+        resumed[rank] = re.search(rf"rank {rank} of 2: final weights sha256 (\w+)", log).group(1)
+    assert resumed[0] == resumed[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_node(rank: int, port: int, data: Path, out: Path, *extra: str, timeout: int = 60) -> subprocess.Popen:
+    """One node of a two-node CPU job on this machine, as a user starts it on each server."""
+    import os
+
+    env = {**os.environ, "GLOG_v": "3", "NODE_NUM": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "CLUSTER_TIMEOUT": str(timeout)}
+    return subprocess.Popen(["sh", "scripts/run_train.sh", "CPU", str(data), "--output_path", str(out),
+                             "--batch_size", "4", "--width", "0.25", "--image_size", "32", "--num_classes", "2",
+                             "--warmup_epochs", "0", "--num_parallel_workers", "1", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_two_nodes_of_one_cpu_worker_train_together(tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
+    out, port = tmp_path / "out", _free_port()
+    nodes = [_start_node(rank, port, data, out, "--epoch_size", "2") for rank in (0, 1)]
+    results = [node.communicate(timeout=900) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"all 1 ranks of node 0 finished; outputs in {out}" in results[0][0]
+    assert "all 1 ranks of node 1 finished; rank 0 on node 0 wrote the outputs" in results[1][0]
+    digests = {}
+    for rank in (0, 1):
+        log = (out / "logs" / f"worker_{rank}.log").read_text()
+        digests[rank] = re.search(rf"rank {rank} of 2: final weights sha256 (\w+)", log).group(1)
+        assert re.search(r"^epoch: 2 step: 2, loss is", log, re.M)  # 16 images / 2 ranks / batch 4
+    assert digests[0] == digests[1]
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["best.ckpt", "mobilenetv2-2_2.ckpt"]
+
+
+def _process_tree(pid: int) -> set[int]:
+    """pid and every process below it (from /proc), e.g. a node's launcher, msrun, its scheduler and workers."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def _alive(pids: set[int]) -> set[int]:
+    import os
+
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+        else:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+    return alive
+
+
+def test_a_node_that_dies_ends_the_other_node(tmp_path):
+    """Node 1's server dies mid-run (all its processes killed): node 0 exits non-zero in time, nothing left running."""
+    import os
+    import signal
+    import time
+
+    data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
+    out, port = tmp_path / "out", _free_port()
+    nodes = [_start_node(rank, port, data, out, "--epoch_size", "500", timeout=30) for rank in (0, 1)]
+    try:
+        log1 = out / "logs" / "worker_1.log"
+        deadline = time.monotonic() + 300
+        while not (log1.is_file() and "epoch: 1 step: 2" in log1.read_text()):
+            assert time.monotonic() < deadline and nodes[1].poll() is None, nodes[1].communicate()
+            time.sleep(1)
+        tree0 = _process_tree(nodes[0].pid)
+        killed_at = time.monotonic()
+        for pid in _process_tree(nodes[1].pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = nodes[0].communicate(timeout=180)
+        took = time.monotonic() - killed_at
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert nodes[0].returncode == 1, stdout[-2000:] + stderr[-2000:]
+    assert "error: lost rank 1 of 2: stopped responding to the scheduler" in stderr
+    assert took < 120, took
+    time.sleep(2)
+    assert not _alive(tree0 - {nodes[0].pid}), "node 0 left processes behind"
+    from src.engine.checkpoint import read_checkpoint
+
+    for ckpt in (out / "checkpoint").glob("*.ckpt"):  # what rank 0 wrote before the loss is whole
+        assert read_checkpoint(ckpt, ckpt.name)[1].epoch_num >= 1
+    print(f"node 0 ended {took:.0f} s after node 1 died: {stderr.strip().splitlines()[-1]}")
