@@ -117,7 +117,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
         train_step, _ = build_train_step(net, cfg, lr)
 
         def step():
-            train_step(x, y)[0].asnumpy()
+            train_step(x, y).asnumpy()
     else:
         net.set_train(False)
         infer = inference_cell(net, cfg)

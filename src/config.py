@@ -90,6 +90,11 @@ class Config:
     fingerprint_data: bool = _opt(False, "debugging: hash every training batch on the host and log the digest at "
                                   "the end (shows each rank of a distributed run read its own shard; costs host time "
                                   "every step)")
+    dataset_sink_mode: bool = _opt(False, "Ascend/GPU: MindSpore's data sinking, batches go through a device queue and "
+                                   "sink_size steps run per call, hiding host-device copies (CPU does not sink; "
+                                   "the run says so and goes on unsunk)")
+    sink_size: int = _opt(-1, "steps per sink with dataset_sink_mode (-1: one epoch; else a divisor of the steps per "
+                          "epoch); the log line, train top-1/top-5 and a Ctrl-C come once per sink", min=-1)
     # data pipeline
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
     num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)
@@ -173,6 +178,11 @@ class Config:
         for key in ("mean", "std"):
             if getattr(self, key) is not None:
                 channel_values(getattr(self, key), key)
+        if self.sink_size == 0:
+            raise UserError("--sink_size got 0 (use -1 for one sink per epoch, or a number of steps)")
+        if self.fingerprint_data and self.dataset_sink_mode and self.platform != "CPU":
+            raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
+                            "(use --dataset_sink_mode False for that run)")
         if self.model.startswith("resnet") and self.image_size < 32:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
 

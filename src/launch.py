@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.config import ROOT, Config, load_config
+from src.engine import sinking
 from src.engine.published import is_remote
 from src.errors import UserError
 
@@ -83,6 +84,7 @@ class Plan:
     nodes: Nodes = field(default_factory=Nodes)
     world_size: int = 0
     note: str | None = None  # said once before the ranks start
+    training: str = ""  # what Model.train gets for data sinking (the dry run prints it)
 
 
 def parse_devices(text: str) -> list[int]:
@@ -296,7 +298,8 @@ def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
     cfg: Config = load_config(train_args + extra)  # every flag is checked once here, not in 8 failing ranks
     output = Path(cfg.output_path).resolve()
     train_args += extra + ["--output_path", str(output)]
-    plan = Plan(platform, device_num, devices, rank_table, train_args, output, nodes=nodes, world_size=world)
+    plan = Plan(platform, device_num, devices, rank_table, train_args, output, nodes=nodes, world_size=world,
+                training=sinking.describe(cfg))
     if platform == "Ascend":
         _add_ascend_ranks(plan, table_ranks)
     else:
@@ -452,6 +455,7 @@ def launch(argv: list[str]) -> int:
         return 2
     if os.environ.get("DRY_RUN") == "1":
         print(describe(plan))
+        print(f"every rank: {plan.training}")
         return 0
     if plan.shared_command:
         plan.output_path.mkdir(parents=True, exist_ok=True)

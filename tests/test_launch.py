@@ -62,6 +62,8 @@ def test_gpu_4p_dry_run(tmp_path):
     command = re.search(r"^command: CUDA_VISIBLE_DEVICES=0,2,4,6 msrun (.*)$", proc.stdout, re.M).group(1)
     assert "--worker_num=4 --local_worker_num=4" in command and "--join=True" in command
     assert "--platform GPU" in command and "--config_path configs/resnet50_imagenet.yaml" in command
+    # the recipe sinks on GPU, one sink per epoch
+    assert "every rank: Model.train(..., dataset_sink_mode=True, sink_size=-1): one sink per epoch" in proc.stdout
 
 
 def _two_server_table(path: Path, ranks=None) -> Path:
@@ -80,7 +82,7 @@ def test_ascend_two_servers_dry_run(tmp_path, server_id):
     """The second server of a 16-device job runs ranks 8..15 with RANK_SIZE 16, found by SERVER_ID."""
     table = _two_server_table(tmp_path / "hccl_16p.json")
     proc = _sh("Ascend", "8", "0-7", str(table), str(tmp_path), "--output_path", str(tmp_path / "out"),
-               env={"DRY_RUN": "1", "SERVER_ID": server_id})
+               "--dataset_sink_mode", "True", "--sink_size", "100", env={"DRY_RUN": "1", "SERVER_ID": server_id})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("node 1 of 2: ranks 8..15 of 16\n")
     for d in range(8):
@@ -88,6 +90,8 @@ def test_ascend_two_servers_dry_run(tmp_path, server_id):
                "HCCL_CONNECT_TIMEOUT=600" in proc.stdout
         assert f"> {tmp_path / 'out' / f'rank_{8 + d}' / 'log.txt'} 2>&1" in proc.stdout
     assert proc.stdout.count("--run_distribute True") == 8 and not (tmp_path / "out").exists()
+    assert proc.stdout.endswith("every rank: Model.train(..., dataset_sink_mode=True, sink_size=100): sinks of 100 "
+                                "steps, a log line and train top-1/top-5 per sink\n")
 
 
 def test_gpu_two_nodes_dry_run(tmp_path):

@@ -1,4 +1,5 @@
-"""The training step: identical to MindSpore's TrainOneStepCell, plus logits; loss scaling and AMP on CPU."""
+"""The training step: identical to MindSpore's TrainOneStepCell, plus train statistics summed on the device; loss
+scaling and AMP on CPU."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -40,16 +41,37 @@ def test_train_step_matches_mindspore_train_one_step(scale):
     loss = CrossEntropySmooth(3, 0.1)
     ref = nn.TrainOneStepCell(nn.WithLossCell(ref_net, loss), nn.Momentum(ref_net.trainable_params(), 0.1, 0.9))
     ours = TrainStep(LossAndLogits(our_net, loss), nn.Momentum(our_net.trainable_params(), 0.1, 0.9),
-                     Tensor(scale, ms.float32), check_overflow=False)
+                     Tensor(scale, ms.float32), check_overflow=False, num_classes=3)
     ref.set_train()
     ours.set_train()
     for _ in range(2):
         ref_loss = ref(x, y)
-        our_loss, logits = ours(x, y)
+        our_loss = ours(x, y)
         np.testing.assert_allclose(our_loss.asnumpy(), ref_loss.asnumpy(), rtol=1e-5)
-    assert logits.shape == (4, 3)
     for name, value in _weights(ref_net).items():
         np.testing.assert_allclose(_weights(our_net)[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_sums_loss_and_top_k_hits_on_the_device():
+    """What the log line reports: mean loss per step and top-1/top-5 hit rates since the last read, then zeroed."""
+    x, y = _batch()
+    net = TinyNet()
+    step = TrainStep(LossAndLogits(net, CrossEntropySmooth(3, 0.0)), nn.Momentum(net.trainable_params(), 0.1, 0.9),
+                     Tensor(1.0, ms.float32), check_overflow=False, num_classes=3)
+    step.set_train()
+    expected_hits, losses = [], []
+    for _ in range(3):
+        logits = net(x).asnumpy()  # the weights this step sees
+        expected_hits.append((logits.argmax(1) == y.asnumpy()).sum())
+        losses.append(float(step(x, y).asnumpy()))
+    window = step.stats.read()
+    assert window["steps"] == 3 and window["images"] == 12
+    assert window["loss"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert window["top1"] == pytest.approx(sum(expected_hits) / 12)
+    assert window["top5"] == 1.0  # 3 classes: every label is among the top 3
+    assert step.stats.read() == {"loss": 0.0, "top1": 0.0, "top5": 0.0, "steps": 0, "images": 0}
+    step(x, y)
+    assert step.stats.read()["steps"] == 1
 
 
 def test_cpu_dynamic_loss_scale_falls_back_to_fixed(caplog):
@@ -81,7 +103,7 @@ def test_amp_levels_train_on_cpu(level, tmp_path, monkeypatch):
     step, _ = build_train_step(net, cfg, build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 3))
     x = Tensor(np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32))
     y = Tensor(np.array([0, 2], np.int32))
-    losses = [float(step(x, y)[0].asnumpy()) for _ in range(3)]
+    losses = [float(step(x, y).asnumpy()) for _ in range(3)]
     assert all(np.isfinite(losses)), losses
     after = list(_weights(net).items())
     assert [name for name, _ in after] == [name for name, _ in before]  # checkpoints keep the plain net's names

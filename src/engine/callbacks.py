@@ -18,7 +18,8 @@ from mindspore.train import Callback
 
 from src.engine.checkpoint import first_non_finite, periodic_checkpoints, save_checkpoint
 from src.engine.history import EpochRecord, History, plot_curves, write_metrics
-from src.engine.metrics import topk_hits
+from src.engine.sinking import Sinking
+from src.engine.train_step import STATS_PREFIX
 from src.errors import UserError, stop_if_signalled
 
 log = logging.getLogger("train")
@@ -26,69 +27,102 @@ EpochOutput = Callable[[EpochRecord, History], None]
 
 
 class TrainMonitor(Callback):
-    """The Paddle speed line every print_freq steps and a tqdm bar; `finish_epoch` logs the MindSpore loss line."""
+    """The Paddle speed line every print_freq steps (or once per sink) and a tqdm bar; `finish_epoch` logs the
+    MindSpore loss line (with sinking, it comes once per sink).
 
-    def __init__(self, lr: np.ndarray, batch_size: int, steps_per_epoch: int, print_freq: int, total_epochs: int,
-                 progress_bar: bool | None = None, fingerprint_data: bool = False):
+    Top-1/top-5 and the loss in the Paddle line are the means over the batches since the previous line, summed on
+    the device by the train step (`stats`, a RunningStats): no logits come to the host. The per-step host work is
+    one scalar loss read (to stop at a nan at once), unless fingerprint_data hashes every batch.
+    """
+
+    def __init__(self, lr: np.ndarray, batch_size: int, sinking: Sinking, print_freq: int, total_epochs: int,
+                 stats, progress_bar: bool | None = None, fingerprint_data: bool = False):
         super().__init__()
         self.fingerprint_data = fingerprint_data
         self.data_digest = hashlib.sha256()  # what this rank trained on (distributed runs log it)
-        self.lr, self.batch_size = lr, batch_size
-        self.steps_per_epoch, self.print_freq, self.total_epochs = steps_per_epoch, print_freq, total_epochs
+        self.lr, self.batch_size, self.sinking, self.stats = lr, batch_size, sinking, stats
+        self.steps_per_epoch, self.print_freq, self.total_epochs = sinking.steps_per_epoch, print_freq, total_epochs
         self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
         self.bar = None
         self.epoch, self.iter = 0, 0  # where training is (for the interruption message)
         self.diverged: tuple[int, int, float] | None = None  # (epoch, step in epoch, loss) of a non-finite loss
+        self.reader_note_said = False
 
     def on_train_epoch_begin(self, run_context):
-        self.epoch = run_context.original_args().cur_epoch_num
-        self.epoch_start = self.window_start = self.last_end = time.perf_counter()
-        self.iter, self.loss_sum, self.reader_cost, self.window_steps = 0, 0.0, 0.0, 0
+        ms_epoch = run_context.original_args().cur_epoch_num
+        now = time.perf_counter()
+        self.window_start = self.last_end = now
+        self.reader_cost, self.window_steps = 0.0, 0
+        if not self.sinking.begins_epoch(ms_epoch):  # the next sink of the same data epoch
+            return
+        self.epoch = self.sinking.data_epoch(ms_epoch)
+        self.epoch_start = now
+        self.iter, self.loss_sum = 0, 0.0
+        self.stats.read()  # the device sums start at this epoch's first step
         if self.progress_bar:
             from tqdm import tqdm
 
-            epoch = run_context.original_args().cur_epoch_num
-            self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.total_epochs}",
+            self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch}/{self.total_epochs}",
                             leave=False, dynamic_ncols=True)
 
     def on_train_step_begin(self, run_context):
-        stop_if_signalled()  # a Ctrl-C or SIGTERM held during the last step, compile or epoch end stops here
+        stop_if_signalled()  # a Ctrl-C or SIGTERM held during the last step (or sink), compile or epoch end stops here
         now = time.perf_counter()
         self.reader_cost += now - self.last_end
 
     def on_train_step_end(self, run_context):
         cb = run_context.original_args()
-        loss, logits = cb.net_outputs
-        loss_value = float(loss.asnumpy())
+        steps = self.sinking.steps_per_call
+        loss_value = float(np.asarray(cb.net_outputs.asnumpy()).reshape(-1)[0])  # the last step's loss
         if self.fingerprint_data:
             for tensor in cb.train_dataset_element:
                 self.data_digest.update(tensor.asnumpy().tobytes())
+        window = self.stats.read() if self.sinking.sink else None  # every step of the sink, summed on the device
+        if window is not None and not np.isfinite(window["loss"]):
+            loss_value = window["loss"]  # a nan in any step of the sink
         if not np.isfinite(loss_value):  # stop at once: the run ends with an error and writes nothing more
-            self.diverged = (cb.cur_epoch_num, self.iter + 1, loss_value)
+            self.diverged = (self.epoch, self.iter + steps, loss_value)
             self.close_bar()
             run_context.request_stop()
             return
-        self.loss_sum += loss_value
+        self.loss_sum += window["loss"] * steps if window else loss_value
         self.last_loss = loss_value
-        self.window_steps += 1
+        self.window_steps += steps
         now = time.perf_counter()
         self.last_end = now
-        if self.iter % self.print_freq == 0:
-            labels = cb.train_dataset_element[1].asnumpy()
-            logits = logits.asnumpy()
-            batch_cost = (now - self.window_start) / self.window_steps
-            reader_cost = self.reader_cost / self.window_steps
-            step = (cb.cur_epoch_num - 1) * self.steps_per_epoch + self.iter
-            lr = float(self.lr[min(step, len(self.lr) - 1)])
-            log.info("[Epoch %d, iter: %d] top1: %.5f, top5: %.5f, lr: %.5f, loss: %.5f, avg_reader_cost: %.5f sec, "
-                     "avg_batch_cost: %.5f sec, avg_samples: %.1f, avg_ips: %.5f images/sec.",
-                     cb.cur_epoch_num, self.iter, topk_hits(logits, labels, 1), topk_hits(logits, labels, 5), lr,
-                     loss_value, reader_cost, batch_cost, float(self.batch_size), self.batch_size / batch_cost)
-            self.window_start, self.reader_cost, self.window_steps = now, 0.0, 0
-        self.iter += 1
+        if window or self.iter % self.print_freq == 0:
+            self.log_line(window or self.stats.read(), now, run_context)
+        self.iter += steps
+        if window:
+            log.info("epoch: %d step: %d, loss is %s", self.epoch, self.iter, loss_value)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            self.bar.update(1)
+            self.bar.update(steps)
+
+    def log_line(self, window: dict, now: float, run_context) -> None:
+        batch_cost = (now - self.window_start) / self.window_steps
+        reader_cost = self.sink_reader_cost(run_context) if self.sinking.sink else self.reader_cost / self.window_steps
+        last = self.iter + self.sinking.steps_per_call - 1  # 0-based index of the last step the line covers
+        step = (self.epoch - 1) * self.steps_per_epoch + last
+        lr = float(self.lr[min(step, len(self.lr) - 1)])
+        log.info("[Epoch %d, iter: %d] top1: %.5f, top5: %.5f, lr: %.5f, loss: %.5f, avg_reader_cost: %.5f sec, "
+                 "avg_batch_cost: %.5f sec, avg_samples: %.1f, avg_ips: %.5f images/sec.",
+                 self.epoch, last, window["top1"], window["top5"], lr, window["loss"], reader_cost, batch_cost,
+                 float(self.batch_size), self.batch_size / batch_cost)
+        self.window_start, self.reader_cost, self.window_steps = now, 0.0, 0
+
+    def sink_reader_cost(self, run_context) -> float:
+        """Seconds per batch the host pipeline took to fetch this sink's data (MindSpore's send info, as its
+        TimeMonitor(data_time=True) reports it); 0 when MindSpore does not give it."""
+        cb = run_context.original_args()
+        try:
+            info = cb.dataset_helper.get_send_info(run_context).epoch(cb.cur_epoch_num)
+            return float(info["fetch_data_time"]) / 1000.0
+        except Exception:  # noqa: BLE001 - a MindSpore internal that varies by version and device
+            if not self.reader_note_said:
+                log.info("avg_reader_cost: MindSpore gives no data-fetch times for this sink; logged as 0")
+                self.reader_note_said = True
+            return 0.0
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -100,7 +134,8 @@ class TrainMonitor(Callback):
         self.close_bar()
         elapsed = time.perf_counter() - self.epoch_start
         steps = max(self.iter, 1)
-        log.info("epoch: %d step: %d, loss is %s", epoch, self.iter, self.last_loss)
+        if not self.sinking.sink:  # sinking logs it at the end of every sink
+            log.info("epoch: %d step: %d, loss is %s", epoch, self.iter, self.last_loss)
         log.info("epoch time: %.3f ms, per step time: %.3f ms", elapsed * 1000, elapsed * 1000 / steps)
         global_step = epoch * self.steps_per_epoch
         return EpochRecord(epoch=epoch, step=global_step, lr=float(self.lr[min(global_step, len(self.lr)) - 1]),
@@ -143,7 +178,10 @@ class EpochEnd(Callback):
     def on_train_epoch_end(self, run_context):
         if self.monitor.diverged:  # MindSpore still ends the epoch after a stop request: nothing is recorded
             return
-        epoch = run_context.original_args().cur_epoch_num
+        ms_epoch = run_context.original_args().cur_epoch_num
+        if not self.monitor.sinking.ends_epoch(ms_epoch):  # a sink inside the epoch
+            return
+        epoch = self.monitor.sinking.data_epoch(ms_epoch)
         bad = first_non_finite(self.net) if self.net is not None else None
         if bad:
             self.monitor.diverged = (epoch, self.monitor.iter, f"parameter {bad} is nan or inf")
@@ -205,7 +243,7 @@ class PeriodicCheckpoints:
 
     def __init__(self, cells: list, directory: Path, prefix: str, every: int, keep: int, total_epochs: int,
                  meta: dict, on_saved: Callable[[], None] | None = None):
-        params = {p.name: p for cell in cells for p in cell.get_parameters()}
+        params = {p.name: p for cell in cells for p in cell.get_parameters() if not p.name.startswith(STATS_PREFIX)}
         self.params = [{"name": name, "data": p} for name, p in params.items()]
         self.directory, self.prefix, self.every, self.keep = directory, prefix, every, keep
         self.total_epochs, self.meta, self.on_saved = total_epochs, meta, on_saved

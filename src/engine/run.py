@@ -35,6 +35,7 @@ from src.engine.history import History, read_metrics
 from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
 from src.engine.run_folder import RunFolder
+from src.engine.sinking import sink_plan
 from src.engine.train_step import build_train_step
 from src.engine.weights import (
     check_same_steps,
@@ -109,6 +110,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     steps = train_ds.get_dataset_size()
     if resume:
         check_same_steps(resume[1], steps, Path(cfg.resume_ckpt), ranks.group_size)
+    sinking = sink_plan(cfg, steps, say=ranks.is_main)
     lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
                            cfg.epoch_size, steps)
     train_step, eval_net = build_train_step(trainable, cfg, lr)
@@ -129,7 +131,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     metrics = accuracy_metrics()
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
-    monitor = TrainMonitor(lr, cfg.batch_size, steps, cfg.print_freq, cfg.epoch_size,
+    monitor = TrainMonitor(lr, cfg.batch_size, sinking, cfg.print_freq, cfg.epoch_size, train_step.stats,
                            fingerprint_data=cfg.fingerprint_data)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
@@ -138,8 +140,8 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
                folder.settle] if folder else []
     try:
         stop_if_signalled()
-        model.train(cfg.epoch_size, train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
-                    dataset_sink_mode=False, initial_epoch=initial_epoch)
+        model.train(train_dataset=train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
+                    **sinking.train_kwargs(cfg.epoch_size, initial_epoch))
         stop_if_signalled()  # a signal during the last epoch's end: the run did not finish as asked
     except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or SIGTERM (errors.stop_on_signals), or an error after one
         signum = interrupting_signal(exc)

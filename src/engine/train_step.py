@@ -1,4 +1,5 @@
-"""The cells of one training step: loss with logits, evaluation output, AMP, loss scaling and the optimizer step.
+"""The cells of one training step: loss with logits, running train statistics kept on the device, evaluation
+output, AMP, loss scaling and the optimizer step.
 
 mindcv's train_step.py plays the same part. benchmark.py and eval.py build the same cells as train.py.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from src.config import Config
 from src.engine.loss import CrossEntropySmooth
@@ -28,8 +29,11 @@ def _scale_grad(scale, grad):
     return grad * ops.cast(ops.Reciprocal()(scale), ops.dtype(grad))
 
 
+STATS_PREFIX = "train_stats."  # parameters of RunningStats: never saved in checkpoints
+
+
 class LossAndLogits(nn.Cell):
-    """Loss in float32 plus the logits, so the logger can report the batch's top-1/top-5 for free."""
+    """Loss in float32 plus the logits, from which the train step counts top-1/top-5 hits."""
 
     def __init__(self, net: nn.Cell, loss_fn: nn.Cell):
         super().__init__(auto_prefix=False)
@@ -51,19 +55,49 @@ class EvalNet(nn.Cell):
         return ops.cast(self.net(data), ms.float32), label
 
 
+class RunningStats(nn.Cell):
+    """Sums kept on the device since the host last read them: loss, steps, top-1 and top-5 hits, images.
+
+    The train step adds to them inside the graph, so logging needs no logits on the host, and with dataset sink
+    mode one read covers every batch of the sink. `read()` (host) returns the means and zeroes the sums.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__(auto_prefix=False)
+        self.k = min(5, num_classes)
+        self.sums = Parameter(Tensor(np.zeros(5, np.float32)), name=f"{STATS_PREFIX}sums", requires_grad=False)
+
+    def construct(self, loss, logits, label):
+        _, top = ops.topk(logits, self.k)
+        hits = ops.cast(ops.equal(top, ops.cast(label.reshape((-1, 1)), top.dtype)), ms.float32)
+        images = ops.cast(ops.shape(logits)[0], ms.float32)
+        one = ops.ones((), ms.float32)
+        return ops.assign_add(self.sums, ops.stack([loss, one, hits[:, 0].sum(), hits.sum(), images]))
+
+    def read(self) -> dict[str, float]:
+        """{'loss': mean loss per step, 'top1', 'top5': hit rates, 'steps', 'images'} since the last read; resets."""
+        loss, steps, top1, top5, images = (float(v) for v in self.sums.asnumpy())
+        self.sums.set_data(Tensor(np.zeros(5, np.float32)))
+        return {"loss": loss / max(steps, 1), "top1": top1 / max(images, 1), "top5": top5 / max(images, 1),
+                "steps": int(steps), "images": int(images)}
+
+
 class TrainStep(nn.TrainOneStepWithLossScaleCell):
-    """One optimizer step with loss scaling that returns (loss, logits).
+    """One optimizer step with loss scaling that returns the loss and adds to `stats` (RunningStats).
 
     Gradients are unscaled here, so the optimizer keeps loss_scale=1. Overflow checks (dynamic scale
     or drop_overflow_update) run only on GPU/Ascend, where MindSpore supports them.
     """
 
-    def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, scale_sense, check_overflow: bool):
+    def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, scale_sense, check_overflow: bool,
+                 num_classes: int):
         super().__init__(network, optimizer, scale_sense)
         self.check_overflow = check_overflow
+        self.stats = RunningStats(num_classes)
 
     def construct(self, data, label):
         loss, logits = self.network(data, label)
+        loss = ops.depend(loss, self.stats(loss, logits, label))
         scaling_sens = self.scale_sense
         status, scaling_sens = self.start_overflow_check(loss, scaling_sens)
         sens = (ops.ones_like(loss) * ops.cast(scaling_sens, ops.dtype(loss)), ops.zeros_like(logits))
@@ -76,7 +110,7 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
                 loss = ops.depend(loss, self.optimizer(grads))
         else:
             loss = ops.depend(loss, self.optimizer(grads))
-        return loss, logits
+        return loss
 
 
 def apply_amp(net: nn.Cell, amp_level: str, keep_batchnorm_fp32: bool, workdir: Path) -> nn.Cell:
@@ -142,6 +176,6 @@ def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray) -> tuple[TrainSt
     loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
     scale_sense, check_overflow = loss_scale_sense(cfg)
     optimizer = create_optimizer(net.trainable_params(), lr, cfg.momentum, cfg.weight_decay)
-    train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow)
+    train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes)
     train_step.set_train()
     return train_step, EvalNet(amp_net)
