@@ -415,7 +415,9 @@ def _run_ranks(plan: Plan) -> int:
                 out.close()
     if failed:
         r, code = failed
-        print(f"error: rank {r.rank} failed with exit code {code}; the other ranks were stopped "
+        lost = (f", or lost another node (node 0 at {plan.nodes.master_addr} runs the scheduler)"
+                if plan.nodes.num > 1 and plan.platform != "Ascend" else "")
+        print(f"error: rank {r.rank} failed with exit code {code}{lost}; the other ranks of this node were stopped "
               f"(see {r.log or 'the output above'})", file=sys.stderr)
         return 1
     print(finished(plan), flush=True)

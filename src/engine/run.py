@@ -151,8 +151,9 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
             raise
         last = _last_checkpoint_of_this_run(cfg, folder)
         resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
+        lost = "; MindSpore stops a rank this way too when another rank is lost" if ranks.group_size > 1 else ""
         raise Interrupted(f"training interrupted at epoch {monitor.epoch} step {monitor.iter} ({resume_hint}; "
-                          f"every file written so far is complete)", signum) from None
+                          f"every file written so far is complete{lost})", signum) from None
     if monitor.diverged:
         epoch, step, loss = monitor.diverged
         what = loss if isinstance(loss, str) else f"loss {loss}"
