@@ -106,20 +106,36 @@ def parse_devices(text: str) -> list[int]:
     return devices
 
 
+def _table_int(value) -> int:
+    """A rank table's device_id/rank_id: a decimal string or integer (hccl_tools.py writes strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"[0-9]+", str(value)):
+        raise ValueError(value)
+    return int(value)
+
+
 def read_rank_table(path: Path) -> list[TableServer]:
-    """The servers of an HCCL rank table, checked: every rank 0..N-1 once, no device twice on a server."""
+    """The servers of an HCCL rank table, checked: every rank 0..N-1 once, no device twice on a server, the same
+    device count on every server."""
+    if path.is_dir():
+        raise UserError(f"RANK_TABLE_FILE {path} is a folder (pass the JSON file hccl_tools.py wrote)")
     if not path.is_file():
         raise UserError(f"RANK_TABLE_FILE {path} not found (generate it with hccl_tools.py on the Ascend server)")
     try:
         table = json.loads(path.read_text())
-        servers = [TableServer(str(server["server_id"]),
-                               tuple((int(d["device_id"]), int(d["rank_id"])) for d in server["device"]))
-                   for server in table["server_list"]]
-    except (ValueError, KeyError, TypeError):
+        servers = []
+        for server in table["server_list"]:
+            if not isinstance(server["server_id"], str) or not server["server_id"].strip():
+                raise ValueError("server_id")
+            servers.append(TableServer(server["server_id"].strip(), tuple(
+                (_table_int(d["device_id"]), _table_int(d["rank_id"])) for d in server["device"])))
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"RANK_TABLE_FILE {path} is not an HCCL rank table (JSON with server_list[].server_id and "
                         "device[].device_id/rank_id; generate it with hccl_tools.py)") from None
+    if not servers or not all(server.devices for server in servers):
+        raise UserError(f"RANK_TABLE_FILE {path} lists no devices for {'a server' if servers else 'any server'} "
+                        "(generate it with hccl_tools.py)")
     ranks = sorted(rank for server in servers for _, rank in server.devices)
-    if not servers or ranks != list(range(len(ranks))):
+    if ranks != list(range(len(ranks))):
         raise UserError(f"RANK_TABLE_FILE {path} has rank_ids {_short(ranks)} across its servers, not "
                         f"0..{len(ranks) - 1} each once (regenerate the table, or merge the servers' tables with "
                         "consecutive ranks)")
@@ -130,6 +146,11 @@ def read_rank_table(path: Path) -> list[TableServer]:
                             "(regenerate the table)")
     if len({server.server_id for server in servers}) != len(servers):
         raise UserError(f"RANK_TABLE_FILE {path} lists a server_id twice (each server once, with its own address)")
+    counts = {server.server_id: len(server.devices) for server in servers}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{n} on {sid}" for sid, n in counts.items())
+        raise UserError(f"RANK_TABLE_FILE {path} lists {listed} (every server of a job runs DEVICE_NUM devices; "
+                        "regenerate the servers' tables with the same device count)")
     return servers
 
 
@@ -137,16 +158,26 @@ def _short(values: list[int]) -> str:
     return str(values) if len(values) <= 10 else f"[{', '.join(map(str, values[:8]))}, ... {values[-1]}]"
 
 
+def _devices(n: int) -> str:
+    return f"{n} device{'s' if n != 1 else ''}"
+
+
+def _ip_addresses(address: str) -> list[str]:
+    """The IP addresses `address` (an IP, [IPv6] or a host name) stands for; [] when it resolves to none."""
+    try:
+        infos = socket.getaddrinfo(address.strip("[]"), None, type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return []
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
 def is_local_address(address: str) -> bool:
     """True when `address` (an IP or a host name) is one of this machine's: only those can be bound."""
-    try:
-        infos = socket.getaddrinfo(address, None, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    for family, _, _, _, sockaddr in infos:
+    for ip in _ip_addresses(address):
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.bind((sockaddr[0], 0))
+                sock.bind((ip, 0))
             return True
         except OSError:
             continue
@@ -154,17 +185,29 @@ def is_local_address(address: str) -> bool:
 
 
 def this_server(servers: list[TableServer], path: Path, env: dict[str, str]) -> int:
-    """Index of this machine's entry: SERVER_ID (its server_id or its index), else the entry with a local address."""
+    """Index of this machine's entry: SERVER_ID (its server_id or its index), else NODE_RANK (its index), else the
+    entry with a local address."""
     given = env.get("SERVER_ID", "").strip()
+    node_rank = env.get("NODE_RANK", "").strip()
     names = ", ".join(server.server_id for server in servers)
+    index = None
     if given:
-        for i, server in enumerate(servers):
-            if given == server.server_id:
-                return i
-        if given.isdigit() and int(given) < len(servers):
-            return int(given)
-        raise UserError(f"SERVER_ID '{given}' is neither a server_id of RANK_TABLE_FILE {path} ({names}) nor an index "
-                        f"0..{len(servers) - 1} (export SERVER_ID=<this server's server_id>)")
+        index = next((i for i, server in enumerate(servers) if given == server.server_id), None)
+        if index is None and re.fullmatch(r"[0-9]+", given) and int(given) < len(servers):
+            index = int(given)
+        if index is None:
+            raise UserError(f"SERVER_ID '{given}' is neither a server_id of RANK_TABLE_FILE {path} ({names}) nor an "
+                            f"index 0..{len(servers) - 1} (export SERVER_ID=<this server's server_id>)")
+    if node_rank:
+        if not re.fullmatch(r"[0-9]+", node_rank) or int(node_rank) >= len(servers):
+            raise UserError(f"NODE_RANK '{node_rank}' is out of range for the {len(servers)} servers of "
+                            f"RANK_TABLE_FILE {path} (use 0..{len(servers) - 1}, or unset it)")
+        if index is not None and index != int(node_rank):
+            raise UserError(f"NODE_RANK {node_rank} but SERVER_ID '{given}' is server {index} of RANK_TABLE_FILE "
+                            f"{path} (set one of them, or both to the same server)")
+        return int(node_rank)
+    if index is not None:
+        return index
     if len(servers) == 1:
         return 0
     local = [i for i, server in enumerate(servers) if is_local_address(server.server_id)]
@@ -175,37 +218,47 @@ def this_server(servers: list[TableServer], path: Path, env: dict[str, str]) -> 
     return local[0]
 
 
-def _int_env(env: dict[str, str], name: str, default: int, lo: int, hi: int | None, hint: str) -> int:
+def _int_env(env: dict[str, str], name: str, default: int, lo: int, hi: int, hint: str) -> int:
     text = env.get(name, "").strip()
     if not text:
         return default
-    if not text.isdigit() or int(text) < lo or (hi is not None and int(text) > hi):
-        bounds = f"{lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-        raise UserError(f"{name} '{text}' must be {bounds} ({hint})")
+    if not re.fullmatch(r"[0-9]+", text) or not lo <= int(text) <= hi:
+        raise UserError(f"{name} '{text}' must be {lo}..{hi} ({hint})")
     return int(text)
 
 
+MAX_NODES = 4096
+# MS_TOPO_TIMEOUT is parsed as a C int; HCCL_CONNECT_TIMEOUT takes 120..7200 s
+TIMEOUT_RANGE = {"Ascend": (120, 7200), "GPU": (1, 86400), "CPU": (1, 86400)}
+
+
 def read_nodes(env: dict[str, str], platform: str) -> Nodes:
-    """NODE_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT and CLUSTER_TIMEOUT, checked."""
-    num = _int_env(env, "NODE_NUM", 1, 1, None, "the number of servers in the job")
-    rank = _int_env(env, "NODE_RANK", 0, 0, None, "this server's index")
+    """NODE_NUM, NODE_RANK, MASTER_ADDR, MASTER_PORT and CLUSTER_TIMEOUT, checked (Ascend: the rank table says
+    which servers there are; NODE_RANK is checked against it)."""
+    num = _int_env(env, "NODE_NUM", 1, 1, MAX_NODES, "the number of servers in the job")
+    lo, hi = TIMEOUT_RANGE[platform]
+    timeout = _int_env(env, "CLUSTER_TIMEOUT", DEFAULT_CLUSTER_TIMEOUT[platform], lo, hi,
+                       "seconds to wait for every node" + (", as HCCL_CONNECT_TIMEOUT" if platform == "Ascend" else ""))
+    if platform == "Ascend":
+        return Nodes(num, 0, timeout=timeout)
+    rank = _int_env(env, "NODE_RANK", 0, 0, MAX_NODES, "this server's index")
     if rank >= num:
         raise UserError(f"NODE_RANK {rank} is out of range for NODE_NUM {num} (use 0..{num - 1}: 0 on the server at "
                         "MASTER_ADDR, a different one on each other server)")
-    timeout = _int_env(env, "CLUSTER_TIMEOUT", DEFAULT_CLUSTER_TIMEOUT[platform], 1, None,
-                       "seconds to wait for every node")
+    port_given = bool(env.get("MASTER_PORT", "").strip())
     port = _int_env(env, "MASTER_PORT", DEFAULT_MASTER_PORT, 1024, 65535, "a free TCP port on node 0")
     addr = env.get("MASTER_ADDR", "").strip() or None
-    if num == 1 or platform == "Ascend":  # one node, or HCCL's rank table connects the servers
-        return Nodes(num, rank, addr, port if "MASTER_PORT" in env else None, timeout)
+    if num == 1:
+        return Nodes(num, rank, addr, port if port_given else None, timeout)
     if addr is None:
         raise UserError(f"MASTER_ADDR is not set but NODE_NUM is {num} (export MASTER_ADDR=<node 0's IP address> "
                         "on every node)")
-    try:
-        socket.getaddrinfo(addr, None)
-    except (socket.gaierror, UnicodeError):
+    if not _ip_addresses(addr):
         raise UserError(f"MASTER_ADDR '{addr}' is not an IP address or a known host name (export MASTER_ADDR=<node "
-                        "0's IP address>)") from None
+                        "0's IP address>)")
+    if rank == 0 and not is_local_address(addr):
+        raise UserError(f"NODE_RANK is 0 but MASTER_ADDR {addr} is not an address of this machine (node 0 runs the "
+                        "scheduler at MASTER_ADDR: run NODE_RANK=0 on that server, 1.. on the others)")
     return Nodes(num, rank, addr, port, timeout)
 
 
@@ -228,7 +281,7 @@ def _table_devices(servers: list[TableServer], index: int, path: Path, device_nu
     server = servers[index]
     where = f" for server {server.server_id}" if len(servers) > 1 else ""
     if len(server.devices) != device_num:
-        raise UserError(f"RANK_TABLE_FILE {path} lists {len(server.devices)} devices{where} but DEVICE_NUM is "
+        raise UserError(f"RANK_TABLE_FILE {path} lists {_devices(len(server.devices))}{where} but DEVICE_NUM is "
                         f"{device_num} (use a rank table made for this device count)")
     ranks = dict(server.devices)
     if set(ranks) != set(devices):
@@ -260,7 +313,7 @@ def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
         if platform == "Ascend":
             rank_table = Path(rest[2]).resolve()
             servers = read_rank_table(rank_table)
-            if "NODE_NUM" in env and nodes.num != len(servers):
+            if env.get("NODE_NUM", "").strip() and nodes.num != len(servers):
                 raise UserError(f"NODE_NUM is {nodes.num} but RANK_TABLE_FILE {rank_table} lists {len(servers)} "
                                 "servers (use the table of this job, or unset NODE_NUM)")
             index = this_server(servers, rank_table, env)
@@ -338,11 +391,12 @@ def _add_ranks(plan: Plan) -> None:
         # Several nodes on one machine (a test, or a trial before using servers): msrun starts a scheduler on every
         # node whose MASTER_ADDR is local, and the second one fails. Start this node's workers with the variables
         # msrun gives them (MindSpore's dynamic cluster) and supervise them here instead.
+        sched_host = _ip_addresses(addr)[0]  # MindSpore takes an IP here (msrun resolves host names itself)
         plan.note = (f"node {nodes.rank}: MASTER_ADDR {addr} is this machine, where node 0's msrun runs the "
                      "scheduler; starting this node's workers directly with MindSpore's cluster variables")
         for i in range(n):
             rank = first + i
-            env = {**visible, "MS_ROLE": "MS_WORKER", "MS_SCHED_HOST": addr, "MS_SCHED_PORT": str(port),
+            env = {**visible, "MS_ROLE": "MS_WORKER", "MS_SCHED_HOST": sched_host, "MS_SCHED_PORT": str(port),
                    "MS_WORKER_NUM": str(plan.world_size), "MS_NODE_ID": str(rank),
                    "MS_TOPO_TIMEOUT": str(nodes.timeout), "RANK_ID": str(rank), "RANK_SIZE": str(plan.world_size),
                    "DEVICE_ID": str(i)}
@@ -361,8 +415,9 @@ def _add_ranks(plan: Plan) -> None:
 def describe(plan: Plan) -> str:
     lines = []
     if plan.nodes.num > 1:
-        first, last = plan.ranks[0].rank, plan.ranks[-1].rank
-        ranks = f"ranks {first}..{last}" if last > first else f"rank {first}"
+        ids = sorted(r.rank for r in plan.ranks)
+        ranks = (f"rank {ids[0]}" if len(ids) == 1 else f"ranks {ids[0]}..{ids[-1]}"
+                 if ids == list(range(ids[0], ids[-1] + 1)) else f"ranks {', '.join(map(str, ids))}")
         master = f", master {plan.nodes.master_addr}:{plan.nodes.master_port}" if plan.platform != "Ascend" else ""
         lines.append(f"node {plan.nodes.rank} of {plan.nodes.num}: {ranks} of {plan.world_size}{master}")
     if plan.note:
@@ -428,6 +483,8 @@ def what_failed(plan: Plan) -> str:
     """What msrun's failure was, as far as this node can tell: the scheduler (node 0) logs the ranks it lost."""
     if plan.nodes.num == 1:
         return "a rank failed"
+    if plan.nodes.rank > 0:
+        return f"a rank failed, or node 0 ({plan.nodes.master_addr}, the scheduler) was lost"
     try:
         text = (plan.output_path / "logs" / "scheduler.log").read_text(errors="replace")
     except OSError:
@@ -437,8 +494,6 @@ def what_failed(plan: Plan) -> str:
         ranks = ", ".join(map(str, lost))
         return (f"lost rank{'s' if len(lost) > 1 else ''} {ranks} of {plan.world_size}: stopped responding to the "
                 "scheduler (did its server or its launcher die?)")
-    if plan.nodes.rank > 0:
-        return f"a rank failed, or node 0 ({plan.nodes.master_addr}, the scheduler) was lost"
     return "a rank failed or another node was lost"
 
 

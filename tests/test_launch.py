@@ -127,11 +127,23 @@ def test_gpu_two_nodes_dry_run(tmp_path):
      "MASTER_ADDR 'no-such-host.invalid' is not an IP address or a known host name"),
     (["CPU", "{data}"], {"NODE_NUM": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "80"},
      "MASTER_PORT '80' must be 1024..65535"),
-    (["CPU", "{data}"], {"NODE_NUM": "0"}, "NODE_NUM '0' must be an integer >= 1"),
+    (["CPU", "{data}"], {"NODE_NUM": "0"}, "NODE_NUM '0' must be 1..4096"),
+    (["CPU", "{data}"], {"NODE_NUM": "2", "MASTER_ADDR": "10.0.0.1"},
+     "NODE_RANK is 0 but MASTER_ADDR 10.0.0.1 is not an address of this machine (node 0 runs the scheduler"),
+    (["CPU", "{data}"], {"NODE_NUM": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "CLUSTER_TIMEOUT": "1e9"},
+     "CLUSTER_TIMEOUT '1e9' must be 1..86400"),
+    (["Ascend", "8", "0-7", "{table16}", "{data}"], {"NODE_RANK": "0", "SERVER_ID": "1"},
+     "NODE_RANK 0 but SERVER_ID '1' is server 1 of RANK_TABLE_FILE {table16}"),
+    (["Ascend", "4", "0-3", "{uneven}", "{data}"], {"SERVER_ID": "1"},
+     "RANK_TABLE_FILE {uneven} lists 8 on 10.0.0.1, 4 on 10.0.0.2 (every server of a job runs DEVICE_NUM devices"),
 ])
 def test_inconsistent_clusters_are_refused(tmp_path, args, env, message):
     names = {"data": tmp_path, "table16": _two_server_table(tmp_path / "t16.json"),
-             "bad_ranks": _two_server_table(tmp_path / "bad.json", ranks=[*range(15), 16])}
+             "bad_ranks": _two_server_table(tmp_path / "bad.json", ranks=[*range(15), 16]),
+             "uneven": _two_server_table(tmp_path / "uneven.json")}
+    table = json.loads(names["uneven"].read_text())
+    table["server_list"][1]["device"] = table["server_list"][1]["device"][:4]
+    names["uneven"].write_text(json.dumps(table))
     proc = _sh(*[a.format(**names) for a in args], env={"DRY_RUN": "1", **env})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message.format(**names) in proc.stderr

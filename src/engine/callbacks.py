@@ -47,9 +47,12 @@ class TrainMonitor(Callback):
         self.epoch, self.iter = 0, 0  # where training is (for the interruption message)
         self.diverged: tuple[int, int, float] | None = None  # (epoch, step in epoch, loss) of a non-finite loss
         self.reader_note_said = False
+        self.first_ms_epoch: int | None = None  # MindSpore's send info counts the epochs of this run's iterator
 
     def on_train_epoch_begin(self, run_context):
         ms_epoch = run_context.original_args().cur_epoch_num
+        if self.first_ms_epoch is None:
+            self.first_ms_epoch = ms_epoch
         now = time.perf_counter()
         self.window_start = self.last_end = now
         self.reader_cost, self.window_steps = 0.0, 0
@@ -116,7 +119,7 @@ class TrainMonitor(Callback):
         TimeMonitor(data_time=True) reports it); 0 when MindSpore does not give it."""
         cb = run_context.original_args()
         try:
-            info = cb.dataset_helper.get_send_info(run_context).epoch(cb.cur_epoch_num)
+            info = cb.dataset_helper.get_send_info(run_context).epoch(cb.cur_epoch_num - self.first_ms_epoch + 1)
             return float(info["fetch_data_time"]) / 1000.0
         except Exception:  # noqa: BLE001 - a MindSpore internal that varies by version and device
             if not self.reader_note_said:

@@ -51,6 +51,9 @@ class Sinking:
 def sink_plan(cfg: Config, steps_per_epoch: int, say: bool = True) -> Sinking:
     """The run's sinking, checked before compile; on CPU, where MindSpore does not sink, says so once."""
     if not cfg.dataset_sink_mode:
+        if cfg.sink_size != -1 and say:
+            log.info("sink_size %d is ignored: dataset_sink_mode is False (pass --dataset_sink_mode True to sink)",
+                     cfg.sink_size)
         return Sinking(False, steps_per_epoch, steps_per_epoch)
     if cfg.platform == "CPU":
         if say:
