@@ -121,6 +121,14 @@ class Config:
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = _opt(4e-5, "weight decay (not applied to BatchNorm and biases)", min=0.0)
     label_smooth: float = _opt(0.1, "label smoothing factor", min=0.0, max=0.99)
+    ema: bool = _opt(False, "keep an exponential moving average of the weights (every parameter, BatchNorm statistics "
+                     "included, as mindcv) updated in the train step; evaluation during training, best.ckpt and "
+                     "eval/export/fine-tuning from the run's checkpoints use it")
+    ema_decay: float = _opt(0.9999, "EMA decay per optimizer step, warmed up as mindcv: decay * (1 - exp(-t / 2000)) "
+                            "at step t", min=0.0, max=0.999999)
+    clip_grad: bool = _opt(False, "clip the gradients' global norm (after loss-scale unscaling and averaging over "
+                           "ranks, before the optimizer)")
+    clip_value: float = _opt(15.0, "the global-norm bound of clip_grad", min=1e-6)
     # mixed precision
     amp_level: str = _opt("O0", "mixed precision level", choices=("O0", "O1", "O2", "O3"))
     pact_quant: bool = _opt(False, "PACT quantization-aware training: int8 fake-quantized weights (per channel) and "

@@ -114,3 +114,64 @@ def test_amp_levels_train_on_cpu(level, tmp_path, monkeypatch):
                  if name.endswith("weight") and np.array_equal(old, new)]
     assert not unchanged, unchanged
     assert not (tmp_path / "rewritten_network").exists()  # MindSpore's O1 rewrite stays in output_path
+
+
+def _step(net, lr=0.1, momentum=0.9, **kwargs):
+    step = TrainStep(LossAndLogits(net, CrossEntropySmooth(3, 0.0)), nn.Momentum(net.trainable_params(), lr, momentum),
+                     Tensor(1.0, ms.float32), check_overflow=False, num_classes=3, **kwargs)
+    step.set_train()
+    return step
+
+
+def test_clip_grad_bounds_the_global_norm_of_the_update():
+    """SGD with lr 1 and no momentum moves the weights by minus the gradient: clipped, its global norm is the bound,
+    in the unclipped gradient's direction; a bound above the norm changes nothing."""
+    x, y = _batch()
+    deltas = {}
+    for clip in (None, 0.05, 1e6):
+        net = TinyNet()
+        before = _weights(net)
+        _step(net, lr=1.0, momentum=0.0, clip_value=clip)(x, y)
+        deltas[clip] = np.concatenate([(before[k] - v).ravel() for k, v in _weights(net).items()])
+    norm = np.linalg.norm(deltas[None])
+    assert norm > 0.05
+    assert np.linalg.norm(deltas[0.05]) == pytest.approx(0.05, rel=1e-4)
+    np.testing.assert_allclose(deltas[0.05], deltas[None] * 0.05 / norm, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(deltas[1e6], deltas[None], rtol=1e-5, atol=1e-7)
+
+
+def _all_params(net):
+    return {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+
+
+def test_ema_follows_the_hand_computed_update_over_three_steps_and_a_resume():
+    """e_t = d_t e_(t-1) + (1 - d_t) w_t with d_t = decay (1 - exp(-t / 2000)), over every parameter (BatchNorm
+    statistics too), from e_0 = the initial weights; a train step rebuilt from a checkpoint continues it."""
+    from src.engine.checkpoint import load_into
+
+    decay = 0.9999
+    x, y = _batch()
+    net = TinyNet()
+    step = _step(net, ema_decay=decay)
+    expected = _all_params(net)
+    saved = None
+    for t in range(1, 4):
+        step(x, y)
+        d = decay * (1 - np.exp(-t / 2000))
+        expected = {k: d * expected[k] + (1 - d) * w for k, w in _all_params(net).items()}
+        if t == 2:
+            saved = {p.name: ms.Parameter(p.asnumpy().copy(), name=p.name) for p in step.get_parameters()}
+    ema = {p.name[len("ema."):]: p.asnumpy() for p in step.get_parameters() if p.name.startswith("ema.")}
+    assert float(ema.pop("updates")) == 3 and set(ema) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_allclose(ema[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert not np.allclose(ema["fc.weight"], _all_params(net)["fc.weight"])  # it lags the weights
+
+    # resume after step 2: a new net and step, loaded from the saved train-step parameters, take step 3
+    resumed_net = TinyNet()
+    resumed = _step(resumed_net, ema_decay=decay)
+    load_into(resumed, saved, "saved")
+    resumed(x, y)
+    for p in resumed.get_parameters():
+        if p.name.startswith("ema.") and p.name != "ema.updates":
+            np.testing.assert_allclose(p.asnumpy(), ema[p.name[4:]], rtol=1e-5, atol=1e-7, err_msg=p.name)

@@ -6,6 +6,7 @@ decides "best") and then hands it to the run's outputs in the order the run list
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import sys
@@ -149,15 +150,17 @@ class Evaluator:
     """Top-1/top-5 on the val set every `interval` epochs and at the last one."""
 
     def __init__(self, model, dataset, interval: int, total_epochs: int, counter=None,
-                 expected: tuple[int, object] | None = None):
+                 expected: tuple[int, object] | None = None, weights=contextlib.nullcontext):
         self.model, self.dataset, self.interval, self.total_epochs = model, dataset, interval, total_epochs
         self.counter, self.expected = counter, expected  # the metric that counts images; (images checked, where)
+        self.weights = weights  # a context in which the net holds the weights to evaluate (the EMA, if kept)
 
     def due(self, epoch: int) -> bool:
         return epoch % self.interval == 0 or epoch == self.total_epochs
 
     def __call__(self) -> tuple[float, float]:
-        result = self.model.eval(self.dataset, dataset_sink_mode=False)
+        with self.weights():
+            result = self.model.eval(self.dataset, dataset_sink_mode=False)
         if self.counter is not None and self.expected and self.counter.total != self.expected[0]:
             # MindSpore's reader lists the folder when it starts: files removed since the check are silently skipped
             raise UserError(f"evaluated {self.counter.total} images but {self.expected[1]} held {self.expected[0]} "
@@ -215,14 +218,17 @@ class BestCheckpoint:
     `floor`: the val top-1 of the best.ckpt a resumed run found; only a better epoch replaces that file.
     """
 
-    def __init__(self, net, path: Path, meta: dict, floor: float | None = None):
+    def __init__(self, net, path: Path, meta: dict, floor: float | None = None, ema: dict | None = None):
         self.net, self.path, self.meta, self.floor = net, path, meta, floor
+        self.ema = ema or {}  # {net parameter name: its EMA}: saved in its place, as evaluated
 
     def __call__(self, record: EpochRecord, history: History) -> None:
         if record.val_top1 is not None and history.best is record and (
                 self.floor is None or record.val_top1 > self.floor):
             self.floor = None
-            save_checkpoint(self.net, self.path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step,
+            params = [{"name": p.name, "data": self.ema.get(p.name, p)} for p in self.net.get_parameters()] \
+                if self.ema else self.net
+            save_checkpoint(params, self.path, {**self.meta, "epoch_num": record.epoch, "step_num": record.step,
                                                   "lr": record.lr, "val_top1": record.val_top1})
 
 

@@ -21,7 +21,7 @@ SCHEDULE_KEYS = ("batch_size", "epoch_size", "lr_decay_mode", "lr_init", "lr_max
 # the net's shape beyond model/width/num_classes: a checkpoint made from published weights keeps their convention
 ARCH_KEYS = ("bn_eps", "padding")
 META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
-             "pact_quant", "lr", *ARCH_KEYS, "preprocess", "source", *SCHEDULE_KEYS)
+             "pact_quant", "ema", "lr", *ARCH_KEYS, "preprocess", "source", *SCHEDULE_KEYS)
 OWN_META_KEYS = ("model", "image_size", "class_names", "pact_quant", "steps_per_epoch")  # not written by others
 OPTIMIZER_MARKERS = ("moments.", "global_step")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
@@ -40,6 +40,7 @@ class CheckpointMeta:
     class_names: list[str] | None = None
     val_top1: float | None = None
     pact_quant: bool | None = None
+    ema: bool | None = None  # trained with an EMA: periodic checkpoints hold it as ema.*, best.ckpt as the weights
     bn_eps: float | None = None
     padding: str | None = None
     preprocess: str | None = None  # JSON: mean, std (0..1), crop_pct, interpolation (data.transforms.Preprocessing)

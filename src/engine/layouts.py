@@ -97,6 +97,9 @@ def read_weights(path: str | Path, what: str) -> Weights:
         if not is_remote(spec):
             raise
         raise UserError(f"{exc}; it was downloaded from {spec}: delete {path} to download it again") from None
+    if meta.ema and any(n.startswith("ema.") for n in params):  # a periodic checkpoint of a run with --ema True
+        params = {**params, **{n[4:]: v for n, v in params.items() if n.startswith("ema.") and n[4:] in params}}
+        log.info("%s %s: using its EMA weights (ema.*), as evaluation during its training did", what, path)
     ignored = [n for n in params if OPTIMIZER_NAMES.fullmatch(n)]
     params = {n: v for n, v in params.items() if n not in ignored and n not in META_KEYS}
     layout = recognise(params, meta, path, what)

@@ -36,7 +36,7 @@ from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
 from src.engine.run_folder import RunFolder
 from src.engine.sinking import sink_plan
-from src.engine.train_step import build_train_step
+from src.engine.train_step import EMA_PREFIX, build_train_step, ema_by_name, ema_in_place
 from src.engine.weights import (
     check_same_steps,
     load_pretrained,
@@ -117,6 +117,10 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     initial_epoch = 0
     if resume:
         load_into(train_step, resume[0], Path(cfg.resume_ckpt), skip=NOT_RESTORED)
+        if cfg.ema and not any(name.startswith(EMA_PREFIX) for name in resume[0]):
+            # the EMA was cloned from the net, which holds the resumed weights already (loaded above)
+            log.warning("resume_ckpt %s holds no EMA (its run had --ema False): the EMA starts from its weights",
+                        cfg.resume_ckpt)
         initial_epoch = resume[1].epoch_num
         log.info("resuming %s from epoch %d (global step %d)", cfg.resume_ckpt, initial_epoch,
                  int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
@@ -135,7 +139,10 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
                            fingerprint_data=cfg.fingerprint_data)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
-                          ) if val_ds is not None else None
+                          weights=lambda: ema_in_place(train_step)) if val_ds is not None else None
+    if cfg.ema and ranks.is_main:
+        log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
+                 "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
     outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume)),
                folder.settle] if folder else []
     try:
@@ -227,11 +234,11 @@ def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell
     best = ckpt_dir / "best.ckpt"
     floor = read_checkpoint(best, "best.ckpt")[1].val_top1 if resuming and best.is_file() else None
     meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
-            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant,
+            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant, "ema": cfg.ema,
             **arch_meta(cfg), "preprocess": preprocessing(cfg, source.kind).to_json(),
             **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
             "steps_per_epoch": steps_per_epoch}
-    return [BestCheckpoint(net, best, meta, floor),
+    return [BestCheckpoint(net, best, meta, floor, ema=ema_by_name(train_step)),
             MetricsFiles(out / "metrics.csv", out / "curves.png"),
             PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
                                 cfg.keep_checkpoint_max, cfg.epoch_size, meta,

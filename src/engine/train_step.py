@@ -22,6 +22,14 @@ from src.models.kernels import use_fast_kernels
 log = logging.getLogger("train")
 
 _grad_scale = ops.MultitypeFuncGraph("grad_scale")
+_ema_update = ops.MultitypeFuncGraph("ema_update")
+EMA_PREFIX = "ema."  # the EMA copy of parameter X is saved as ema.X
+EMA_WARMUP_STEPS = 2000.0  # mindcv's: the decay at step t is ema_decay * (1 - exp(-t / 2000))
+
+
+@_ema_update.register("Tensor", "Tensor", "Tensor")
+def _ema_step(decay, ema, weight):
+    return ops.assign(ema, ema * ops.cast(decay, ops.dtype(ema)) + weight * ops.cast(1 - decay, ops.dtype(weight)))
 
 
 @_grad_scale.register("Tensor", "Tensor")
@@ -90,10 +98,32 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, scale_sense, check_overflow: bool,
-                 num_classes: int):
+                 num_classes: int, ema_decay: float | None = None, clip_value: float | None = None):
         super().__init__(network, optimizer, scale_sense)
         self.check_overflow = check_overflow
         self.stats = RunningStats(num_classes)
+        self.clip = clip_value is not None
+        self.clip_value = float(clip_value or 0.0)
+        self.use_ema = ema_decay is not None
+        if self.use_ema:  # every parameter of the net (BatchNorm statistics too) after each optimizer step
+            self.ema_sources = ms.ParameterTuple(list(network.get_parameters()))
+            self.ema_weights = self.ema_sources.clone(EMA_PREFIX.rstrip("."), init="same")
+            self.ema_updates = Parameter(Tensor(0.0, ms.float32), name=f"{EMA_PREFIX}updates", requires_grad=False)
+            self.ema_decay = float(ema_decay)
+
+    def update_ema(self):
+        updates = ops.assign_add(self.ema_updates, ops.ones((), ms.float32))
+        decay = self.ema_decay * (1 - ops.exp(-updates / EMA_WARMUP_STEPS))
+        return self.hyper_map(ops.partial(_ema_update, decay), self.ema_weights, self.ema_sources)
+
+    def optimizer_step(self, loss, grads):
+        """The optimizer step on the (clipped) gradients, then the EMA update."""
+        if self.clip:
+            grads = ops.clip_by_global_norm(grads, self.clip_value)
+        loss = ops.depend(loss, self.optimizer(grads))
+        if self.use_ema:
+            loss = ops.depend(loss, self.update_ema())
+        return loss
 
     def construct(self, data, label):
         loss, logits = self.network(data, label)
@@ -107,10 +137,31 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
         if self.check_overflow:
             overflow = self.process_loss_scale(self.get_overflow_status(status, grads))
             if not overflow:
-                loss = ops.depend(loss, self.optimizer(grads))
+                loss = self.optimizer_step(loss, grads)
         else:
-            loss = ops.depend(loss, self.optimizer(grads))
+            loss = self.optimizer_step(loss, grads)
         return loss
+
+
+def ema_by_name(train_step: nn.Cell) -> dict[str, Parameter]:
+    """{net parameter name: its EMA}; empty when the run keeps no EMA."""
+    if not getattr(train_step, "use_ema", False):
+        return {}
+    return {src.name: ema for src, ema in zip(train_step.ema_sources, train_step.ema_weights)}
+
+
+@contextlib.contextmanager
+def ema_in_place(train_step: nn.Cell):
+    """Inside the block the net holds its EMA weights (for evaluation); its own weights come back after."""
+    pairs = list(zip(train_step.ema_sources, train_step.ema_weights)) if getattr(train_step, "use_ema", False) else []
+    saved = [Tensor(p.asnumpy()) for p, _ in pairs]
+    for p, ema in pairs:
+        p.set_data(Tensor(ema.asnumpy()))
+    try:
+        yield
+    finally:
+        for (p, _), value in zip(pairs, saved):
+            p.set_data(value)
 
 
 def apply_amp(net: nn.Cell, amp_level: str, keep_batchnorm_fp32: bool, workdir: Path) -> nn.Cell:
@@ -176,6 +227,8 @@ def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray) -> tuple[TrainSt
     loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
     scale_sense, check_overflow = loss_scale_sense(cfg)
     optimizer = create_optimizer(net.trainable_params(), lr, cfg.momentum, cfg.weight_decay)
-    train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes)
+    train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes,
+                           ema_decay=cfg.ema_decay if cfg.ema else None,
+                           clip_value=cfg.clip_value if cfg.clip_grad else None)
     train_step.set_train()
     return train_step, EvalNet(amp_net)

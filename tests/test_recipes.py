@@ -1,0 +1,44 @@
+"""Training recipes end to end: an EMA of the weights and gradient clipping in a real run (their arithmetic is
+tested on the train step in test_trainer.py)."""
+from __future__ import annotations
+
+import numpy as np
+from conftest import RESULT_LINE, TINY_TRAIN, make_imagefolder, run_cli
+
+from src.engine.checkpoint import read_checkpoint
+from src.engine.layouts import read_weights
+
+
+def test_a_run_with_ema_evaluates_saves_and_serves_the_ema(tmp_path):
+    data = make_imagefolder(tmp_path / "data", per_class=(8, 4))
+    out = tmp_path / "out"
+    proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), *TINY_TRAIN,
+                   "--epoch_size", "2", "--ema", "True", "--ema_decay", "0.9", "--clip_grad", "True",
+                   "--clip_value", "1.0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "EMA of the weights (decay 0.9, warmed up" in proc.stdout
+    last = out / "checkpoint" / "mobilenetv2-2_4.ckpt"
+    raw, meta = read_checkpoint(last)
+    assert meta.ema is True and raw["ema.updates"].asnumpy() == 8  # 2 epochs x 4 steps
+    ema = {name[4:]: v.asnumpy() for name, v in raw.items() if name.startswith("ema.") and name != "ema.updates"}
+    assert any(k.endswith("moving_mean") for k in ema)  # BatchNorm statistics are averaged too, as mindcv
+    # readers of the run's checkpoint (eval, export, fine-tuning) get the EMA, not the last weights
+    served = read_weights(last, "checkpoint").params
+    for name, value in ema.items():
+        np.testing.assert_array_equal(served[name].asnumpy(), value, err_msg=name)
+    differs = [n for n in ema if not np.array_equal(ema[n], raw[n].asnumpy())]
+    assert differs  # the EMA lags the weights
+    # best.ckpt holds the EMA of its epoch (when that is the last one, the EMA above)
+    best_params, best_meta = read_checkpoint(out / "checkpoint" / "best.ckpt")
+    assert best_meta.ema is True and not any(n.startswith("ema.") for n in best_params)
+    if best_meta.epoch_num == 2:
+        for name in differs:
+            np.testing.assert_array_equal(best_params[name].asnumpy(), ema[name], err_msg=name)
+    # eval.py on the periodic checkpoint reproduces the EMA's val top-1 of epoch 2 in the log
+    logged = float(next(line for line in proc.stdout.splitlines() if line.startswith("[Epoch 2] val top1:"))
+                   .split("val top1: ")[1].split(",")[0])
+    ev = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(out), "--pretrain_ckpt", str(last),
+                 "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--num_parallel_workers", "1")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "using its EMA weights (ema.*)" in ev.stdout + ev.stderr
+    assert float(RESULT_LINE.search(ev.stdout).group(1)) == round(logged, 4)
