@@ -102,6 +102,12 @@ class Config:
     random_flip: float = _opt(0.5, "probability of a horizontal flip (0 disables)", min=0.0, max=1.0)
     color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength (0 disables)",
                                min=0.0, max=1.0)
+    auto_augment: str | None = _opt(None, "augmentation policy after the crop and flip, instead of colour jitter: "
+                                    "autoaug, randaug-mM[-nN][-mstdS][-inc1] (timm's grammar, e.g. "
+                                    "randaug-m9-mstd0.5-inc1) or trivialaugwide", nullable=True)
+    re_prob: float = _opt(0.0, "random erasing probability, on the normalised image (area 0.02..1/3 of the image, "
+                          "as mindcv and timm)",
+                          min=0.0, max=1.0)
     mean: str | None = _opt(None, "per-channel mean of the input normalization, 0..1 units, e.g. 0.485,0.456,0.406 "
                             "(default: the checkpoint's, else ImageNet's, CIFAR-10's for cifar10)", nullable=True)
     std: str | None = _opt(None, "per-channel standard deviation, 0..1 units (default as mean)", nullable=True)
@@ -186,6 +192,10 @@ class Config:
         for key in ("mean", "std"):
             if getattr(self, key) is not None:
                 channel_values(getattr(self, key), key)
+        if self.auto_augment is not None:
+            from src.data.augment import parse_policy
+
+            parse_policy(self.auto_augment)
         if self.sink_size == 0:
             raise UserError("--sink_size got 0 (use -1 for one sink per epoch, or a number of steps)")
         if self.fingerprint_data and self.dataset_sink_mode and self.platform != "CPU":

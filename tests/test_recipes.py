@@ -1,5 +1,5 @@
-"""Training recipes end to end: an EMA of the weights and gradient clipping in a real run (their arithmetic is
-tested on the train step in test_trainer.py)."""
+"""Training recipes end to end: an EMA of the weights, gradient clipping, RandAugment and random erasing in one real
+run (the arithmetic is tested on the train step in test_trainer.py, the policies in test_augment.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +14,7 @@ def test_a_run_with_ema_evaluates_saves_and_serves_the_ema(tmp_path):
     out = tmp_path / "out"
     proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), *TINY_TRAIN,
                    "--epoch_size", "2", "--ema", "True", "--ema_decay", "0.9", "--clip_grad", "True",
-                   "--clip_value", "1.0")
+                   "--clip_value", "1.0", "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "EMA of the weights (decay 0.9, warmed up" in proc.stdout
     last = out / "checkpoint" / "mobilenetv2-2_4.ckpt"

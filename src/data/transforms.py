@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 from src.config import Config, channel_values
+from src.data.augment import parse_policy, policy_transform, random_erasing
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256, the ImageNet eval crop of torchvision, mindcv and the ModelZoo
 
@@ -95,8 +96,12 @@ def image_transforms(cfg: Config, kind: str, training: bool) -> list:
             ops += [vision.Decode(), vision.Resize(int(round(size / pre.crop_pct)), inter), vision.CenterCrop(size)]
     if training and cfg.random_flip > 0:
         ops += [vision.RandomHorizontalFlip(prob=cfg.random_flip)]
-    if training and cfg.color_jitter > 0:
+    if training and cfg.auto_augment:  # instead of colour jitter, as timm and mindcv
+        ops += [policy_transform(parse_policy(cfg.auto_augment))]
+    elif training and cfg.color_jitter > 0:
         j = cfg.color_jitter
         ops += [vision.RandomColorAdjust(brightness=j, contrast=j, saturation=j)]
     ops += [vision.Normalize(mean=[v * 255 for v in pre.mean], std=[v * 255 for v in pre.std]), vision.HWC2CHW()]
+    if training and cfg.re_prob > 0:
+        ops += [random_erasing(cfg.re_prob)]
     return ops

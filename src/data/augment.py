@@ -1,0 +1,102 @@
+"""Augmentation policies (auto_augment) and random erasing (re_prob), with mindcv's key names and timm's grammar.
+
+The policies are MindSpore's own C++ operations (mindspore.dataset.vision AutoAugment, RandAugment and
+TrivialAugmentWide, torchvision's op sets), configured as timm configures its own: bilinear resampling and the
+ImageNet mean pixel as fill. `randaug-mM` takes timm's 0..10 magnitude scale: MindSpore's RandAugment with 11
+magnitude bins puts magnitude M at M/10 of each op's range, as timm does. Its posterize and solarize grow stronger
+with the magnitude, which is timm's `inc1` variant; `mstdS` draws each image's magnitude from N(M, S) (clipped to
+0..10, rounded to the 11 levels) as timm does (continuously) per image.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from src.errors import UserError
+
+GRAMMAR = ("autoaug (ImageNet AutoAugment), randaug-mM[-nN][-mstdS][-inc1] (RandAugment: magnitude M 0..10, N ops "
+           "(default 2), magnitude noise std S, e.g. randaug-m9-mstd0.5-inc1), or trivialaugwide")
+LEVELS = 10  # timm's magnitude scale: 0..10
+FILL = (124, 116, 104)  # the ImageNet mean pixel, timm's fill for geometric ops
+_RANDAUG = re.compile(r"randaug((?:-[a-z]+[0-9.]+)*)")
+_PART = re.compile(r"-([a-z]+)([0-9]+(?:\.[0-9]+)?)")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str  # autoaug | randaug | trivialaugwide
+    magnitude: int = 9
+    num_ops: int = 2
+    magnitude_std: float = 0.0
+
+
+def parse_policy(text: str) -> Policy:
+    """A policy string, checked; UserError naming the grammar otherwise."""
+    text = text.strip().lower()
+    if text in ("autoaug", "trivialaugwide"):
+        return Policy(text)
+    found = _RANDAUG.fullmatch(text)
+    if not found:
+        raise UserError(f"--auto_augment got {text!r} (use {GRAMMAR})")
+    values = {}
+    for key, value in _PART.findall(found.group(1)):
+        if key in values or key not in ("m", "n", "mstd", "inc"):
+            raise UserError(f"--auto_augment {text!r}: '{key}' is {'repeated' if key in values else 'not a part'} "
+                            f"(use {GRAMMAR})")
+        values[key] = value
+    if "m" not in values:
+        raise UserError(f"--auto_augment {text!r} has no magnitude (use {GRAMMAR})")
+    try:
+        magnitude, num_ops = int(values["m"]), int(values.get("n", 2))
+        std, inc = float(values.get("mstd", 0)), int(values.get("inc", 1))
+    except ValueError:
+        raise UserError(f"--auto_augment {text!r}: m, n and inc are integers (use {GRAMMAR})") from None
+    if not 0 <= magnitude <= LEVELS or not 1 <= num_ops <= 10 or std > 10 or inc not in (0, 1):
+        raise UserError(f"--auto_augment {text!r}: m must be 0..10, n 1..10, mstd at most 10, inc 0 or 1 "
+                        f"(use {GRAMMAR})")
+    if inc == 0:
+        raise UserError(f"--auto_augment {text!r}: inc0 (timm's non-increasing posterize/solarize) is not what "
+                        "MindSpore's RandAugment does; drop -inc0 (its ops are timm's inc1 variant)")
+    return Policy("randaug", magnitude, num_ops, std)
+
+
+def magnitude_weights(magnitude: int, std: float) -> list[float]:
+    """Probability of each level 0..10 when the magnitude is drawn from N(magnitude, std), clipped and rounded."""
+    if std <= 0:
+        return [1.0 if level == magnitude else 0.0 for level in range(LEVELS + 1)]
+
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf((x - magnitude) / (std * math.sqrt(2))))
+
+    return [(cdf(level + 0.5) if level < LEVELS else 1.0) - (cdf(level - 0.5) if level > 0 else 0.0)
+            for level in range(LEVELS + 1)]
+
+
+def policy_transform(policy: Policy):
+    """The MindSpore transform of a policy, for HWC uint8 images."""
+    import mindspore.dataset.transforms as transforms
+    import mindspore.dataset.vision as vision
+
+    inter = vision.Inter.BILINEAR
+    if policy.name == "autoaug":
+        return vision.AutoAugment(vision.AutoAugmentPolicy.IMAGENET, inter, FILL)
+    if policy.name == "trivialaugwide":
+        return vision.TrivialAugmentWide(31, inter, FILL)
+
+    def at(level: int):
+        return vision.RandAugment(policy.num_ops, level, LEVELS + 1, inter, FILL)
+
+    weights = magnitude_weights(policy.magnitude, policy.magnitude_std)
+    if policy.magnitude_std <= 0:
+        return at(policy.magnitude)
+    # RandomChoice picks uniformly: each level appears in proportion to its probability (1% resolution)
+    ops = {level: at(level) for level, w in enumerate(weights) if round(100 * w) > 0}
+    return transforms.RandomChoice([ops[level] for level in ops for _ in range(round(100 * weights[level]))])
+
+
+def random_erasing(prob: float):
+    """mindcv's/timm's random erasing on the normalised CHW image: area 2%..1/3, aspect 0.3..3.3, value 0."""
+    import mindspore.dataset.vision as vision
+
+    return vision.RandomErasing(prob=prob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=0, max_attempts=10)

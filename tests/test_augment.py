@@ -1,0 +1,74 @@
+"""auto_augment policies and random erasing: the grammar, determinism under the seed, and the erased area."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from src.config import Config
+from src.data.augment import Policy, magnitude_weights, parse_policy, policy_transform, random_erasing
+from src.errors import UserError
+
+
+@pytest.mark.parametrize("text,policy", [
+    ("autoaug", Policy("autoaug")),
+    ("trivialaugwide", Policy("trivialaugwide")),
+    ("randaug-m9", Policy("randaug", 9, 2, 0.0)),
+    ("randaug-m9-mstd0.5-inc1", Policy("randaug", 9, 2, 0.5)),
+    ("RandAug-m7-n3-mstd1", Policy("randaug", 7, 3, 1.0)),
+])
+def test_policy_strings_parse(text, policy):
+    assert parse_policy(text) == policy
+
+
+@pytest.mark.parametrize("text,message", [
+    ("randaug", "has no magnitude"),
+    ("randaug-m11", "m must be 0..10"),
+    ("randaug-m9-x3", "'x' is not a part"),
+    ("randaug-m9-m7", "'m' is repeated"),
+    ("randaug-m9-inc0", "inc0 (timm's non-increasing posterize/solarize) is not what MindSpore's RandAugment does"),
+    ("rand-m9-mstd0.5", "use autoaug (ImageNet AutoAugment), randaug-mM[-nN][-mstdS][-inc1]"),
+    ("augmix", "use autoaug"),
+])
+def test_malformed_policies_are_refused_naming_the_grammar(text, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        parse_policy(text)
+    with pytest.raises(UserError, match="--auto_augment"):
+        Config(auto_augment=text)
+
+
+def test_magnitude_noise_is_a_clipped_rounded_normal():
+    w = magnitude_weights(9, 0.5)
+    assert sum(w) == pytest.approx(1.0) and w[9] == pytest.approx(0.6827, abs=1e-3)
+    assert w[10] == pytest.approx(1 - 0.5 * (1 + math.erf(1 / np.sqrt(2))), abs=1e-3)  # above 9.5, clipped to 10
+    assert magnitude_weights(4, 0.0) == [1.0 if i == 4 else 0.0 for i in range(11)]
+
+
+def _mapped(images: np.ndarray, transform, seed: int) -> np.ndarray:
+    import mindspore.dataset as ds
+
+    ds.config.set_seed(seed)
+    data = ds.NumpySlicesDataset({"image": images}, shuffle=False).map([transform], input_columns="image")
+    return np.stack([row["image"] for row in data.create_dict_iterator(output_numpy=True)])
+
+
+@pytest.mark.parametrize("text", ["autoaug", "randaug-m9-mstd0.5-inc1", "trivialaugwide"])
+def test_each_policy_changes_images_deterministically_under_the_seed(text):
+    images = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    first = _mapped(images, policy_transform(parse_policy(text)), seed=1)
+    assert first.shape == images.shape and first.dtype == np.uint8
+    assert (first != images).mean() > 0.1  # the images changed
+    np.testing.assert_array_equal(_mapped(images, policy_transform(parse_policy(text)), seed=1), first)
+    assert not np.array_equal(_mapped(images, policy_transform(parse_policy(text)), seed=2), first)
+
+
+def test_random_erasing_covers_the_requested_area_on_average():
+    """Area drawn uniformly from 0.02..1/3 of the image: a mean of (0.02 + 1/3) / 2 = 0.177; prob 0.5 halves it."""
+    images = np.ones((300, 3, 32, 32), np.float32)
+    erased = 1 - (_mapped(images, random_erasing(1.0), seed=0) == 1).mean(axis=(1, 2, 3))
+    assert erased.min() > 0 and erased.max() <= 1 / 3 + 0.02
+    assert erased.mean() == pytest.approx(0.177, abs=0.015)
+    half = 1 - (_mapped(images, random_erasing(0.5), seed=0) == 1).mean(axis=(1, 2, 3))
+    assert (half == 0).mean() == pytest.approx(0.5, abs=0.1) and half.mean() == pytest.approx(0.088, abs=0.02)
