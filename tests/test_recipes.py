@@ -42,3 +42,10 @@ def test_a_run_with_ema_evaluates_saves_and_serves_the_ema(tmp_path):
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert "using its EMA weights (ema.*)" in ev.stdout + ev.stderr
     assert float(RESULT_LINE.search(ev.stdout).group(1)) == round(logged, 4)
+    # per-class results: written by the run's last evaluation and by eval.py; the result line stays the last line
+    assert "worst 2 classes by top-1: " in proc.stdout and "worst 2 classes by top-1: " in ev.stdout
+    assert ev.stdout.strip().splitlines()[-1].startswith("result:{'acc': ")
+    rows = (out / "per_class.csv").read_text().splitlines()
+    assert rows[0] == "class,images,top1,top5,most_confused_with,confused_images" and len(rows) == 3
+    assert {row.split(",")[0] for row in rows[1:]} == {"cat", "dog"} and all(r.split(",")[1] == "4" for r in rows[1:])
+    assert (out / "confusion_matrix.png").stat().st_size > 1000

@@ -19,6 +19,7 @@ from mindspore.train import Callback
 
 from src.engine.checkpoint import first_non_finite, periodic_checkpoints, save_checkpoint
 from src.engine.history import EpochRecord, History, plot_curves, write_metrics
+from src.engine.per_class import log_worst, write_per_class
 from src.engine.sinking import Sinking
 from src.engine.train_step import STATS_PREFIX
 from src.errors import UserError, stop_if_signalled
@@ -150,15 +151,18 @@ class Evaluator:
     """Top-1/top-5 on the val set every `interval` epochs and at the last one."""
 
     def __init__(self, model, dataset, interval: int, total_epochs: int, counter=None,
-                 expected: tuple[int, object] | None = None, weights=contextlib.nullcontext):
+                 expected: tuple[int, object] | None = None, weights=contextlib.nullcontext,
+                 per_class_folder: Path | None = None):
         self.model, self.dataset, self.interval, self.total_epochs = model, dataset, interval, total_epochs
         self.counter, self.expected = counter, expected  # the metric that counts images; (images checked, where)
         self.weights = weights  # a context in which the net holds the weights to evaluate (the EMA, if kept)
+        self.per_class_folder = per_class_folder  # per_class.csv etc. of the last evaluation go there
+        self.per_class = None  # the last epoch's per-class counts, for `write_per_class`
 
     def due(self, epoch: int) -> bool:
         return epoch % self.interval == 0 or epoch == self.total_epochs
 
-    def __call__(self) -> tuple[float, float]:
+    def __call__(self, final: bool = False) -> tuple[float, float]:
         with self.weights():
             result = self.model.eval(self.dataset, dataset_sink_mode=False)
         if self.counter is not None and self.expected and self.counter.total != self.expected[0]:
@@ -166,7 +170,15 @@ class Evaluator:
             raise UserError(f"evaluated {self.counter.total} images but {self.expected[1]} held {self.expected[0]} "
                             "when it was checked before training (were files removed or added? keep the data set "
                             "unchanged while a run reads it, and train again)")
+        if final and "per_class" in result:
+            self.per_class = result["per_class"]
+            log_worst(self.per_class)
         return float(result["acc"]), float(result["top_5_accuracy"])
+
+    def write_per_class(self, record: EpochRecord, history: History) -> None:
+        """An epoch output: per_class.csv and confusion_matrix.png after the last epoch's evaluation."""
+        if self.per_class is not None and self.per_class_folder is not None and record.epoch == self.total_epochs:
+            write_per_class(self.per_class, self.per_class_folder)
 
 
 class EpochEnd(Callback):
@@ -198,7 +210,7 @@ class EpochEnd(Callback):
         record = self.monitor.finish_epoch(epoch)
         if self.evaluator is not None and self.evaluator.due(epoch):
             start = time.perf_counter()
-            record.val_top1, record.val_top5 = self.evaluator()
+            record.val_top1, record.val_top5 = self.evaluator(final=epoch == self.evaluator.total_epochs)
             self.history.add(record)
             best = self.history.best
             log.info("[Epoch %d] val top1: %.5f, top5: %.5f, best top1: %.5f (epoch %d), eval time: %.2f sec",

@@ -12,6 +12,7 @@ from src.data.checks import check_dataset
 from src.data.pipeline import create_dataset
 from src.device import setup_device
 from src.engine.metrics import accuracy_metrics
+from src.engine.per_class import ConfusionCounts, log_worst, write_per_class
 from src.engine.train_step import eval_cell
 from src.engine.weights import inference_net, open_for_inference
 
@@ -52,6 +53,11 @@ def evaluate(cfg: Config) -> EvalResult:
                  "then python eval_onnx.py or predict.py --onnx_file")
     dataset = create_dataset(cfg, source, training=False)
     eval_net = eval_cell(inference_net(cfg, weights), cfg).set_train(False)
-    model = Model(eval_net, eval_network=eval_net, metrics=accuracy_metrics())
+    names = meta.class_names if meta.class_names and len(meta.class_names) == cfg.num_classes else \
+        source.class_names
+    model = Model(eval_net, eval_network=eval_net, metrics={**accuracy_metrics(), "per_class": ConfusionCounts(names)})
     result = model.eval(dataset, dataset_sink_mode=False)
+    csv_path, png_path = write_per_class(result["per_class"], Path(cfg.output_path))
+    log_worst(result["per_class"])
+    log.info("per-class results: %s, %s", csv_path, png_path)
     return EvalResult(float(result["acc"]), float(result["top_5_accuracy"]), ckpt, source.val.num_images)

@@ -34,6 +34,7 @@ from src.engine.checkpoint import (
 from src.engine.history import History, read_metrics
 from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
+from src.engine.per_class import ConfusionCounts
 from src.engine.run_folder import RunFolder
 from src.engine.sinking import sink_plan
 from src.engine.train_step import EMA_PREFIX, build_train_step, ema_by_name, ema_in_place
@@ -132,19 +133,20 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
              cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level,
              ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
 
-    metrics = accuracy_metrics()
+    metrics = {**accuracy_metrics(), "per_class": ConfusionCounts(source.class_names)}
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     monitor = TrainMonitor(lr, cfg.batch_size, sinking, cfg.print_freq, cfg.epoch_size, train_step.stats,
                            fingerprint_data=cfg.fingerprint_data)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
-                          weights=lambda: ema_in_place(train_step)) if val_ds is not None else None
+                          weights=lambda: ema_in_place(train_step), per_class_folder=out,
+                          ) if val_ds is not None else None
     if cfg.ema and ranks.is_main:
         log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
                  "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
     outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume)),
-               folder.settle] if folder else []
+               *([evaluator.write_per_class] if evaluator else []), folder.settle] if folder else []
     try:
         stop_if_signalled()
         model.train(train_dataset=train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],

@@ -32,7 +32,7 @@ STAGED_LOG = "train.new.log"
 
 ASIDE = ".earlier-run"
 MANIFEST = "MANIFEST"
-RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "curves.png")
+RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "curves.png", "per_class.csv", "confusion_matrix.png")
 
 
 class RunFolder:
