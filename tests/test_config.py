@@ -41,12 +41,24 @@ def test_seed_recipes():
     assert (r50.lr_decay_mode, r50.lr_max, r50.loss_scale) == ("poly", 0.1, 1024.0)
 
 
+# mindcv's configs/mobilenetv3/mobilenet_v3_{large,small}_ascend.yaml with its config.py defaults for the keys the
+# yamls leave out (color_jitter 0.4, auto_augment None, re_prob 0, ema/clip_grad False), in this package's names
+MINDCV_MOBILENETV3 = {
+    "batch_size": 75, "image_size": 224, "num_classes": 1000, "crop_scale_min": 0.08, "random_flip": 0.5,
+    "color_jitter": 0.4, "auto_augment": None, "re_prob": 0.0, "dataset_sink_mode": True, "amp_level": "O3",
+    "label_smooth": 0.1, "lr_decay_mode": "cosine", "lr_init": 0.0, "lr_end": 0.0, "warmup_epochs": 4,
+    "momentum": 0.9, "weight_decay": 2e-5, "loss_scale": 1024.0, "loss_scale_type": "fixed", "ema": False,
+    "clip_grad": False, "dropout": 0.2, "keep_checkpoint_max": 30, "num_parallel_workers": 8, "width": 1.0,
+}
+
+
 def test_mobilenetv3_recipes_are_mindcvs():
     large = load_config(["--config_path", "configs/mobilenetv3_large_imagenet.yaml"])
     small = load_config(["--config_path", "configs/mobilenetv3_small_imagenet.yaml"])
-    assert (large.model, large.lr_max, large.epoch_size, large.weight_decay, large.dropout) == (
-        "mobilenetv3_large", 1.08, 420, 2e-5, 0.2)
-    assert (small.model, small.lr_max, small.epoch_size, small.color_jitter) == ("mobilenetv3_small", 0.77, 470, 0.4)
+    for cfg, model, lr, epochs in ((large, "mobilenetv3_large", 1.08, 420), (small, "mobilenetv3_small", 0.77, 470)):
+        assert (cfg.model, cfg.lr_max, cfg.epoch_size) == (model, lr, epochs)
+        assert {key: getattr(cfg, key) for key in MINDCV_MOBILENETV3} == MINDCV_MOBILENETV3
+        assert (cfg.crop_pct or 0.875, cfg.interpolation or "bilinear") == (0.875, "bilinear")
 
 
 def test_seed_flag_spellings_map_to_the_config_keys():
