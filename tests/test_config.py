@@ -59,6 +59,10 @@ def test_mobilenetv3_recipes_are_mindcvs():
         assert (cfg.model, cfg.lr_max, cfg.epoch_size) == (model, lr, epochs)
         assert {key: getattr(cfg, key) for key in MINDCV_MOBILENETV3} == MINDCV_MOBILENETV3
         assert (cfg.crop_pct or 0.875, cfg.interpolation or "bilinear") == (0.875, "bilinear")
+    strong = load_config(["--config_path", "configs/mobilenetv3_large_imagenet_strong.yaml"])
+    added = {"auto_augment": "randaug-m9-mstd0.5-inc1", "re_prob": 0.2, "ema": True}
+    assert {key: getattr(strong, key) for key in MINDCV_MOBILENETV3} == {**MINDCV_MOBILENETV3, **added}
+    assert (strong.lr_max, strong.epoch_size, strong.ema_decay) == (1.08, 420, 0.9999)
 
 
 def test_seed_flag_spellings_map_to_the_config_keys():
