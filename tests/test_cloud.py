@@ -63,7 +63,7 @@ def test_modelarts_run_downloads_trains_and_uploads(s3, tmp_path):
     assert "downloaded 1 files from s3://bucket/datasets/photos" in proc.stdout
     keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket="bucket", Prefix="jobs/run1/")["Contents"]}
     for name in ("checkpoint/best.ckpt", "checkpoint/mobilenetv2-1_3.ckpt", "metrics.csv", "curves.png",
-                 "train.log", "config.yaml"):
+                 "train.log", "config.yaml", "per_class.csv", "confusion_matrix.png"):
         assert f"jobs/run1/{name}" in keys, keys
     # the secret key is in no log, no saved file and no output
     assert SECRET not in proc.stdout + proc.stderr

@@ -145,8 +145,9 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     if cfg.ema and ranks.is_main:
         log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
                  "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
-    outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume)),
-               *([evaluator.write_per_class] if evaluator else []), folder.settle] if folder else []
+    outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume),
+                                              evaluator.write_per_class if evaluator else None),
+               folder.settle] if folder else []
     try:
         stop_if_signalled()
         model.train(train_dataset=train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
@@ -228,9 +229,10 @@ def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo):
 
 
 def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell, train_step: nn.Cell,
-                   steps_per_epoch: int, resuming: bool) -> list:
-    """What rank 0 writes after each epoch, in this order: best.ckpt, metrics.csv + curves.png, the periodic
-    checkpoint (an upload after it, on ModelArts, carries the others). A resumed run's best.ckpt is replaced only
+                   steps_per_epoch: int, resuming: bool, per_class=None) -> list:
+    """What rank 0 writes after each epoch, in this order: best.ckpt, metrics.csv + curves.png, per_class.csv +
+    confusion_matrix.png (`per_class`, after the last epoch), the periodic checkpoint (an upload after it, on
+    ModelArts, carries the others). A resumed run's best.ckpt is replaced only
     by a better epoch than the one it holds."""
     out = Path(cfg.output_path)
     best = ckpt_dir / "best.ckpt"
@@ -241,7 +243,7 @@ def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell
             **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
             "steps_per_epoch": steps_per_epoch}
     return [BestCheckpoint(net, best, meta, floor, ema=ema_by_name(train_step)),
-            MetricsFiles(out / "metrics.csv", out / "curves.png"),
+            MetricsFiles(out / "metrics.csv", out / "curves.png"), *([per_class] if per_class else []),
             PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
                                 cfg.keep_checkpoint_max, cfg.epoch_size, meta,
                                 on_saved=(lambda: upload_outputs(cfg)) if cfg.enable_modelarts else None)]
