@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, make_imagefolder
 
 from src.errors import UserError
-from src.launch import Plan, Rank, _run_ranks, parse_devices
+from src.launch import Plan, Rank, _free_port, _run_ranks, parse_devices
 
 
 def _sh(*args, env=None, timeout=120):
@@ -241,14 +241,6 @@ def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
         assert "from epoch 2 (global step 4)" in log and not re.search(r"^epoch: [12] step", log, re.M)
         resumed[rank] = re.search(rf"rank {rank} of 2: final weights sha256 (\w+)", log).group(1)
     assert resumed[0] == resumed[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_node(rank: int, port: int, data: Path, out: Path, *extra: str, timeout: int = 60) -> subprocess.Popen:

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,20 @@ def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
     never with a non-finite parameter."""
     check_finite(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     append = {k: (json.dumps(v) if k == "class_names" else v) for k, v in meta.items() if v is not None}
+    write_atomically(path, lambda tmp: ms.save_checkpoint(obj, str(tmp), append_dict=append, crc_check=True),
+                     errors=(OSError, RuntimeError))
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any], errors: tuple = (OSError,)) -> None:
+    """`write(tmp)` a temp file beside `path`, then rename it over `path`: a reader sees the old file or the
+    whole new one. A failure (`errors`, e.g. a full disk) removes the temp file and is one UserError; `path` is
+    unchanged."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        ms.save_checkpoint(obj, str(tmp), append_dict=append, crc_check=True)
+        write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
+    except errors as exc:
         tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from None
 

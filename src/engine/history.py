@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from src.engine.checkpoint import write_error
+from src.engine.checkpoint import write_atomically
 
 METRICS_COLUMNS = ("epoch", "step", "lr", "loss", "val_top1", "val_top5", "epoch_time_s")
 
@@ -42,8 +41,7 @@ class History:
 
 
 def write_metrics(records: list[EpochRecord], path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
             writer.writeheader()
@@ -51,10 +49,8 @@ def write_metrics(records: list[EpochRecord], path: Path) -> None:
                 row = asdict(r)
                 writer.writerow({k: ("" if row[k] is None else (f"{row[k]:.6g}" if isinstance(row[k], float)
                                                                 else row[k])) for k in METRICS_COLUMNS})
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
+
+    write_atomically(path, write)
 
 
 def read_metrics(path: Path, up_to_epoch: int) -> list[EpochRecord]:
@@ -93,12 +89,7 @@ def plot_curves(records: list[EpochRecord], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     finally:
         plt.close(fig)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from mindspore.train import Metric
 
-from src.engine.checkpoint import write_error
+from src.engine.checkpoint import write_atomically
 
 log = logging.getLogger("train")
 MATRIX_MAX_CLASSES = 100  # above this the picture shows the most confused pairs instead of the matrix
@@ -77,16 +76,6 @@ class ConfusionCounts(Metric):
         return PerClass(self.names, self.matrix.copy(), self.top5.copy())
 
 
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
-
-
 def write_per_class(result: PerClass, folder: Path) -> tuple[Path, Path]:
     """per_class.csv and confusion_matrix.png in `folder` (each through a temp file and a rename)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,8 +86,8 @@ def write_per_class(result: PerClass, folder: Path) -> tuple[Path, Path]:
     for row in result.rows():
         writer.writerow({**row, "top1": f"{row['top1']:.4f}", "top5": f"{row['top5']:.4f}"})
     csv_path, png_path = folder / "per_class.csv", folder / "confusion_matrix.png"
-    _replace(csv_path, lambda tmp: tmp.write_text(text.getvalue(), encoding="utf-8"))
-    _replace(png_path, lambda tmp: _plot(result, tmp))
+    write_atomically(csv_path, lambda tmp: tmp.write_text(text.getvalue(), encoding="utf-8"))
+    write_atomically(png_path, lambda tmp: _plot(result, tmp))
     return csv_path, png_path
 
 
