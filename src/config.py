@@ -28,7 +28,8 @@ MODEL_NAMES = ("mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet5
 # `--data-path=./ILSVRC2012 --lr=0.001 --batch-size=64 --epochs=10 --pretrained=x.ckpt --pact_quant`
 ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",), "dataset_path": ("data-path", "data_path"),
            "batch_size": ("batch-size",), "pretrain_ckpt": ("pretrained",), "num_parallel_workers": ("workers",),
-           "print_freq": ("print-freq",), "weight_decay": ("wd", "weight-decay")}
+           "print_freq": ("print-freq",), "weight_decay": ("wd", "weight-decay"),
+           "mixup_prob": ("cutmix_prob",)}  # mindcv's name for the probability of mixing a batch
 # One file per tool, three spellings in the peers' scripts: on each tool the flags of the first key set the
 # second (eval.py reads its checkpoint from --pretrain_ckpt as in the ModelZoo, export.py and predict.py from
 # --ckpt_file; each takes the other spelling too). The first key keeps its YAML value.
@@ -108,6 +109,14 @@ class Config:
     re_prob: float = _opt(0.0, "random erasing probability, on the normalised image (area 0.02..1/3 of the image, "
                           "as mindcv and timm)",
                           min=0.0, max=1.0)
+    mixup: float = _opt(0.0, "mixup alpha: each train batch is mixed with its mirror image, lam ~ Beta(alpha, alpha), "
+                        "targets mixed alike (0 disables; timm/mindcv use 0.2..0.8)", min=0.0, max=100.0)
+    cutmix: float = _opt(0.0, "cutmix alpha: a box of area 1 - lam from the mirrored batch image is pasted in, "
+                         "targets by pixel share (0 disables; timm/mindcv use 1.0)", min=0.0, max=100.0)
+    mixup_prob: float = _opt(1.0, "probability that a batch is mixed (mixup or cutmix)", min=0.0, max=1.0)
+    mixup_switch_prob: float = _opt(0.5, "with both mixup and cutmix: probability of cutmix for a batch",
+                                    min=0.0, max=1.0)
+    mixup_off_epoch: int = _opt(0, "no mixing after this epoch (timm's; 0: mix to the end)", min=0)
     mean: str | None = _opt(None, "per-channel mean of the input normalization, 0..1 units, e.g. 0.485,0.456,0.406 "
                             "(default: the checkpoint's, else ImageNet's, CIFAR-10's for cifar10)", nullable=True)
     std: str | None = _opt(None, "per-channel standard deviation, 0..1 units (default as mean)", nullable=True)
@@ -135,6 +144,10 @@ class Config:
     clip_grad: bool = _opt(False, "clip the gradients' global norm (after loss-scale unscaling and averaging over "
                            "ranks, before the optimizer)")
     clip_value: float = _opt(15.0, "the global-norm bound of clip_grad", min=1e-6)
+    gradient_accumulation_steps: int = _opt(1, "step the optimizer every N batches with their mean gradient (an "
+                                            "effective batch of N x batch_size per device; the LR schedule, log and "
+                                            "checkpoints count optimizer steps; BatchNorm still sees batches of "
+                                            "batch_size)", min=1, max=1024)
     # mixed precision
     amp_level: str = _opt("O0", "mixed precision level", choices=("O0", "O1", "O2", "O3"))
     pact_quant: bool = _opt(False, "PACT quantization-aware training: int8 fake-quantized weights (per channel) and "
@@ -186,6 +199,9 @@ class Config:
         if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):
             raise UserError("--freeze_layer backbone needs --pretrain_ckpt (a frozen random backbone learns nothing; "
                             "pass the checkpoint to fine-tune from)")
+        if self.freeze_layer == "backbone" and (self.mixup > 0 or self.cutmix > 0):
+            raise UserError("--mixup/--cutmix mix images, and --freeze_layer backbone trains the head on cached "
+                            "features of unaugmented images (drop --mixup/--cutmix, or use --freeze_layer none)")
         if self.pact_quant and self.freeze_layer == "backbone":
             raise UserError("--pact_quant True trains the whole net and cannot be combined with --freeze_layer "
                             "backbone (drop one of them)")

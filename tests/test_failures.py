@@ -228,7 +228,8 @@ def test_resume_refuses_a_changed_schedule_naming_the_key_and_the_checkpoints_va
     _assert_kept(out, before)
     meta = read_checkpoint(ckpt)[1]
     for key, value, shown in (("lr_max", "0.1", "0.05"), ("lr_decay_mode", "steps", "cosine"),
-                              ("warmup_epochs", "1", "0"), ("lr_end", "0.001", "0"), ("lr_init", "0.01", "0")):
+                              ("warmup_epochs", "1", "0"), ("lr_end", "0.001", "0"), ("lr_init", "0.01", "0"),
+                              ("gradient_accumulation_steps", "2", "1")):
         cfg = load_config(with_flags(TINY_TRAIN, epoch_size=2, **{key: value}))
         with pytest.raises(UserError) as err:
             check_same_schedule(meta, cfg, ckpt)

@@ -1,5 +1,6 @@
-"""Training recipes end to end: an EMA of the weights, gradient clipping, RandAugment and random erasing in one real
-run (the arithmetic is tested on the train step in test_trainer.py, the policies in test_augment.py)."""
+"""Training recipes end to end: an EMA of the weights, gradient clipping, RandAugment, random erasing, mixup/cutmix and
+gradient accumulation in one real run (the arithmetic is tested on the train step in test_trainer.py, the policies
+in test_augment.py, the mixing in test_mixup.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,12 +15,17 @@ def test_a_run_with_ema_evaluates_saves_and_serves_the_ema(tmp_path):
     out = tmp_path / "out"
     proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), *TINY_TRAIN,
                    "--epoch_size", "2", "--ema", "True", "--ema_decay", "0.9", "--clip_grad", "True",
-                   "--clip_value", "1.0", "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25")
+                   "--clip_value", "1.0", "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25",
+                   "--mixup", "0.4", "--cutmix", "1.0", "--gradient_accumulation_steps", "3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "EMA of the weights (decay 0.9, warmed up" in proc.stdout
-    last = out / "checkpoint" / "mobilenetv2-2_4.ckpt"
+    assert "mixing train batches (mixup alpha 0.4, cutmix alpha 1, probability 1, cutmix share 0.5" in proc.stdout
+    assert "2 steps/epoch (4 batches of 4, the optimizer steps every 3: an effective batch of 12)" in proc.stdout
+    last = out / "checkpoint" / "mobilenetv2-2_2.ckpt"  # named by optimizer steps: 4 batches = a group of 3 and 1
     raw, meta = read_checkpoint(last)
-    assert meta.ema is True and raw["ema.updates"].asnumpy() == 8  # 2 epochs x 4 steps
+    assert meta.ema is True and raw["ema.updates"].asnumpy() == 4  # 2 epochs x 2 optimizer steps
+    assert raw["global_step"].asnumpy().reshape(-1)[0] == 4 and meta.step_num == 4
+    assert meta.gradient_accumulation_steps == 3 and not any(n.startswith("train_stats.") for n in raw)
     ema = {name[4:]: v.asnumpy() for name, v in raw.items() if name.startswith("ema.") and name != "ema.updates"}
     assert any(k.endswith("moving_mean") for k in ema)  # BatchNorm statistics are averaged too, as mindcv
     # readers of the run's checkpoint (eval, export, fine-tuning) get the EMA, not the last weights

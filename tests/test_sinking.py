@@ -131,3 +131,34 @@ def test_a_nan_inside_a_sink_stops_the_run_at_that_sink():
     ctx = _drive(monitor, epoch_end, 4, [0.9, 0.7, 0.5, 0.3])
     assert ctx.stopped and monitor.diverged[:2] == (1, 4) and np.isnan(monitor.diverged[2])
     assert records == []  # the epoch that diverged records and writes nothing
+
+
+def test_with_accumulation_the_lines_count_optimizer_steps(caplog):
+    """7 batches per epoch, gradient_accumulation_steps 3: optimizer steps after batches 3, 6 and 7 (a short last
+    group); with print_freq 2 the lines come after optimizer steps 0 and 2 of the epoch, with those steps' LR, and
+    the epoch record counts 3 steps."""
+    import mindspore as ms
+
+    sinking = Sinking(False, steps_per_epoch=7, steps_per_sink=7)
+    stats = _Stats([None, _window(1.0, 0.5, 1.0, steps=3), _window(0.5, 0.75, 1.0, steps=4)])
+    lr = np.array([0.3, 0.2, 0.1, 0.0, 0.0, 0.0], np.float32)
+    monitor = TrainMonitor(lr, 4, sinking, print_freq=2, total_epochs=2, stats=stats, progress_bar=False,
+                           accumulation=3)
+    records = []
+    epoch_end = EpochEnd(monitor, History([]), None, [lambda record, history: records.append(record)])
+    ctx = _Context()
+    ctx.params.cur_epoch_num = 1
+    with caplog.at_level(logging.INFO, logger="train"):
+        monitor.on_train_epoch_begin(ctx)
+        for _ in range(7):
+            monitor.on_train_step_begin(ctx)
+            ctx.params.net_outputs = ms.Tensor(np.float32(0.5))
+            monitor.on_train_step_end(ctx)
+        epoch_end.on_train_epoch_end(ctx)
+    lines = [r.getMessage() for r in caplog.records]
+    paddle = [line for line in lines if line.startswith("[Epoch")]
+    assert [line.split(" top1")[0] for line in paddle] == ["[Epoch 1, iter: 0]", "[Epoch 1, iter: 2]"]
+    assert "lr: 0.30000" in paddle[0] and "avg_samples: 12.0" in paddle[0]  # 3 batches of 4 in one step
+    assert "lr: 0.10000" in paddle[1] and "avg_samples: 8.0" in paddle[1]  # 4 batches in 2 steps
+    assert "epoch: 1 step: 3, loss is 0.5" in lines
+    assert [(r.epoch, r.step, r.lr) for r in records] == [(1, 3, pytest.approx(0.1))]

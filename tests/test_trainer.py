@@ -175,3 +175,69 @@ def test_ema_follows_the_hand_computed_update_over_three_steps_and_a_resume():
     for p in resumed.get_parameters():
         if p.name.startswith("ema.") and p.name != "ema.updates":
             np.testing.assert_allclose(p.asnumpy(), ema[p.name[4:]], rtol=1e-5, atol=1e-7, err_msg=p.name)
+
+
+class NoBatchNormNet(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, weight_init="normal", has_bias=True)
+        self.fc = nn.Dense(4, 3, weight_init="normal", bias_init="zeros")
+
+    def construct(self, x):
+        return self.fc(ms.ops.relu(self.conv(x)).mean((2, 3)))
+
+
+def _same_start(net, reference):
+    for p, r in zip(net.get_parameters(), reference.get_parameters()):
+        p.set_data(Tensor(r.asnumpy().copy()))
+    return net
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_accumulating_n_batches_of_b_equals_one_batch_of_n_times_b(clip):
+    """Without BatchNorm, 3 micro-batches of 4 give the same momentum-SGD update (twice over, so the momentum is
+    used) as one batch of 12, and the EMA and the optimizer's step count move once per optimizer step."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((12, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 12).astype(np.int32)
+    whole_net = NoBatchNormNet()
+    micro_net = _same_start(NoBatchNormNet(), whole_net)
+    whole = _step(whole_net, clip_value=clip, ema_decay=0.9)
+    micro = _step(micro_net, clip_value=clip, ema_decay=0.9, accumulation=3, steps_per_epoch=6)
+    for _ in range(2):
+        whole(Tensor(x), Tensor(y))
+        for i in range(3):
+            micro(Tensor(x[4 * i:4 * i + 4]), Tensor(y[4 * i:4 * i + 4]))
+    moved = _weights(whole_net)
+    assert not np.allclose(moved["fc.weight"], _weights(NoBatchNormNet())["fc.weight"])
+    for name, value in moved.items():
+        np.testing.assert_allclose(_weights(micro_net)[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert int(micro.optimizer.global_step.asnumpy().reshape(-1)[0]) == 2
+    ema = {p.name: p.asnumpy() for p in micro.get_parameters() if p.name.startswith("ema.")}
+    assert float(ema.pop("ema.updates")) == 2
+    whole_ema = {p.name: p.asnumpy() for p in whole.get_parameters() if p.name.startswith("ema.")}
+    for name, value in ema.items():
+        np.testing.assert_allclose(value, whole_ema[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert all(not p.asnumpy().any() for p in micro.accum_grads)  # emptied after each optimizer step
+
+
+def test_an_epochs_last_short_group_steps_with_its_own_mean():
+    """5 batches per epoch, accumulation 2: steps after batches 2, 4 and 5 (the last alone, not mixed into the next
+    epoch's first group), each with the mean gradient of its own batches."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 4, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 3, (5, 4)).astype(np.int32)
+    ref_net = NoBatchNormNet()
+    net = _same_start(NoBatchNormNet(), ref_net)
+    ref = _step(ref_net, momentum=0.0)
+    step = _step(net, momentum=0.0, accumulation=2, steps_per_epoch=5)
+    steps_seen = []
+    for _epoch in range(2):
+        for group in ([0, 1], [2, 3], [4]):
+            ref(Tensor(x[group].reshape(-1, 3, 8, 8)), Tensor(y[group].reshape(-1)))
+            for b in group:
+                step(Tensor(x[b]), Tensor(y[b]))
+                steps_seen.append(int(step.optimizer.global_step.asnumpy().reshape(-1)[0]))
+    assert steps_seen == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6]
+    for name, value in _weights(ref_net).items():
+        np.testing.assert_allclose(_weights(net)[name], value, rtol=1e-5, atol=1e-7, err_msg=name)

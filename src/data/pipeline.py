@@ -8,6 +8,7 @@ import numpy as np
 
 from src.config import Config
 from src.data.checks import CIFAR_RECORD, DataSource
+from src.data.mixup import BatchMixer, MixSettings
 from src.data.transforms import image_transforms
 
 
@@ -27,10 +28,13 @@ class CifarRecords:
 
 
 def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
-                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None):
+                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None,
+                   first_epoch: int = 0):
     """A batched mindspore.dataset pipeline; training shuffles, augments and drops the remainder.
 
-    `split` ("train"/"val") defaults to the train split when training and to val otherwise.
+    `split` ("train"/"val") defaults to the train split when training and to val otherwise. With mixup/cutmix the
+    training batches carry soft targets (float32, batch x classes) instead of int labels; `first_epoch` is the
+    number of epochs a resumed run has done (mixup_off_epoch counts the run's epochs).
     """
     import mindspore as ms
     import mindspore.dataset as ds
@@ -54,4 +58,9 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
                     num_parallel_workers=workers)
     data = data.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
                     num_parallel_workers=1)
-    return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)
+    mixing = MixSettings.from_config(cfg) if training else None
+    if mixing is None:
+        return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)
+    mixer = BatchMixer(mixing, cfg.seed, shard_id or 0, first_epoch)
+    return data.batch(batch_size or cfg.batch_size, drop_remainder=True, num_parallel_workers=workers,
+                      per_batch_map=mixer, input_columns=["image", "label"])

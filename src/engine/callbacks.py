@@ -35,11 +35,17 @@ class TrainMonitor(Callback):
     Top-1/top-5 and the loss in the Paddle line are the means over the batches since the previous line, summed on
     the device by the train step (`stats`, a RunningStats): no logits come to the host. The per-step host work is
     one scalar loss read (to stop at a nan at once), unless fingerprint_data hashes every batch.
+
+    With gradient accumulation (`accumulation` batches per optimizer step, and a shorter last group per epoch),
+    the lines count optimizer steps: `iter`, print_freq, the LR, the step time and the epoch record's step; the
+    loss and accuracies stay means over the batches.
     """
 
     def __init__(self, lr: np.ndarray, batch_size: int, sinking: Sinking, print_freq: int, total_epochs: int,
-                 stats, progress_bar: bool | None = None, fingerprint_data: bool = False):
+                 stats, progress_bar: bool | None = None, fingerprint_data: bool = False, accumulation: int = 1):
         super().__init__()
+        self.accumulation = accumulation
+        self.updates_per_epoch = -(-sinking.steps_per_epoch // accumulation)
         self.fingerprint_data = fingerprint_data
         self.data_digest = hashlib.sha256()  # what this rank trained on (distributed runs log it)
         self.lr, self.batch_size, self.sinking, self.stats = lr, batch_size, sinking, stats
@@ -95,25 +101,41 @@ class TrainMonitor(Callback):
         self.window_steps += steps
         now = time.perf_counter()
         self.last_end = now
-        if window or self.iter % self.print_freq == 0:
+        if window or self.logs_after(self.iter):
             self.log_line(window or self.stats.read(), now, run_context)
         self.iter += steps
         if window:
-            log.info("epoch: %d step: %d, loss is %s", self.epoch, self.iter, loss_value)
+            log.info("epoch: %d step: %d, loss is %s", self.epoch, self.updates_done(self.iter - 1), loss_value)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             self.bar.update(steps)
 
+    def updates_done(self, batch: int) -> int:
+        """Optimizer steps of the epoch done after its (0-based) batch `batch`."""
+        done = (batch + 1) // self.accumulation
+        return done + 1 if batch + 1 == self.steps_per_epoch and self.steps_per_epoch % self.accumulation else done
+
+    def logs_after(self, batch: int) -> bool:
+        """Whether the line comes after this batch: it ends an optimizer step whose index is a print_freq multiple."""
+        if self.accumulation == 1:
+            return batch % self.print_freq == 0
+        done = self.updates_done(batch)
+        return done > self.updates_done(batch - 1) and (done - 1) % self.print_freq == 0
+
     def log_line(self, window: dict, now: float, run_context) -> None:
-        batch_cost = (now - self.window_start) / self.window_steps
+        last = self.iter + self.sinking.steps_per_call - 1  # 0-based index of the last batch the line covers
+        first = last - self.window_steps + 1
+        updates = max(self.updates_done(last) - self.updates_done(first - 1), 1)  # optimizer steps the line covers
+        batch_cost = (now - self.window_start) / updates
         reader_cost = self.sink_reader_cost(run_context) if self.sinking.sink else self.reader_cost / self.window_steps
-        last = self.iter + self.sinking.steps_per_call - 1  # 0-based index of the last step the line covers
-        step = (self.epoch - 1) * self.steps_per_epoch + last
+        update = max(self.updates_done(last) - 1, 0)  # 0-based optimizer step of the epoch
+        step = (self.epoch - 1) * self.updates_per_epoch + update
         lr = float(self.lr[min(step, len(self.lr) - 1)])
+        samples = window["images"] / updates if window["images"] else float(self.batch_size * self.accumulation)
         log.info("[Epoch %d, iter: %d] top1: %.5f, top5: %.5f, lr: %.5f, loss: %.5f, avg_reader_cost: %.5f sec, "
                  "avg_batch_cost: %.5f sec, avg_samples: %.1f, avg_ips: %.5f images/sec.",
-                 self.epoch, last, window["top1"], window["top5"], lr, window["loss"], reader_cost, batch_cost,
-                 float(self.batch_size), self.batch_size / batch_cost)
+                 self.epoch, update, window["top1"], window["top5"], lr, window["loss"], reader_cost, batch_cost,
+                 samples, samples / batch_cost)
         self.window_start, self.reader_cost, self.window_steps = now, 0.0, 0
 
     def sink_reader_cost(self, run_context) -> float:
@@ -139,10 +161,11 @@ class TrainMonitor(Callback):
         self.close_bar()
         elapsed = time.perf_counter() - self.epoch_start
         steps = max(self.iter, 1)
+        updates = max(self.updates_done(self.iter - 1), 1)
         if not self.sinking.sink:  # sinking logs it at the end of every sink
-            log.info("epoch: %d step: %d, loss is %s", epoch, self.iter, self.last_loss)
-        log.info("epoch time: %.3f ms, per step time: %.3f ms", elapsed * 1000, elapsed * 1000 / steps)
-        global_step = epoch * self.steps_per_epoch
+            log.info("epoch: %d step: %d, loss is %s", epoch, updates, self.last_loss)
+        log.info("epoch time: %.3f ms, per step time: %.3f ms", elapsed * 1000, elapsed * 1000 / updates)
+        global_step = epoch * self.updates_per_epoch
         return EpochRecord(epoch=epoch, step=global_step, lr=float(self.lr[min(global_step, len(self.lr)) - 1]),
                            loss=self.loss_sum / steps, epoch_time_s=elapsed)
 

@@ -17,8 +17,8 @@ import numpy as np
 from src.errors import UserError
 
 # the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
-SCHEDULE_KEYS = ("batch_size", "epoch_size", "lr_decay_mode", "lr_init", "lr_max", "lr_end", "warmup_epochs",
-                 "steps_per_epoch")
+SCHEDULE_KEYS = ("batch_size", "gradient_accumulation_steps", "epoch_size", "lr_decay_mode", "lr_init", "lr_max",
+                 "lr_end", "warmup_epochs", "steps_per_epoch")
 # the net's shape beyond model/width/num_classes: a checkpoint made from published weights keeps their convention
 ARCH_KEYS = ("bn_eps", "padding")
 META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
@@ -48,6 +48,7 @@ class CheckpointMeta:
     source: str | None = None  # JSON: the published weights it was converted from (layout, file, sha256)
     lr: float | None = None  # the learning rate of the epoch's last step
     batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
     epoch_size: int | None = None
     lr_decay_mode: str | None = None
     lr_init: float | None = None

@@ -1,4 +1,7 @@
-"""Cross-entropy with label smoothing as in the ModelZoo: on-value 1-s, off-value s/(C-1)."""
+"""Cross-entropy with label smoothing as in the ModelZoo: on-value 1-s, off-value s/(C-1).
+
+Int labels are smoothed here; soft targets (batch x classes, from mixup/cutmix, smoothed when they were mixed)
+are taken as they are."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -14,5 +17,7 @@ class CrossEntropySmooth(nn.Cell):
         self.ce = nn.SoftmaxCrossEntropyWithLogits(reduction="mean")
 
     def construct(self, logits, label):
+        if label.ndim == 2:  # soft targets
+            return self.ce(logits, ops.cast(label, ms.float32))
         one_hot = ops.one_hot(label, self.num_classes, self.on_value, self.off_value)
         return self.ce(logits, one_hot)

@@ -107,14 +107,15 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
         load_into(net, resume[0], Path(cfg.resume_ckpt))
     elif pretrain:
         load_pretrained(net, pretrain, cfg)
-    train_ds, val_ds, trainable = _datasets(cfg, source, net, ranks)
+    train_ds, val_ds, trainable = _datasets(cfg, source, net, ranks, resume[1].epoch_num if resume else 0)
     steps = train_ds.get_dataset_size()
     if resume:
         check_same_steps(resume[1], steps, Path(cfg.resume_ckpt), ranks.group_size)
     sinking = sink_plan(cfg, steps, say=ranks.is_main)
+    updates = -(-steps // cfg.gradient_accumulation_steps)  # optimizer steps per epoch (the last group may be short)
     lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
-                           cfg.epoch_size, steps)
-    train_step, eval_net = build_train_step(trainable, cfg, lr)
+                           cfg.epoch_size, updates)
+    train_step, eval_net = build_train_step(trainable, cfg, lr, steps)
     initial_epoch = 0
     if resume:
         load_into(train_step, resume[0], Path(cfg.resume_ckpt), skip=NOT_RESTORED)
@@ -127,9 +128,12 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
                  int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
 
     out, ckpt_dir = Path(cfg.output_path), Path(cfg.output_path) / "checkpoint"
-    log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch x %d epochs, batch %d, image %d px, "
+    n = cfg.gradient_accumulation_steps
+    accumulated = f" ({steps} batches of {cfg.batch_size}, the optimizer steps every {n}: an effective batch of " \
+        f"{cfg.batch_size * n})" if n > 1 else ""
+    log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch%s x %d epochs, batch %d, image %d px, "
              "amp %s%s", cfg.model, cfg.platform, "full net" if trainable is net else
-             "head only, on cached backbone features", source.train.num_images, cfg.num_classes, steps,
+             "head only, on cached backbone features", source.train.num_images, cfg.num_classes, updates, accumulated,
              cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level,
              ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
 
@@ -137,7 +141,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     monitor = TrainMonitor(lr, cfg.batch_size, sinking, cfg.print_freq, cfg.epoch_size, train_step.stats,
-                           fingerprint_data=cfg.fingerprint_data)
+                           fingerprint_data=cfg.fingerprint_data, accumulation=cfg.gradient_accumulation_steps)
     evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
                           weights=lambda: ema_in_place(train_step), per_class_folder=out,
@@ -145,6 +149,11 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     if cfg.ema and ranks.is_main:
         log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
                  "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and ranks.is_main:
+        log.info("mixing train batches (mixup alpha %g, cutmix alpha %g, probability %g, cutmix share %g, %s): soft "
+                 "targets; train top-1/top-5 count each target's largest class", cfg.mixup, cfg.cutmix,
+                 cfg.mixup_prob, cfg.mixup_switch_prob if cfg.mixup > 0 and cfg.cutmix > 0 else
+                 float(cfg.cutmix > 0), f"epochs 1..{cfg.mixup_off_epoch}" if cfg.mixup_off_epoch else "every epoch")
     outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume),
                                               evaluator.write_per_class if evaluator else None),
                folder.settle] if folder else []
@@ -215,7 +224,7 @@ def _check_batch_size(cfg: Config, source: DataSource, ranks: RankInfo) -> None:
                         f"(lower --batch_size to at most {per_rank})")
 
 
-def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo):
+def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, first_epoch: int = 0):
     """(train_ds, val_ds, trainable): `trainable` is the net itself, or only its head on cached features.
 
     Eval during training runs on rank 0 over the whole val set; the other ranks wait at the next step.
@@ -224,7 +233,7 @@ def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo):
     if cfg.freeze_layer == "backbone":
         train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard)
         return train_ds, val_ds if evaluates else None, HeadOnFeatures(net)
-    train_ds = create_dataset(cfg, source, training=True, **ranks.shard)
+    train_ds = create_dataset(cfg, source, training=True, first_epoch=first_epoch, **ranks.shard)
     return train_ds, create_dataset(cfg, source, training=False) if evaluates else None, net
 
 

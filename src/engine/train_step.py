@@ -32,6 +32,14 @@ def _ema_step(decay, ema, weight):
     return ops.assign(ema, ema * ops.cast(decay, ops.dtype(ema)) + weight * ops.cast(1 - decay, ops.dtype(weight)))
 
 
+_zero = ops.MultitypeFuncGraph("zero")
+
+
+@_zero.register("Tensor")
+def _zero_tensor(param):
+    return ops.assign(param, ops.zeros_like(param))
+
+
 @_grad_scale.register("Tensor", "Tensor")
 def _scale_grad(scale, grad):
     return grad * ops.cast(ops.Reciprocal()(scale), ops.dtype(grad))
@@ -68,6 +76,8 @@ class RunningStats(nn.Cell):
 
     The train step adds to them inside the graph, so logging needs no logits on the host, and with dataset sink
     mode one read covers every batch of the sink. `read()` (host) returns the means and zeroes the sums.
+    With mixup/cutmix targets, top-1/top-5 count the target's largest class: the image's own class when it has
+    the larger share (mixup lam >= 0.5), else the class whose pixels cover most of it.
     """
 
     def __init__(self, num_classes: int):
@@ -76,6 +86,8 @@ class RunningStats(nn.Cell):
         self.sums = Parameter(Tensor(np.zeros(5, np.float32)), name=f"{STATS_PREFIX}sums", requires_grad=False)
 
     def construct(self, loss, logits, label):
+        if label.ndim == 2:  # soft targets (mixup/cutmix): a hit is the class with the largest share
+            label = ops.argmax(label, -1)
         _, top = ops.topk(logits, self.k)
         hits = ops.cast(ops.equal(top, ops.cast(label.reshape((-1, 1)), top.dtype)), ms.float32)
         images = ops.cast(ops.shape(logits)[0], ms.float32)
@@ -98,10 +110,16 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, scale_sense, check_overflow: bool,
-                 num_classes: int, ema_decay: float | None = None, clip_value: float | None = None):
+                 num_classes: int, ema_decay: float | None = None, clip_value: float | None = None,
+                 accumulation: int = 1, steps_per_epoch: int = 1):
         super().__init__(network, optimizer, scale_sense)
         self.check_overflow = check_overflow
         self.stats = RunningStats(num_classes)
+        self.accumulates = accumulation > 1
+        if self.accumulates:  # the optimizer steps every `accumulation` micro-batches and at each epoch's last one
+            self.accumulation, self.steps_per_epoch = int(accumulation), int(steps_per_epoch)
+            self.accum_grads = self.weights.clone(f"{STATS_PREFIX}accum", init="zeros")
+            self.micro_step = Parameter(Tensor(0, ms.int32), name=f"{STATS_PREFIX}micro_step", requires_grad=False)
         self.clip = clip_value is not None
         self.clip_value = float(clip_value or 0.0)
         self.use_ema = ema_decay is not None
@@ -133,6 +151,8 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
         sens = (ops.ones_like(loss) * ops.cast(scaling_sens, ops.dtype(loss)), ops.zeros_like(logits))
         grads = self.grad(self.network, self.weights)(data, label, sens)
         grads = self.hyper_map(ops.partial(_grad_scale, scaling_sens), grads)
+        if self.accumulates:
+            return self.accumulate(loss, grads, status)
         grads = self.grad_reducer(grads)
         if self.check_overflow:
             overflow = self.process_loss_scale(self.get_overflow_status(status, grads))
@@ -140,6 +160,26 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
                 loss = self.optimizer_step(loss, grads)
         else:
             loss = self.optimizer_step(loss, grads)
+        return loss
+
+    def accumulate(self, loss, grads, status):
+        """Adds this micro-batch's gradients (an overflowing one is skipped); on the last micro-batch of a group
+        (every `accumulation`, and the epoch's last, so no group spans two epochs) averages them over the group's
+        micro-batches, averages over ranks (one all-reduce per optimizer step), and steps the optimizer."""
+        if self.check_overflow:
+            overflow = self.process_loss_scale(self.get_overflow_status(status, grads))
+            if not overflow:
+                loss = ops.depend(loss, self.hyper_map(ops.assign_add, self.accum_grads, grads))
+        else:
+            loss = ops.depend(loss, self.hyper_map(ops.assign_add, self.accum_grads, grads))
+        position = self.micro_step % self.steps_per_epoch  # 0-based micro-batch of the epoch
+        due = ops.logical_or((position + 1) % self.accumulation == 0, position + 1 == self.steps_per_epoch)
+        size = ops.cast(position % self.accumulation + 1, ms.float32)  # micro-batches in this group
+        loss = ops.depend(loss, ops.assign_add(self.micro_step, ops.ones((), ms.int32)))
+        if due:
+            mean = self.hyper_map(ops.partial(_grad_scale, size), self.accum_grads)
+            loss = self.optimizer_step(loss, self.grad_reducer(mean))
+            loss = ops.depend(loss, self.hyper_map(_zero, self.accum_grads))
         return loss
 
 
@@ -221,14 +261,18 @@ def eval_cell(net: nn.Cell, cfg: Config) -> EvalNet:
     return EvalNet(inference_cell(net, cfg))
 
 
-def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray) -> tuple[TrainStep, EvalNet]:
-    """(train step, eval cell) sharing one AMP net, with loss scaling and the optimizer applied."""
+def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, steps_per_epoch: int = 1) -> tuple[TrainStep, EvalNet]:
+    """(train step, eval cell) sharing one AMP net, with loss scaling and the optimizer applied.
+
+    `lr` has one value per optimizer step; `steps_per_epoch` counts the data batches (micro-batches when
+    gradient_accumulation_steps > 1)."""
     amp_net = inference_cell(net, cfg)
     loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
     scale_sense, check_overflow = loss_scale_sense(cfg)
     optimizer = create_optimizer(net.trainable_params(), lr, cfg.momentum, cfg.weight_decay)
     train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes,
                            ema_decay=cfg.ema_decay if cfg.ema else None,
-                           clip_value=cfg.clip_value if cfg.clip_grad else None)
+                           clip_value=cfg.clip_value if cfg.clip_grad else None,
+                           accumulation=cfg.gradient_accumulation_steps, steps_per_epoch=steps_per_epoch)
     train_step.set_train()
     return train_step, EvalNet(amp_net)
