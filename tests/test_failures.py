@@ -235,6 +235,13 @@ def test_resume_refuses_a_changed_schedule_naming_the_key_and_the_checkpoints_va
             check_same_schedule(meta, cfg, ckpt)
         assert str(err.value) == message(key, value, shown)
     check_same_schedule(meta, load_config(with_flags(TINY_TRAIN, epoch_size=2)), ckpt)  # the same schedule passes
+    # a checkpoint of this package from before gradient accumulation existed was trained with 1
+    import dataclasses
+
+    older = dataclasses.replace(meta, gradient_accumulation_steps=None)
+    with pytest.raises(UserError, match="was trained with --gradient_accumulation_steps 1 but this run has 2"):
+        check_same_schedule(older, load_config(with_flags(TINY_TRAIN, epoch_size=2, gradient_accumulation_steps=2)),
+                            ckpt)
 
 
 def test_a_run_is_extended_by_a_new_run_from_its_weights_at_its_last_lr(trained, earlier_run, tmp_path):

@@ -36,10 +36,19 @@ def test_model_train_gets_the_sink_settings_on_ascend_and_gpu(caplog):
     ({"sink_size": 7}, "sink_size 7 does not divide the 20 steps of an epoch (use -1 for one sink per epoch, or "
                        "one of 1, 2, 4, 5, 10, 20)"),
     ({"sink_size": 40}, "sink_size 40 does not divide the 20 steps"),
+    ({"sink_size": 5, "gradient_accumulation_steps": 2}, "sink_size 5 is not a multiple of "
+     "gradient_accumulation_steps 2 that divides the 20 steps of an epoch (use -1 for one sink per epoch, or one of "
+     "2, 4, 10, 20)"),
 ])
 def test_a_sink_size_that_does_not_divide_an_epoch_is_refused(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         sink_plan(Config(platform="Ascend", dataset_sink_mode=True, **kwargs), 20)
+
+
+def test_an_accumulation_group_larger_than_an_epoch_is_refused():
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps 21 is more than the 20 batches of an epoch"):
+        sink_plan(Config(gradient_accumulation_steps=21), 20)
+    assert sink_plan(Config(gradient_accumulation_steps=20), 20).steps_per_epoch == 20
 
 
 def test_config_refuses_sink_size_0_and_fingerprints_of_sunk_batches():

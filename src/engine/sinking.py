@@ -49,7 +49,12 @@ class Sinking:
 
 
 def sink_plan(cfg: Config, steps_per_epoch: int, say: bool = True) -> Sinking:
-    """The run's sinking, checked before compile; on CPU, where MindSpore does not sink, says so once."""
+    """The run's sinking, checked before compile with the other limits on the steps of an epoch (accumulation groups
+    stay inside an epoch); on CPU, where MindSpore does not sink, says so once."""
+    if cfg.gradient_accumulation_steps > steps_per_epoch:
+        raise UserError(f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} is more than the "
+                        f"{steps_per_epoch} batches of an epoch, and a group of batches never spans two epochs (use "
+                        f"at most {steps_per_epoch}, or a smaller --batch_size)")
     if not cfg.dataset_sink_mode:
         if cfg.sink_size != -1 and say:
             log.info("sink_size %d is ignored: dataset_sink_mode is False (pass --dataset_sink_mode True to sink)",
@@ -61,10 +66,17 @@ def sink_plan(cfg: Config, steps_per_epoch: int, say: bool = True) -> Sinking:
                      "from the host every step (the log line comes every print_freq steps)")
         return Sinking(False, steps_per_epoch, steps_per_epoch)
     size = steps_per_epoch if cfg.sink_size == -1 else cfg.sink_size
-    if size > steps_per_epoch or steps_per_epoch % size:
-        divisors = [d for d in range(1, steps_per_epoch + 1) if steps_per_epoch % d == 0]
-        raise UserError(f"sink_size {cfg.sink_size} does not divide the {steps_per_epoch} steps of an epoch (use -1 "
-                        f"for one sink per epoch, or one of {', '.join(map(str, divisors[-6:]))})")
+    n = cfg.gradient_accumulation_steps  # a sink inside an epoch ends on an optimizer step
+
+    def fits(d: int) -> bool:
+        return d <= steps_per_epoch and steps_per_epoch % d == 0 and (d == steps_per_epoch or d % n == 0)
+
+    if not fits(size):
+        sizes = [d for d in range(1, steps_per_epoch + 1) if fits(d)]
+        rule = "does not divide" if n == 1 else \
+            f"is not a multiple of gradient_accumulation_steps {n} that divides"
+        raise UserError(f"sink_size {cfg.sink_size} {rule} the {steps_per_epoch} steps of an epoch (use -1 for one "
+                        f"sink per epoch, or one of {', '.join(map(str, sizes[-6:]))})")
     return Sinking(True, steps_per_epoch, size)
 
 

@@ -119,6 +119,8 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
         if self.accumulates:  # the optimizer steps every `accumulation` micro-batches and at each epoch's last one
             self.accumulation, self.steps_per_epoch = int(accumulation), int(steps_per_epoch)
             self.accum_grads = self.weights.clone(f"{STATS_PREFIX}accum", init="zeros")
+            self.accum_count = Parameter(Tensor(0.0, ms.float32), name=f"{STATS_PREFIX}accum_count",
+                                         requires_grad=False)  # micro-batches added (an overflowing one is not)
             self.micro_step = Parameter(Tensor(0, ms.int32), name=f"{STATS_PREFIX}micro_step", requires_grad=False)
         self.clip = clip_value is not None
         self.clip_value = float(clip_value or 0.0)
@@ -164,23 +166,30 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
 
     def accumulate(self, loss, grads, status):
         """Adds this micro-batch's gradients (an overflowing one is skipped); on the last micro-batch of a group
-        (every `accumulation`, and the epoch's last, so no group spans two epochs) averages them over the group's
-        micro-batches, averages over ranks (one all-reduce per optimizer step), and steps the optimizer."""
+        (every `accumulation`, and the epoch's last, so no group spans two epochs) averages them over the micro-batches
+        added, averages over ranks (the gradients' one all-reduce per optimizer step), and steps the optimizer; a
+        group whose every micro-batch overflowed takes no step, as an overflowing batch without accumulation."""
         if self.check_overflow:
             overflow = self.process_loss_scale(self.get_overflow_status(status, grads))
             if not overflow:
-                loss = ops.depend(loss, self.hyper_map(ops.assign_add, self.accum_grads, grads))
+                loss = ops.depend(loss, self.add_to_group(grads))
         else:
-            loss = ops.depend(loss, self.hyper_map(ops.assign_add, self.accum_grads, grads))
+            loss = ops.depend(loss, self.add_to_group(grads))
         position = self.micro_step % self.steps_per_epoch  # 0-based micro-batch of the epoch
         due = ops.logical_or((position + 1) % self.accumulation == 0, position + 1 == self.steps_per_epoch)
-        size = ops.cast(position % self.accumulation + 1, ms.float32)  # micro-batches in this group
         loss = ops.depend(loss, ops.assign_add(self.micro_step, ops.ones((), ms.int32)))
         if due:
-            mean = self.hyper_map(ops.partial(_grad_scale, size), self.accum_grads)
-            loss = self.optimizer_step(loss, self.grad_reducer(mean))
+            count = self.accum_count * 1
+            if count > 0:
+                mean = self.hyper_map(ops.partial(_grad_scale, count), self.accum_grads)
+                loss = self.optimizer_step(loss, self.grad_reducer(mean))
             loss = ops.depend(loss, self.hyper_map(_zero, self.accum_grads))
+            loss = ops.depend(loss, ops.assign(self.accum_count, ops.zeros((), ms.float32)))
         return loss
+
+    def add_to_group(self, grads):
+        counted = ops.assign_add(self.accum_count, ops.ones((), ms.float32))
+        return ops.depend(self.hyper_map(ops.assign_add, self.accum_grads, grads), counted)
 
 
 def ema_by_name(train_step: nn.Cell) -> dict[str, Parameter]:

@@ -167,6 +167,8 @@ def check_same_schedule(meta: CheckpointMeta, cfg: Config, path: Path) -> None:
     (the optimizer's global step indexes a curve built from them). Keys an older checkpoint lacks are not checked."""
     for key in SCHEDULE_KEYS:
         have = getattr(meta, key)
+        if key == "gradient_accumulation_steps" and have is None and meta.batch_size is not None:
+            have = 1  # a checkpoint of this package from before accumulation existed
         if key == "steps_per_epoch" or have is None:
             continue
         want = getattr(cfg, key)
