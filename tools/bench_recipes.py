@@ -25,7 +25,7 @@ VARIANTS = {
     "ema": ["--ema", "True"],
     "randaug+re": ["--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.2"],
     "mixup+cutmix": ["--mixup", "0.2", "--cutmix", "1.0"],
-    "clip": ["--clip_grad", "True", "--clip_value", "1.0"],
+    "clip": ["--clip_grad", "True", "--clip_value", "10"],
     "accum2": ["--gradient_accumulation_steps", "2", "--batch_size", "16"],
 }
 
