@@ -202,9 +202,6 @@ class Config:
         if self.freeze_layer == "backbone" and (self.mixup > 0 or self.cutmix > 0):
             raise UserError("--mixup/--cutmix mix images, and --freeze_layer backbone trains the head on cached "
                             "features of unaugmented images (drop --mixup/--cutmix, or use --freeze_layer none)")
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise UserError(f"--mixup/--cutmix pair each image with the one at the mirrored batch position, so "
-                            f"batch_size must be even (got {self.batch_size}; as timm and mindcv)")
         if self.pact_quant and self.freeze_layer == "backbone":
             raise UserError("--pact_quant True trains the whole net and cannot be combined with --freeze_layer "
                             "backbone (drop one of them)")

@@ -153,3 +153,8 @@ def test_batch_larger_than_the_training_set(tmp_path):
     assert line == ("error: batch_size 50 is larger than the training set: there are 12 training images "
                     "(lower --batch_size to at most 12)")
     assert not (tmp_path / "o").exists()
+    line = _error_run("train.py", "--dataset_path", str(data), "--output_path", str(tmp_path / "o"),
+                      "--num_classes", "2", "--batch_size", "3", "--cutmix", "1.0")
+    assert line == ("error: --mixup/--cutmix pair each image with the one at the mirrored batch position, so "
+                    "batch_size must be even (got 3; as timm and mindcv)")
+    assert not (tmp_path / "o").exists()

@@ -216,6 +216,9 @@ def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path 
 
 
 def _check_batch_size(cfg: Config, source: DataSource, ranks: RankInfo) -> None:
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise UserError(f"--mixup/--cutmix pair each image with the one at the mirrored batch position, so "
+                        f"batch_size must be even (got {cfg.batch_size}; as timm and mindcv)")
     per_rank = source.train.num_images // ranks.group_size
     if per_rank < cfg.batch_size:
         where = f"each of the {ranks.group_size} ranks gets {per_rank}" if ranks.group_size > 1 else \
