@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from src.config import Config
-from src.data.augment import Policy, magnitude_weights, parse_policy, policy_transform, random_erasing
+from src.data.augment import Policy, erase_batch, magnitude_weights, parse_policy, policy_transform
 from src.errors import UserError
 
 
@@ -67,8 +67,41 @@ def test_each_policy_changes_images_deterministically_under_the_seed(text):
 def test_random_erasing_covers_the_requested_area_on_average():
     """Area drawn uniformly from 0.02..1/3 of the image: a mean of (0.02 + 1/3) / 2 = 0.177; prob 0.5 halves it."""
     images = np.ones((300, 3, 32, 32), np.float32)
-    erased = 1 - (_mapped(images, random_erasing(1.0), seed=0) == 1).mean(axis=(1, 2, 3))
+    erased = 1 - (erase_batch(images.copy(), 1.0, np.random.default_rng(0)) == 1).mean(axis=(1, 2, 3))
     assert erased.min() > 0 and erased.max() <= 1 / 3 + 0.02
     assert erased.mean() == pytest.approx(0.177, abs=0.015)
-    half = 1 - (_mapped(images, random_erasing(0.5), seed=0) == 1).mean(axis=(1, 2, 3))
+    half = 1 - (erase_batch(images.copy(), 0.5, np.random.default_rng(0)) == 1).mean(axis=(1, 2, 3))
     assert (half == 0).mean() == pytest.approx(0.5, abs=0.1) and half.mean() == pytest.approx(0.088, abs=0.02)
+    box = erase_batch(images.copy(), 1.0, np.random.default_rng(1))[0] == 0  # one rectangle, all channels
+    rows, cols = np.flatnonzero(box[0].any(1)), np.flatnonzero(box[0].any(0))
+    assert box[0, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and (box == box[0]).all()
+
+
+def test_the_train_pipeline_erases_and_mixes_alike_under_one_seed_with_parallel_workers(tmp_path):
+    """MindSpore's RandomErasing draws from Python's global `random`, shared by the pipeline's threads in whatever
+    order they run: one seed gave other batches. The batch op draws from a generator of its own per batch."""
+    from conftest import make_imagefolder
+
+    from src.data.checks import check_dataset
+    from src.data.pipeline import create_dataset
+
+    data = make_imagefolder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=(16, 2), size=(24, 24))
+
+    def batches(**keys):
+        cfg = Config(dataset_path=str(data), num_classes=4, image_size=24, batch_size=8, num_parallel_workers=2,
+                     re_prob=0.5, **keys)
+        source = check_dataset(cfg, need_train=True, need_val=False)
+        import mindspore.dataset as ds
+
+        ds.config.set_seed(cfg.seed)
+        iterator = create_dataset(cfg, source, training=True).create_tuple_iterator(output_numpy=True, num_epochs=1)
+        return [(image.copy(), label.copy()) for image, label in iterator]
+
+    for keys in ({}, {"mixup": 0.4, "cutmix": 1.0}):
+        first, second = batches(**keys), batches(**keys)
+        assert len(first) == 8
+        for (a, la), (b, lb) in zip(first, second):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(la, lb)
+        assert any((image == 0).all(axis=1).any() for image, _ in first)  # some pixels were erased
+    assert not all(np.array_equal(a, b) for (a, _), (b, _) in zip(batches(), batches(seed=2)))

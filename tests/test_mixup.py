@@ -10,7 +10,8 @@ import pytest
 from conftest import make_imagefolder
 
 from src.config import Config
-from src.data.mixup import BatchMixer, MixSettings, mix_batch, soft_targets
+from src.data.batch_augment import BatchAugment
+from src.data.mixup import MixSettings, mix_batch, soft_targets
 from src.engine.loss import CrossEntropySmooth
 from src.engine.train_step import RunningStats
 from src.errors import UserError
@@ -90,17 +91,17 @@ def test_mixup_off_epoch_counts_the_runs_epochs_and_draws_repeat_per_batch():
     def info(epoch, batch):
         return types.SimpleNamespace(get_epoch_num=lambda: epoch, get_batch_num=lambda: batch)
 
-    mixer = BatchMixer(settings(mixup=1.0, off=3), seed=7, shard=0)
+    mixer = BatchAugment(0.0, settings(mixup=1.0, off=3), seed=7, shard=0)
     a, b, c = mixer(list(images), list(labels), info(0, 5)), mixer(list(images), list(labels), info(0, 5)), \
         mixer(list(images), list(labels), info(0, 6))
     np.testing.assert_array_equal(a[0], b[0])  # the same batch of the same epoch mixes the same way, in any order
     assert not np.array_equal(a[0], c[0])
     # a run resumed after epoch 2 mixes its first batch as the uninterrupted run did in epoch 3
-    resumed = BatchMixer(settings(mixup=1.0, off=3), seed=7, shard=0, first_epoch=2)(list(images), list(labels),
-                                                                                    info(0, 0))
+    resumed = BatchAugment(0.0, settings(mixup=1.0, off=3), seed=7, shard=0, first_epoch=2)(
+        list(images), list(labels), info(0, 0))
     np.testing.assert_array_equal(resumed[0], mixer(list(images), list(labels), info(2, 0))[0])
     np.testing.assert_array_equal(mixer(list(images), list(labels), info(3, 0))[0], images)  # epoch 4: off
-    other_rank = BatchMixer(settings(mixup=1.0), seed=7, shard=1)(list(images), list(labels), info(0, 5))
+    other_rank = BatchAugment(0.0, settings(mixup=1.0), seed=7, shard=1)(list(images), list(labels), info(0, 5))
     assert not np.array_equal(a[0], other_rank[0])
 
 

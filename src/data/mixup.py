@@ -8,8 +8,8 @@ targets are the label-smoothed one-hot rows (the ModelZoo's smoothing, as the un
 s / (C - 1)) mixed with the same lam, so they sum to 1 and each class's share equals its share of the pixels.
 
 MindSpore's MixUpBatch/CutMixBatch are not used: they have no switch between the two, CutMixBatch draws a
-lam per image, and neither knows the epoch, which `mixup_off_epoch` needs. The random draws of a batch depend
-only on (seed, shard, data epoch, batch index), so a run and its resume mix the same way in any thread order.
+lam per image, and neither knows the epoch, which `mixup_off_epoch` needs. The batch op runs this through
+src/data/batch_augment.py's BatchAugment, with a generator seeded per batch.
 """
 from __future__ import annotations
 
@@ -86,17 +86,3 @@ def mix_batch(images: np.ndarray, labels: np.ndarray, settings: MixSettings, rng
     if lam < 1.0:
         targets = targets * np.float32(lam) + targets[::-1] * np.float32(1.0 - lam)
     return images, targets.astype(np.float32), lam
-
-
-class BatchMixer:
-    """The per_batch_map of the train pipeline's batch op: mixes each batch and returns soft targets."""
-
-    def __init__(self, settings: MixSettings, seed: int, shard: int, first_epoch: int = 0):
-        self.settings, self.seed, self.shard, self.first_epoch = settings, seed, shard, first_epoch
-
-    def __call__(self, images, labels, batch_info):
-        epoch = self.first_epoch + batch_info.get_epoch_num() + 1  # the run's 1-based data epoch
-        rng = np.random.default_rng([self.seed, self.shard, epoch, batch_info.get_batch_num()])
-        mixed, targets, _ = mix_batch(np.stack(images), np.asarray(labels), self.settings, rng,
-                                      active=self.settings.active(epoch))
-        return mixed, targets

@@ -8,7 +8,8 @@ import numpy as np
 
 from src.config import Config
 from src.data.checks import CIFAR_RECORD, DataSource
-from src.data.mixup import BatchMixer, MixSettings
+from src.data.batch_augment import BatchAugment
+from src.data.mixup import MixSettings
 from src.data.transforms import image_transforms
 
 
@@ -33,7 +34,8 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     """A batched mindspore.dataset pipeline; training shuffles, augments and drops the remainder.
 
     `split` ("train"/"val") defaults to the train split when training and to val otherwise. With mixup/cutmix the
-    training batches carry soft targets (float32, batch x classes) instead of int labels; `first_epoch` is the
+    training batches carry soft targets (float32, batch x classes) instead of int labels; random erasing and the
+    mixing run in the batch op (BatchAugment); `first_epoch` is the
     number of epochs a resumed run has done (mixup_off_epoch counts the run's epochs).
     """
     import mindspore as ms
@@ -59,8 +61,8 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     data = data.map(operations=transforms.TypeCast(ms.int32), input_columns="label",
                     num_parallel_workers=1)
     mixing = MixSettings.from_config(cfg) if training else None
-    if mixing is None:
+    if mixing is None and not (training and cfg.re_prob > 0):
         return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)
-    mixer = BatchMixer(mixing, cfg.seed, shard_id or 0, first_epoch)
+    augment = BatchAugment(cfg.re_prob, mixing, cfg.seed, shard_id or 0, first_epoch)
     return data.batch(batch_size or cfg.batch_size, drop_remainder=True, num_parallel_workers=workers,
-                      per_batch_map=mixer, input_columns=["image", "label"])
+                      per_batch_map=augment, input_columns=["image", "label"])

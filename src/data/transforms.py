@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from src.config import Config, channel_values
-from src.data.augment import parse_policy, policy_transform, random_erasing
+from src.data.augment import parse_policy, policy_transform
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256, the ImageNet eval crop of torchvision, mindcv and the ModelZoo
 
@@ -102,6 +102,4 @@ def image_transforms(cfg: Config, kind: str, training: bool) -> list:
         j = cfg.color_jitter
         ops += [vision.RandomColorAdjust(brightness=j, contrast=j, saturation=j)]
     ops += [vision.Normalize(mean=[v * 255 for v in pre.mean], std=[v * 255 for v in pre.std]), vision.HWC2CHW()]
-    if training and cfg.re_prob > 0:
-        ops += [random_erasing(cfg.re_prob)]
-    return ops
+    return ops  # random erasing (re_prob) follows in the batch op: src/data/batch_augment.py

@@ -106,7 +106,8 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
     """One optimizer step with loss scaling that returns the loss and adds to `stats` (RunningStats).
 
     Gradients are unscaled here, so the optimizer keeps loss_scale=1. Overflow checks (dynamic scale
-    or drop_overflow_update) run only on GPU/Ascend, where MindSpore supports them.
+    or drop_overflow_update) run only on GPU/Ascend, where MindSpore supports them. With `accumulation` > 1 a
+    call is one micro-batch and the optimizer steps at the end of each group (`accumulate`).
     """
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, scale_sense, check_overflow: bool,
