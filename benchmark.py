@@ -243,7 +243,7 @@ def main(argv: Sequence[str]) -> int:
         return worker(cfg, args)
     if args.rounds < 1 or (args.rounds > 1 and (not args.torch_reference or args.mode == "data")):
         raise UserError("--rounds needs --torch_reference and --mode train or infer, and must be at least 1")
-    if args.mode == "train" and (cfg.gradient_accumulation_steps > 1 or cfg.mixup > 0 or cfg.cutmix > 0):
+    if args.mode == "train" and (cfg.gradient_accumulation_steps > 1 or cfg.mixes):
         raise UserError("--mode train times the train step on one fixed batch of int labels: "
                         "--gradient_accumulation_steps, --mixup and --cutmix do not apply (drop them; --mode data "
                         "times the pipeline with mixing)")

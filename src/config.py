@@ -199,7 +199,7 @@ class Config:
         if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):
             raise UserError("--freeze_layer backbone needs --pretrain_ckpt (a frozen random backbone learns nothing; "
                             "pass the checkpoint to fine-tune from)")
-        if self.freeze_layer == "backbone" and (self.mixup > 0 or self.cutmix > 0):
+        if self.freeze_layer == "backbone" and self.mixes:
             raise UserError("--mixup/--cutmix mix images, and --freeze_layer backbone trains the head on cached "
                             "features of unaugmented images (drop --mixup/--cutmix, or use --freeze_layer none)")
         if self.pact_quant and self.freeze_layer == "backbone":
@@ -219,6 +219,11 @@ class Config:
                             "(use --dataset_sink_mode False for that run)")
         if self.model.startswith("resnet") and self.image_size < 32:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training mixes batches (mixup or cutmix)."""
+        return self.mixup > 0 or self.cutmix > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

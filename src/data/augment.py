@@ -1,6 +1,6 @@
 """Augmentation policies (auto_augment) and random erasing (re_prob), with mindcv's key names and timm's grammar.
 
-Random erasing runs in the batch op (`erase_batch`, see src/data/mixup.py's BatchAugment), seeded per batch.
+Random erasing runs in the batch op (`erase_batch`, called by src/data/batch_augment.py's BatchAugment), seeded per batch.
 
 The policies are MindSpore's own C++ operations (mindspore.dataset.vision AutoAugment, RandAugment and
 TrivialAugmentWide, torchvision's op sets), configured as timm configures its own: bilinear resampling and the

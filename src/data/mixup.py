@@ -32,7 +32,7 @@ class MixSettings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> MixSettings | None:
-        if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        if not cfg.mixes:
             return None
         return cls(cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.mixup_off_epoch,
                    cfg.label_smooth, cfg.num_classes)

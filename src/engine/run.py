@@ -149,7 +149,7 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     if cfg.ema and ranks.is_main:
         log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
                  "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and ranks.is_main:
+    if cfg.mixes and ranks.is_main:
         log.info("mixing train batches (mixup alpha %g, cutmix alpha %g, probability %g, cutmix share %g, %s): soft "
                  "targets; train top-1/top-5 count each target's largest class", cfg.mixup, cfg.cutmix,
                  cfg.mixup_prob, cfg.mixup_switch_prob if cfg.mixup > 0 and cfg.cutmix > 0 else
@@ -216,7 +216,7 @@ def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path 
 
 
 def _check_batch_size(cfg: Config, source: DataSource, ranks: RankInfo) -> None:
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+    if cfg.mixes and cfg.batch_size % 2:
         raise UserError(f"--mixup/--cutmix pair each image with the one at the mirrored batch position, so "
                         f"batch_size must be even (got {cfg.batch_size}; as timm and mindcv)")
     per_rank = source.train.num_images // ranks.group_size
