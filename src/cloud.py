@@ -47,10 +47,18 @@ class S3Transfer:
         return parsed.netloc, parsed.path.lstrip("/")
 
     def _call(self, url: str, fn, *args, **kwargs):
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
             return fn(*args, **kwargs)
+        except (S3UploadFailedError, S3TransferFailedError) as exc:
+            # boto3's transfer manager wraps the ClientError in a message: "... An error occurred (NoSuchBucket) ..."
+            text = str(exc)
+            if "NoSuchBucket" in text or "(404)" in text:
+                raise UserError(f"{url} does not exist (check the bucket and path)") from None
+            raise UserError(f"transfer of {url} failed: {text.splitlines()[0] if text else type(exc).__name__} "
+                            "(check the URL and S3_ENDPOINT)") from None
         except NoCredentialsError:
             raise UserError(f"no credentials for {url} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from None
         except ClientError as exc:
@@ -77,23 +85,58 @@ class S3Transfer:
                      if (obj["Key"] == prefix or obj["Key"].startswith(folder)) and not obj["Key"].endswith("/")]
         if not keys:
             raise UserError(f"{url} does not exist or is empty (check the bucket and path)")
-        for key in keys:
-            target = local / (Path(key).name if key == prefix else key[len(folder):])
+        # every target is checked before anything is copied: a key is a string, not a path below `local`
+        targets = [(key, local_target(local, Path(key).name if key == prefix else key[len(folder):], url, key))
+                   for key in keys]
+        for key, target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._call(url, self.client.download_file, bucket, key, str(target))
         return len(keys)
 
+    def check_writable(self, url: str) -> None:
+        """Fail before training, not after the first epoch, when the output bucket is missing or refused."""
+        bucket, _ = self.split(url)
+        self._call(url, self.client.head_bucket, Bucket=bucket)
+
     def upload(self, local: Path, url: str) -> int:
         bucket, prefix = self.split(url)
         count = 0
-        for path in sorted(local.rglob("*")):
+        for path in upload_files(local):
             rel = path.relative_to(local)
-            if not path.is_file() or path.name.startswith(".tmp") or rel.parts[0] in SKIP_UPLOAD:
-                continue
             key = f"{prefix.rstrip('/')}/{rel.as_posix()}" if prefix else rel.as_posix()
             self._call(url, self.client.upload_file, str(path), bucket, key)
             count += 1
         return count
+
+
+def local_target(local: Path, rel: str, url: str, key: str) -> Path:
+    """`local / rel`, refused unless it stays inside `local`: an object key such as `data/../../x` or `data//tmp/x`
+    (pathlib drops `local` before an absolute part) would otherwise write anywhere on the host."""
+    parts = rel.split("/")
+    target = local.joinpath(*parts) if parts else local
+    root = local.resolve()
+    if any(p in ("", ".", "..") for p in parts) or not target.resolve().is_relative_to(root) \
+            or target.resolve() == root:
+        raise UserError(f"object {key!r} under {url} does not name a file inside {local} (a key with '..', '.' "
+                        "or an empty part such as '//' is refused: rename that object in the bucket)")
+    return target
+
+
+def upload_files(local: Path) -> list[Path]:
+    """The regular files to upload from an output folder: no temp files, caches or symlinks (a link inside the
+    output folder could point at any file of the host), and no folder reached through a link."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(local, followlinks=False):
+        here = Path(dirpath)
+        if here == local:
+            dirnames[:] = [d for d in dirnames if d not in SKIP_UPLOAD]
+        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
+        for name in sorted(filenames):
+            path = here / name
+            if name.startswith(".tmp") or path.is_symlink() or not path.is_file():
+                continue
+            files.append(path)
+    return files
 
 
 class MoxTransfer:
@@ -169,6 +212,8 @@ def sync_inputs(cfg: Config) -> Config:
         raise UserError("enable_modelarts needs --data_url and --train_url (obs://bucket/path of the data set "
                         "and of the output folder)")
     transfer = transfer_backend()
+    if hasattr(transfer, "check_writable"):
+        transfer.check_writable(cfg.train_url)
     local_data = Path(cfg.dataset_path or DEFAULT_DATA_DIR)
     download_once(transfer, cfg.data_url, local_data)
     changes = {"dataset_path": str(local_data)}

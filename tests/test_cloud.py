@@ -163,3 +163,58 @@ def test_download_takes_the_folder_not_its_string_prefix_siblings(s3, tmp_path):
     assert not list((tmp_path / "d").rglob("2.txt"))
     assert s3.download("s3://bucket/sib/photos2/b/2.txt", tmp_path / "one") == 1  # a single object
     assert (tmp_path / "one" / "2.txt").read_bytes() == b"out"
+
+
+@pytest.mark.parametrize("key", ["esc/data/../../escape.txt", "esc/data//ESCAPE_DIR/escape.txt",
+                                 "esc/data/./a.txt"])
+def test_an_object_key_cannot_write_outside_the_local_folder(s3, tmp_path, key):
+    outside = tmp_path / "outside"
+    key = key.replace("ESCAPE_DIR", str(outside).lstrip("/"))
+    s3.client.put_object(Bucket="bucket", Key="esc/data/good.txt", Body=b"good")
+    s3.client.put_object(Bucket="bucket", Key=key, Body=b"evil")
+    local = tmp_path / "a" / "b" / "local"
+    try:
+        with pytest.raises(UserError) as err:
+            s3.download("s3://bucket/esc/data", local)
+        assert repr(key) in str(err.value) and "rename that object" in str(err.value)
+        assert not (local / "good.txt").exists()  # refused before anything is copied
+        written = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert written == [], written
+    finally:
+        s3.client.delete_object(Bucket="bucket", Key=key)
+        s3.client.delete_object(Bucket="bucket", Key="esc/data/good.txt")
+
+
+def test_upload_skips_symlinks_out_of_the_output_folder(s3, tmp_path):
+    secret = tmp_path / "home" / ".ssh"
+    secret.mkdir(parents=True)
+    (secret / "id_rsa").write_text("private")
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "train.log").write_text("log")
+    (out / "checkpoint" / "best.ckpt").write_bytes(b"ckpt")
+    (out / "checkpoint" / ".tmp-1-best.tmp").write_bytes(b"half")
+    (out / "stolen_key").symlink_to(secret / "id_rsa")
+    (out / "linked_dir").symlink_to(secret, target_is_directory=True)
+    assert s3.upload(out, "s3://bucket/up/run") == 2
+    keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket="bucket", Prefix="up/")["Contents"]}
+    assert keys == {"up/run/train.log", "up/run/checkpoint/best.ckpt"}
+
+
+def test_a_missing_output_bucket_is_found_before_training(s3, tmp_path):
+    s3.client.put_object(Bucket="bucket", Key="chk/data/a.txt", Body=b"x")
+    with pytest.raises(UserError) as err:
+        sync_inputs(Config(enable_modelarts=True, data_url="s3://bucket/chk/data", train_url="s3://no-such-bucket/o",
+                           dataset_path=str(tmp_path / "d"), output_path=str(tmp_path / "out")))
+    assert str(err.value) == "s3://no-such-bucket/o does not exist (check the bucket and path)"
+    assert not (tmp_path / "d" / "a.txt").exists()  # nothing downloaded
+
+
+def test_upload_into_a_deleted_bucket_is_one_line(s3, tmp_path):
+    s3.client.create_bucket(Bucket="gone")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.log").write_text("log")
+    s3.client.delete_bucket(Bucket="gone")
+    with pytest.raises(UserError) as err:
+        s3.upload(tmp_path / "out", "s3://gone/run")
+    assert str(err.value) == "s3://gone/run does not exist (check the bucket and path)"
