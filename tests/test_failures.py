@@ -69,6 +69,42 @@ def test_no_checkpoint_with_a_non_finite_parameter_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class _FullDisk:
+    """A file of MindSpore's checkpoint writer on a disk that fills up after `room` bytes."""
+
+    def __init__(self, path, *args, room=2048):
+        self.f, self.room = open(path, "wb"), room  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        import errno
+
+        if self.f.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+
+def test_a_checkpoint_write_that_fills_the_disk_leaves_no_temp_file(tmp_path, monkeypatch):
+    from mindspore.train import serialization
+
+    from src.engine.checkpoint import save_checkpoint
+    from src.errors import UserError
+    from src.models import create_model
+
+    serialization._ensure_ckpt_fs_initialized()  # it sets `create` at the first save
+    monkeypatch.setattr(serialization._ckpt_fs, "create", lambda path, *a: _FullDisk(path))
+    (tmp_path / "net.ckpt").write_bytes(b"the earlier file")
+    with pytest.raises(UserError, match="no space left on the device"):
+        save_checkpoint(create_model("mobilenetv2", 2, 0.25), tmp_path / "net.ckpt", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.ckpt"]  # MindSpore's .tmp-PID-net.tmp is gone
+    assert (tmp_path / "net.ckpt").read_bytes() == b"the earlier file"
+
+
 def _start_training(data: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "train.py", "--dataset_path", str(data), "--output_path", str(out),

@@ -91,8 +91,15 @@ def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
     check_finite(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     append = {k: (json.dumps(v) if k == "class_names" else v) for k, v in meta.items() if v is not None}
-    write_atomically(path, lambda tmp: ms.save_checkpoint(obj, str(tmp), append_dict=append, crc_check=True),
-                     errors=(OSError, RuntimeError))
+
+    def write(tmp: Path) -> None:
+        try:
+            with _mindspore_log_muted():  # its CRITICAL line for a failed save guesses; ours names the cause
+                ms.save_checkpoint(obj, str(tmp), append_dict=append, crc_check=True)
+        finally:  # MindSpore writes `<tmp stem>.tmp` and renames it to `tmp`: a failed write leaves it behind
+            tmp.with_suffix(".tmp").unlink(missing_ok=True)
+
+    write_atomically(path, write, errors=(OSError, RuntimeError))
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any], errors: tuple = (OSError,)) -> None:
@@ -103,9 +110,11 @@ def write_atomically(path: Path, write: Callable[[Path], Any], errors: tuple = (
     try:
         write(tmp)
         os.replace(tmp, path)
-    except errors as exc:
+    except BaseException as exc:  # an interruption too: no temp file outlives a failed write
         tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
+        if isinstance(exc, errors):
+            raise write_error(path, exc) from None
+        raise
 
 
 def write_error(path: Path, exc: Exception) -> UserError:
