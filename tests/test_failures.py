@@ -190,6 +190,19 @@ def test_an_output_path_that_is_or_lies_under_a_file_is_one_line(trained, tmp_pa
     assert blocker.read_text() == "a file"
 
 
+def test_resume_into_a_folder_that_holds_another_run_is_refused(trained, earlier_run):
+    out, before = earlier_run  # run A; the shared run is run B
+    ckpt = trained.out / "checkpoint" / "mobilenetv2-1_3.ckpt"
+    proc = run_cli("train.py", "--dataset_path", str(trained.data), "--output_path", str(out), "--epoch_size", "2",
+                   "--resume_ckpt", str(ckpt), *TINY_TRAIN)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"error: output_path {out} holds another run (9 files, 3 of them checkpoints) and resume_ckpt {ckpt} is "
+        "not one of its checkpoints: resuming would replace that run (resume into the checkpoint's own folder, "
+        f"--output_path {trained.out}, or pass a new --output_path)")
+    _assert_kept(out, before)
+
+
 def test_a_resumed_run_replaces_best_ckpt_only_with_a_better_epoch(trained, tmp_path):
     from src.engine.checkpoint import save_checkpoint
 

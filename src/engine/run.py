@@ -71,6 +71,7 @@ def train(cfg: Config) -> TrainResult:
     resume = pretrain = None
     if cfg.resume_ckpt:
         cfg, *resume = read_resume(cfg)
+        RunFolder(cfg, resuming=True).check_resume_target(Path(cfg.resume_ckpt))
     elif cfg.pretrain_ckpt:
         cfg, pretrain = read_pretrained(cfg)
         warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)

@@ -73,6 +73,18 @@ class RunFolder:
         return [p for p in (*(self.path / name for name in RUN_FILES), best) if p.is_file()] + \
             periodic_checkpoints(self.ckpt_dir, self.cfg.model)
 
+    def check_resume_target(self, ckpt: Path) -> None:
+        """A resumed run appends to the folder's run: one that holds another run (checkpoints of its own, not the
+        one resumed from) is refused, or that run's checkpoints, best.ckpt and metrics would be replaced."""
+        own = ckpt.resolve().parent == self.ckpt_dir.resolve()
+        others = self.run_files() if not own else []
+        if others:
+            home = ckpt.resolve().parent.parent
+            raise UserError(f"output_path {self.path} holds another run ({len(others)} files, "
+                            f"{len(self.earlier_run())} of them checkpoints) and resume_ckpt {ckpt} is not one of "
+                            "its checkpoints: resuming would replace that run (resume into the checkpoint's own "
+                            f"folder, --output_path {home}, or pass a new --output_path)")
+
     def earlier_run(self) -> list[Path]:
         """The earlier run's checkpoints."""
         return [p for p in self.run_files() if p.parent == self.ckpt_dir]
