@@ -9,6 +9,20 @@ from pathlib import Path
 LOGGER = "train"
 
 
+WARNING_PREFIX = "warning: "
+
+
+class _Lines(logging.Formatter):
+    """The message alone; a warning starts with `warning: ` (as an error line starts with `error: `), so that it
+    stands out among the log lines on the console and in the log file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if record.levelno == logging.WARNING and not line.startswith(WARNING_PREFIX):
+            line = WARNING_PREFIX + line
+        return line
+
+
 class _EarlyLines(logging.Handler):
     """Keeps the lines logged before the output folder exists, for the log file."""
 
@@ -63,7 +77,7 @@ def setup_console_logging() -> logging.Logger:
     logger.propagate = False
     if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
         handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_Lines("%(message)s"))
         logger.addHandler(handler)
         logger.addHandler(_EarlyLines())
     return logger
@@ -76,7 +90,7 @@ def attach_log_file(path: Path, append: bool = False) -> None:
         logger.removeHandler(h)
         h.close()
     handler = _LogFile(path, mode="a" if append else "w", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_Lines("%(message)s"))
     for early in [h for h in logger.handlers if isinstance(h, _EarlyLines)]:
         for record in early.records:
             handler.handle(record)

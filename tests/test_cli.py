@@ -136,7 +136,7 @@ def test_imagenet_config_with_overrides(tmp_path):
                    "--platform", "CPU", "--amp_level", "O0", "--output_path", str(tmp_path / "o"), "--epoch_size", "1",
                    *tiny_with_the_recipes_warmup)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "UserWarning: warmup_epochs 4 is not below epoch_size 1: the whole run warms up" in proc.stdout
+    assert "warning: warmup_epochs 4 is not below epoch_size 1: the whole run warms up" in proc.stdout
     assert (tmp_path / "o" / "checkpoint" / "best.ckpt").is_file()
     log = (tmp_path / "o" / "train.log").read_text()
     assert "amp O0" in log and "image 32 px" in log and "2 classes" in log

@@ -141,7 +141,8 @@ def test_eval_takes_the_model_settings_from_the_checkpoint(trained, tmp_path):
     proc = run_cli("eval.py", "--dataset_path", str(data), "--output_path", str(tmp_path), "--pretrain_ckpt", ckpt,
                    "--num_parallel_workers", "1", "--image_size", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"image_size 64: {ckpt} was trained at 32 px; its accuracy at another size may differ" in proc.stdout
+    assert (f"\nwarning: image_size 64: {ckpt} was trained at 32 px; its accuracy at another size may differ\n"
+            in proc.stdout)
 
 
 def test_an_export_that_does_not_reproduce_the_net_fails_and_keeps_the_earlier_file(trained, tmp_path, monkeypatch):

@@ -533,3 +533,28 @@ def test_an_evaluation_over_fewer_images_than_were_checked_is_an_error(tmp_path)
     with pytest.raises(UserError, match=rf"evaluated 4 images but {re.escape(str(tmp_path))} held 8 when it was "
                                         r"checked before training \(were files removed or added\?"):
         Evaluator(Model(), None, 1, 1, metrics["acc"], (8, tmp_path))()
+
+
+def test_every_warning_says_warning_on_the_console_and_in_the_log_file(tmp_path, capsys):
+    import logging
+
+    from src.logs import attach_log_file, setup_console_logging
+
+    log = logging.getLogger("train")
+    saved = list(log.handlers), log.propagate, log.level  # other tests read this logger through caplog
+    setup_console_logging()
+    attach_log_file(tmp_path / "train.log")
+    try:
+        log.info("an ordinary line")
+        log.warning("image_size %d: trained at 32 px", 64)
+        log.warning("warning: said once")
+        for handler in log.handlers:
+            handler.flush()
+        expected = "an ordinary line\nwarning: image_size 64: trained at 32 px\nwarning: said once\n"
+        assert capsys.readouterr().out.endswith(expected)
+        assert (tmp_path / "train.log").read_text() == expected
+    finally:
+        for handler in [h for h in log.handlers if h not in saved[0]]:
+            log.removeHandler(handler)
+            handler.close()
+        log.propagate, log.level = saved[1], saved[2]

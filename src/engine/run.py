@@ -97,9 +97,9 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
            start: float) -> TrainResult:
     warning = amp_speed_warning(cfg)
     if warning and ranks.is_main:
-        log.warning("UserWarning: %s", warning)
+        log.warning("%s", warning)
     if cfg.warmup_epochs >= cfg.epoch_size > 0 and cfg.warmup_epochs > 0 and ranks.is_main:
-        log.warning("UserWarning: warmup_epochs %g is not below epoch_size %d: the whole run warms up from lr_init "
+        log.warning("warmup_epochs %g is not below epoch_size %d: the whole run warms up from lr_init "
                     "%g towards lr_max %g and never decays (fine for a trial run; for a real run raise --epoch_size)",
                     cfg.warmup_epochs, cfg.epoch_size, cfg.lr_init, cfg.lr_max)
 

@@ -57,7 +57,7 @@ def sink_plan(cfg: Config, steps_per_epoch: int, say: bool = True) -> Sinking:
                         f"at most {steps_per_epoch}, or a smaller --batch_size)")
     if not cfg.dataset_sink_mode:
         if cfg.sink_size != -1 and say:
-            log.info("sink_size %d is ignored: dataset_sink_mode is False (pass --dataset_sink_mode True to sink)",
+            log.warning("sink_size %d is ignored: dataset_sink_mode is False (pass --dataset_sink_mode True to sink)",
                      cfg.sink_size)
         return Sinking(False, steps_per_epoch, steps_per_epoch)
     if cfg.platform == "CPU":

@@ -134,7 +134,7 @@ def warn_if_other_classes(meta: CheckpointMeta, class_names: list[str], path: Pa
     def show(names):
         return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
-    log.warning("UserWarning: pretrain_ckpt %s was trained on other classes (%s) than this data set's (%s): its "
+    log.warning("pretrain_ckpt %s was trained on other classes (%s) than this data set's (%s): its "
                 "classifier is reused as it is, so pass --filter_head True to train a new one", path,
                 show(meta.class_names), show(list(class_names)))
     return True
@@ -231,7 +231,7 @@ def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path, keys
             log.warning("image_size %d: %s was trained at %d px; its accuracy at another size may differ",
                         cfg.image_size, ckpt, have)
         elif key in ARCH_KEYS:
-            log.warning("UserWarning: %s was trained with %s=%s; --%s %s changes its outputs", ckpt, key, have, key,
+            log.warning("%s was trained with %s=%s; --%s %s changes its outputs", ckpt, key, have, key,
                         getattr(cfg, key))
     if not taken:
         return cfg
