@@ -11,8 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from src.errors import run_cli, stop_if_signalled, stop_on_signals
+from src.lifeline import stop_with_launcher
 
 stop_on_signals()  # before the heavy imports: a Ctrl-C inside one would crash MindSpore's initialisation
+stop_with_launcher()  # a rank of scripts/run_train.sh ends with its launcher, however the launcher died
 
 from src.config import load_config  # noqa: E402
 from src.device import prepare_cpu_threads  # noqa: E402

@@ -25,6 +25,7 @@ from src.config import ROOT, Config, load_config
 from src.engine import sinking
 from src.engine.published import is_remote
 from src.errors import UserError
+from src.lifeline import LAUNCHER_ENV
 
 _OPTIONAL = "[CKPT_PATH FREEZE_LAYER [FILTER_HEAD]] [--key value ...]"
 USAGE = f"""usage:
@@ -350,7 +351,7 @@ def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
         train_args += ["--run_distribute", "True"]
     cfg: Config = load_config(train_args + extra)  # every flag is checked once here, not in 8 failing ranks
     output = Path(cfg.output_path).resolve()
-    train_args += extra + ["--output_path", str(output)]
+    train_args += _without_flag(extra, "--output_path") + ["--output_path", str(output)]  # each flag once
     plan = Plan(platform, device_num, devices, rank_table, train_args, output, nodes=nodes, world_size=world,
                 training=sinking.describe(cfg))
     if platform == "Ascend":
@@ -358,6 +359,25 @@ def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
     else:
         _add_ranks(plan)
     return plan
+
+
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    """`args` without `flag VALUE` and `flag=VALUE`."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(f"{flag}="):
+            out.append(arg)
+    return out
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    """A started process's environment: ours, the rank's, and this launcher's PID, which every rank watches so as to
+    end with the launcher (src/lifeline.py)."""
+    return {**os.environ, **extra, LAUNCHER_ENV: str(os.getpid())}
 
 
 def _free_port() -> int:
@@ -443,7 +463,7 @@ def _run_ranks(plan: Plan) -> int:
         if r.log:
             r.log.parent.mkdir(parents=True, exist_ok=True)
         out = open(r.log, "w") if r.log else None  # noqa: SIM115 - closed below
-        procs.append((r, subprocess.Popen(r.command, cwd=r.cwd, env={**os.environ, **r.env}, stdout=out,
+        procs.append((r, subprocess.Popen(r.command, cwd=r.cwd, env=_child_env(r.env), stdout=out,
                                           stderr=subprocess.STDOUT if out else None, start_new_session=True), out))
         print(f"rank {r.rank}: started (pid {procs[-1][1].pid})" + (f", log {r.log}" if r.log else ""), flush=True)
     failed = None
@@ -515,12 +535,16 @@ def launch(argv: list[str]) -> int:
         print(f"every rank: {plan.training}")
         return 0
     if plan.shared_command:
-        plan.output_path.mkdir(parents=True, exist_ok=True)
+        log_dir = plan.output_path / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
         print(describe(plan), flush=True)
-        code = subprocess.run(plan.shared_command, env={**os.environ, **plan.shared_env}).returncode
+        # msrun's stdout carries the workers' logs (it tails them); its own log lines and, when a rank fails, its
+        # traceback go to logs/msrun.log: the terminal gets one error line from here
+        with open(log_dir / "msrun.log", "w") as msrun_log:
+            code = subprocess.run(plan.shared_command, env=_child_env(plan.shared_env), stderr=msrun_log).returncode
         if code != 0:
             print(f"error: {what_failed(plan)} (msrun exit code {code}); msrun stopped this node's ranks (see the "
-                  f"worker logs in {plan.output_path / 'logs'})", file=sys.stderr)
+                  f"worker logs and msrun.log in {log_dir})", file=sys.stderr)
             return 1
         print(finished(plan), flush=True)
         return 0

@@ -348,3 +348,107 @@ def test_a_node_that_dies_ends_the_other_node(tmp_path):
     for ckpt in (out / "checkpoint").glob("*.ckpt"):  # what rank 0 wrote before the loss is whole
         assert read_checkpoint(ckpt, ckpt.name)[1].epoch_num >= 1
     print(f"node 0 ended {took:.0f} s after node 1 died: {stderr.strip().splitlines()[-1]}")
+
+
+def test_a_failing_msrun_job_ends_with_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    out = tmp_path / "out"
+    proc = _sh("CPU", "2", str(tmp_path / "empty"), "--output_path", str(out), "--output_path", str(out),
+               timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: a rank failed (msrun exit code 1); msrun stopped this node's ranks (see "
+                                   f"the worker logs and msrun.log in {out / 'logs'})")
+    assert "Traceback" in (out / "logs" / "msrun.log").read_text()  # msrun's own report stays in its log
+    # the launched command names each flag once, though the user repeated one
+    command = next(line for line in proc.stdout.splitlines() if line.startswith("command: "))
+    assert command.count("--output_path") == 1, command
+
+
+def _launcher_tree(launcher_pid: int) -> list[int]:
+    """The live processes started for a launcher (they carry its PID in their environment)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"CLS_LAUNCHER_PID={launcher_pid}".encode() in environ.read_bytes().split(b"\0") and \
+                    (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_9_and_wait(launcher: subprocess.Popen, limit: float) -> float:
+    import os
+    import signal
+    import time
+
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    killed = time.monotonic()
+    while _launcher_tree(launcher.pid) and time.monotonic() - killed < 60:
+        time.sleep(0.2)
+    took = time.monotonic() - killed
+    assert not _launcher_tree(launcher.pid), "processes outlived their launcher"
+    assert took < limit, took
+    return took
+
+
+SUPERVISOR = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from src.launch import Plan, Rank, _run_ranks
+rank = [sys.executable, "-c", "from src.lifeline import stop_with_launcher; stop_with_launcher(); "
+        "import time; print('up', flush=True); time.sleep(300)"]
+ranks = [Rank(i, {{}}, rank, Path({root!r}), Path({tmp!r}) / f"r{{i}}.log") for i in (0, 1)]
+_run_ranks(Plan("Ascend", 2, [0, 1], None, [], Path({tmp!r}), ranks=ranks))
+"""
+
+
+def test_ranks_in_their_own_sessions_end_when_their_launcher_is_killed(tmp_path):
+    """Ascend ranks and a second node's workers are started by the launcher itself, each in its own session."""
+    import time
+
+    script = tmp_path / "launcher.py"
+    script.write_text(SUPERVISOR.format(root=str(ROOT), tmp=str(tmp_path)))
+    launcher = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"r{i}.log").is_file() and "up" in (tmp_path / f"r{i}.log").read_text()
+                  for i in (0, 1)):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.2)
+    assert len(_launcher_tree(launcher.pid)) == 4  # two ranks and their watchers
+    _kill_9_and_wait(launcher, limit=5)
+    for i in (0, 1):
+        assert "warning: the launcher (PID" in (tmp_path / f"r{i}.log").read_text()
+
+
+def test_msrun_and_its_workers_end_when_the_launcher_is_killed(tmp_path):
+    import os
+    import time
+
+    data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(
+        ["sh", "scripts/run_train.sh", "CPU", "2", str(data), "--output_path", str(out), "--batch_size", "4",
+         "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs", "0",
+         "--num_parallel_workers", "1", "--epoch_size", "500"], cwd=ROOT, env={**os.environ, "GLOG_v": "3"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        log = out / "logs" / "worker_0.log"
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and "epoch: 1 step: 2" in log.read_text()):
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.5)
+        assert len(_launcher_tree(launcher.pid)) >= 6  # msrun, its scheduler, 2 workers, their tails and watchers
+        took = _kill_9_and_wait(launcher, limit=25)
+    finally:
+        for pid in _launcher_tree(launcher.pid):
+            os.kill(pid, 9)
+    from src.engine.checkpoint import read_checkpoint
+
+    for ckpt in (out / "checkpoint").glob("*.ckpt"):  # whatever rank 0 wrote is whole
+        read_checkpoint(ckpt, ckpt.name)
+    assert not list(out.rglob(".tmp-*"))
+    print(f"every process of the job ended {took:.1f} s after its launcher was killed")
