@@ -142,7 +142,7 @@ def test_eval_takes_the_model_settings_from_the_checkpoint(trained, tmp_path):
                    "--num_parallel_workers", "1", "--image_size", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (f"\nwarning: image_size 64: {ckpt} was trained at 32 px; its accuracy at another size may differ\n"
-            in proc.stdout)
+            in "\n" + proc.stdout)
 
 
 def test_an_export_that_does_not_reproduce_the_net_fails_and_keeps_the_earlier_file(trained, tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def test_other_classes_of_the_same_count_warn_naming_filter_head(tmp_path, caplo
                                                                                       "filter_head": True}))
         assert not caplog.text
         assert warn_if_other_classes(meta, ["ant", "bee", "cat"], path, cfg)
-    assert (f"warning: pretrain_ckpt {path} was trained on other classes (c0, c1, c2) than this data set's (ant, "
+    assert (f"pretrain_ckpt {path} was trained on other classes (c0, c1, c2) than this data set's (ant, "
             "bee, cat): its classifier is reused as it is, so pass --filter_head True to train a new one"
             ) in caplog.text
 
