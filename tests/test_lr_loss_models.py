@@ -148,3 +148,60 @@ def test_seed_fixes_the_initial_weights_of_every_net(name):
     first = digest(1)
     assert digest(1) == first
     assert digest(2) != first
+
+
+def test_seed_fixes_the_dropout_draws():
+    """Two processes with the same seed draw the same dropout masks in every net's head (nn.Dropout's CPU kernel
+    drew other masks in each process once OpenMP threads wait passively, as src/device.py makes them)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (
+        "import hashlib\n"
+        "import numpy as np, mindspore as ms\n"
+        "from mindspore import nn\n"
+        "from src.device import set_seed\n"
+        "from src.models import create_model\n"
+        "ms.set_context(mode=ms.GRAPH_MODE)\n"
+        "for name in ('mobilenetv2', 'mobilenetv3_small', 'resnet50'):\n"
+        "    set_seed(1)\n"
+        "    head = create_model(name, 3, 0.25 if name.startswith('mobilenet') else 1.0, dropout=0.2).head\n"
+        "    head.set_train(True)\n"
+        "    width = next(c for _, c in head.cells_and_names() if isinstance(c, nn.Dense)).in_channels\n"
+        "    x, h = ms.Tensor(np.ones((32, width), np.float32)), hashlib.sha256()\n"
+        "    for _ in range(20):\n"
+        "        h.update(head.classify(x).asnumpy().tobytes())\n"
+        "    print(name, h.hexdigest())\n"
+    )
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOG_v": "3"}
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert runs[0].stdout.count("\n") == 3 and runs[0].stdout == runs[1].stdout
+
+
+def test_dropout_keeps_one_minus_p_scaled_in_training_and_nothing_changes_in_eval():
+    from src.models.common import Dropout
+
+    drop = Dropout(0.2)
+    drop.set_train(True)
+    x = ms.Tensor(np.ones((64, 1000), np.float32))
+    y = drop(x).asnumpy()
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.8)}
+    assert abs((y > 0).mean() - 0.8) < 0.01
+    assert not np.array_equal(y, drop(x).asnumpy())  # a new mask per step
+    drop.set_train(False)
+    np.testing.assert_array_equal(drop(x).asnumpy(), x.asnumpy())
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "mobilenetv3_small", "resnet50"])
+def test_every_net_uses_the_seeded_dropout(name):
+    from src.models.common import Dropout
+
+    net = create_model(name, 3, 0.25 if name.startswith("mobilenet") else 1.0, dropout=0.2)
+    cells = [type(cell) for _, cell in net.cells_and_names()]
+    assert Dropout in cells and nn.Dropout not in cells

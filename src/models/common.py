@@ -1,4 +1,4 @@
-"""Pieces shared by the nets: the backbone + head combination and global average pooling."""
+"""Pieces shared by the nets: the backbone + head combination, global average pooling and seeded dropout."""
 from __future__ import annotations
 
 from mindspore import nn, ops
@@ -12,6 +12,34 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 
     if same:
         return nn.Conv2d(in_ch, out_ch, kernel, stride, pad_mode="same", group=groups, **kwargs)
     return nn.Conv2d(in_ch, out_ch, kernel, stride, pad_mode="pad", padding=(kernel - 1) // 2, group=groups, **kwargs)
+
+
+class Dropout(nn.Cell):
+    """Inverted dropout whose draws are fixed by the run's seed: the mask is `uniform >= p`, kept values scaled by
+    1 / (1 - p), in training only (an identity in eval and export).
+
+    Not nn.Dropout: on CPU, MindSpore 2.10's Dropout kernel gives other masks in each process for the same seeds
+    once its threads wait passively (OMP_WAIT_POLICY=PASSIVE, which src/device.py sets): two `--seed 1` runs
+    trained to other accuracies. A UniformReal draw seeded from the global seed repeats exactly.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability {p} is outside [0, 1)")
+        import mindspore as ms
+
+        self.keep = 1.0 - p
+        self.uniform = ops.UniformReal(seed=ms.get_seed() or _SEED_WHEN_UNSET, seed2=1)
+
+    def construct(self, x):
+        if not self.training:
+            return x
+        mask = self.uniform(x.shape) < self.keep
+        return x * mask.astype(x.dtype) / self.keep
+
+
+_SEED_WHEN_UNSET = 87654321  # MindSpore's own graph seed when no global seed is set (a fixed draw, as nn.Dropout's)
 
 
 class GlobalAvgPooling(nn.Cell):

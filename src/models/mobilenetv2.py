@@ -9,7 +9,7 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, GlobalAvgPooling, conv2d
+from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d
 from src.models.registry import register_model
 
 # expansion t, output channels c, repeats n, first stride s
@@ -83,7 +83,7 @@ class MobileNetV2Head(nn.Cell):
         dense = nn.Dense(in_channels, num_classes, has_bias=True)
         dense.weight.set_data(Tensor(np.random.normal(0, 0.01, dense.weight.shape).astype(np.float32)))
         self.head = nn.SequentialCell([GlobalAvgPooling(), dense])
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        self.dropout = Dropout(dropout) if dropout > 0 else None
 
     def pool(self, x):
         return self.head[0](x)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, GlobalAvgPooling, HSigmoid, HSwish, conv2d
+from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, HSigmoid, HSwish, conv2d
 from src.models.mobilenetv2 import make_divisible
 from src.models.registry import register_model
 
@@ -116,7 +116,7 @@ class MobileNetV3Head(nn.Cell):
         for dense in (dense1, dense2):
             dense.weight.set_data(Tensor(np.random.normal(0, 0.01, dense.weight.shape).astype(np.float32)))
             dense.bias.set_data(Tensor(np.zeros(dense.bias.shape, np.float32)))
-        drop = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        drop = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.SequentialCell([dense1, HSwish(), drop, dense2])
 
     def pool(self, x):

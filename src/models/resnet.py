@@ -8,7 +8,7 @@ from __future__ import annotations
 from mindspore import nn
 from mindspore.common.initializer import HeNormal
 
-from src.models.common import ClassifierNet, GlobalAvgPooling, conv2d
+from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d
 from src.models.registry import register_model
 
 
@@ -101,7 +101,7 @@ class ResNetHead(nn.Cell):
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
         self.pool = GlobalAvgPooling()
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        self.dropout = Dropout(dropout) if dropout > 0 else None
         self.end_point = nn.Dense(in_channels, num_classes, has_bias=True)
 
     def classify(self, x):
