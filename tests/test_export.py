@@ -203,3 +203,74 @@ def test_eval_onnx_finds_the_export_named_after_the_checkpoints_model(tmp_path):
         onnx_path(cfg)
     (tmp_path / "mobilenetv2.onnx").write_bytes(b"")  # the config's model wins when its file is there
     assert onnx_path(cfg) == tmp_path / "mobilenetv2.onnx"
+
+
+def _foreign_onnx(path, classes=1000, size=None, features=None, metadata=None):
+    """A small ONNX classifier as other tools write it: mean over H x W (or a flatten of a fixed-size image when
+    `features` is given), then one Gemm to `classes` scores; the input is fixed at `size` px or left open."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spatial = [size, size] if size else ["h", "w"]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, *spatial])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])
+    width = features or 3
+    weight = numpy_helper.from_array(np.full((width, classes), 0.01, np.float32), "w")
+    first = (helper.make_node("Flatten", ["image"], ["f"]) if features else
+             helper.make_node("ReduceMean", ["image"], ["f"], axes=[2, 3], keepdims=0))
+    graph = helper.make_graph([first, helper.make_node("Gemm", ["f", "w"], ["logits"])], "foreign", [image],
+                              [logits], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnx_file_that_does_not_fit_the_data_is_one_line_naming_the_flag(tmp_path):
+    """A foreign ONNX with 1000 outputs on 10 classes gave acc 0.0167 and exit 0; a fixed 224 px input run at 64 px,
+    and metadata image_size 'abc', gave tracebacks."""
+    from src.config import Config
+    from src.deploy.onnx_model import load_onnx
+    from src.errors import UserError
+
+    cfg = Config(num_classes=10, image_size=64)
+    wide = load_onnx(_foreign_onnx(tmp_path / "wide.onnx"))
+    with pytest.raises(UserError, match=r"wide.onnx outputs 1000 class scores but num_classes is 10 \(pass "
+                                        r"--num_classes 1000 with data of that many classes"):
+        wide.settings(cfg)
+    fixed = load_onnx(_foreign_onnx(tmp_path / "fixed.onnx", classes=10, size=224))
+    with pytest.raises(UserError, match=r"fixed.onnx was exported for image_size 224 but the config has 64 "
+                                        r"\(pass --image_size 224\)"):
+        fixed.settings(cfg)
+    bad = load_onnx(_foreign_onnx(tmp_path / "bad.onnx", classes=10, metadata={"image_size": "abc"}))
+    with pytest.raises(UserError, match=r"bad.onnx has image_size 'abc' in its metadata, which is not a number"):
+        bad.settings(cfg)
+    # the input's size is left open but the graph needs 224 px: onnxruntime's own error, in one line
+    flat = load_onnx(_foreign_onnx(tmp_path / "flat.onnx", classes=10, features=3 * 224 * 224))
+    flat.settings(cfg)
+    with pytest.raises(UserError, match=r"^onnxruntime cannot run \S+flat.onnx on 2x3x64x64 images: .+ \(pass the "
+                                        r"--image_size it was exported for\)$"):
+        flat(np.zeros((2, 3, 64, 64), np.float32))
+    assert flat(np.zeros((2, 3, 224, 224), np.float32)).shape == (2, 10)
+    # a file that leaves the width open (as far as onnxruntime can tell) and gives another: found on the first batch
+    from dataclasses import replace
+
+    open_width = replace(wide, outputs=None)
+    open_width.settings(cfg)
+    with pytest.raises(UserError, match=r"wide.onnx gives outputs of shape 2x1000 where 2 x 10 class scores were "
+                                        r"expected"):
+        open_width(np.zeros((2, 3, 64, 64), np.float32))
+
+
+def test_eval_onnx_and_predict_refuse_a_model_with_another_class_count(trained, tmp_path):
+    data, _, _ = trained
+    foreign = _foreign_onnx(tmp_path / "imagenet.onnx")
+    image = str(next((data / "val" / "cat").iterdir()))
+    for proc in (run_cli("eval_onnx.py", "--dataset_path", str(data), "--onnx_file", str(foreign), *TINY_NET),
+                 run_cli("predict.py", "--onnx_file", str(foreign), image, *TINY_NET)):
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {foreign} outputs 1000 class scores but num_classes is 2 (pass --num_classes 1000 with data of "
+            "that many classes, or export the model trained on this data)"], proc.stderr[-2000:]
+        assert "result:" not in proc.stdout

@@ -19,6 +19,8 @@ class OnnxModel:
     path: Path
     metadata: dict[str, str]
     fixed_batch: int | None
+    fixed_size: int | None = None  # the input's height and width when the file fixes them
+    outputs: int | None = None  # the logits' width when the file fixes it
 
     @property
     def class_names(self) -> list[str] | None:
@@ -30,25 +32,47 @@ class OnnxModel:
         from src.data.transforms import with_recorded_preprocessing
 
         size = self.metadata.get("image_size")
-        if size and int(size) != cfg.image_size:
+        if size and not size.isdigit():
+            raise UserError(f"{self.path} has image_size {size!r} in its metadata, which is not a number of pixels "
+                            "(export it again with export.py)")
+        size = int(size) if size else self.fixed_size
+        if size and size != cfg.image_size:
             raise UserError(f"{self.path} was exported for image_size {size} but the config has {cfg.image_size} "
                             f"(pass --image_size {size})")
         names = self.class_names
         if names and len(names) != cfg.num_classes:
             raise UserError(f"{self.path} has {len(names)} classes but num_classes is {cfg.num_classes} "
                             f"(pass --num_classes {len(names)})")
+        if self.outputs and self.outputs != cfg.num_classes:
+            raise UserError(f"{self.path} outputs {self.outputs} class scores but num_classes is {cfg.num_classes} "
+                            f"(pass --num_classes {self.outputs} with data of that many classes, or export the "
+                            "model trained on this data)")
+        self.outputs = cfg.num_classes  # checked again on the first batch when the file leaves the width open
         return with_recorded_preprocessing(cfg, self.metadata.get("preprocess"))
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        try:
+            logits = self.session.run(None, {"image": images.astype(np.float32)})[0]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"onnxruntime cannot run {self.path} on {'x'.join(map(str, images.shape))} images: "
+                            f"{first} (pass the --image_size it was exported for)") from None
+        if logits.ndim != 2 or (self.outputs and logits.shape[1] != self.outputs):
+            raise UserError(f"{self.path} gives outputs of shape {'x'.join(map(str, logits.shape))} where "
+                            f"{len(images)} x {self.outputs} class scores were expected (pass --num_classes to "
+                            "match it, or export the model trained on this data)")
+        return logits
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Logits for a batch of any size (split or padded when the model has a fixed batch)."""
         if self.fixed_batch is None:
-            return self.session.run(None, {"image": images.astype(np.float32)})[0]
+            return self._run(images)
         outs = []
         b = self.fixed_batch
         for i in range(0, len(images), b):
             chunk = images[i:i + b]
             padded = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self.session.run(None, {"image": padded.astype(np.float32)})[0][:len(chunk)])
+            outs.append(self._run(padded)[:len(chunk)])
         return np.concatenate(outs)
 
 
@@ -59,13 +83,18 @@ def load_onnx(path: str | Path) -> OnnxModel:
     if not path.is_file():
         raise UserError(f"ONNX file {path} not found (export one with python export.py --file_format ONNX)")
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # its own error lines go to stderr before it raises: the exception says it
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a valid ONNX model: {first} (export it again with export.py)") from None
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != "image":
-        raise UserError(f"{path} does not have one input named 'image' (export it with this package's export.py)")
-    batch = inputs[0].shape[0]
+    if len(inputs) != 1 or inputs[0].name != "image" or len(inputs[0].shape) != 4:
+        raise UserError(f"{path} does not have one N x 3 x H x W input named 'image' (export it with this package's "
+                        "export.py)")
+    batch, _, height, width = (d if isinstance(d, int) else None for d in inputs[0].shape)
+    out = session.get_outputs()[0].shape
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    return OnnxModel(session, path, meta, batch if isinstance(batch, int) else None)
+    return OnnxModel(session, path, meta, batch, height if height == width else None,
+                     out[-1] if len(out) == 2 and isinstance(out[-1], int) else None)
