@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,19 @@ class Server:
 
     def __init__(self, root: Path):
         self.root, self.ranges, self.cut_next = root, [], None
+        self.etag = True  # False: a server that names no version of its files (no ETag, no Last-Modified)
+        self.trickle = None  # seconds between the bytes of the body: a stuck or very slow server
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - the http.server API
                 path = server.root / self.path.lstrip("/")
                 server.ranges.append(self.headers.get("Range"))
+                if self.path == "/loop":
+                    self.send_response(302)
+                    self.send_header("Location", "/loop")
+                    self.end_headers()
+                    return
                 if not path.is_file():
                     self.send_error(404)
                     return
@@ -36,19 +44,28 @@ class Server:
                 etag = f'"{hashlib.sha256(data).hexdigest()[:12]}"'
                 start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) \
                     if self.headers.get("Range") else 0
-                if self.headers.get("If-Range") not in (None, etag):
+                if self.headers.get("If-Range") not in (None, etag if server.etag else None):
                     start = 0  # the file changed since the part was fetched: all of it
                 if start >= len(data) > 0:
                     self.send_error(416)
                     return
                 self.send_response(206 if start else 200)
-                self.send_header("ETag", etag)
+                if server.etag:
+                    self.send_header("ETag", etag)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
                 if server.cut_next is not None:
                     body, server.cut_next = body[:server.cut_next], None
-                self.wfile.write(body)
+                if server.trickle is None:
+                    self.wfile.write(body)
+                    return
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(server.trickle)
 
             def log_message(self, *args):
                 pass
@@ -108,7 +125,7 @@ def test_a_part_file_that_is_no_prefix_of_the_file_is_downloaded_anew(server):
     dest.parent.mkdir(parents=True)
     dest.with_name(dest.name + ".part").write_bytes(b"x" * 200_000)  # longer than the file: the server says 416
     assert local_path(url, "pretrain_ckpt").read_bytes() == payload
-    assert server.ranges == ["bytes=200000-", None]
+    assert server.ranges == [None]  # a part without the server's version of the file is not resumed
 
 
 def test_a_download_whose_digest_differs_from_its_name_is_refused_and_removed(server, tmp_path):
@@ -186,3 +203,86 @@ def test_a_file_that_changed_between_two_tries_is_downloaded_whole(server):
     assert local_path(url, "pretrain_ckpt").read_bytes() == b"b" * 250_000
     assert server.ranges == [None, "bytes=100000-"]
     assert sorted(p.name for p in cached_path(url).parent.iterdir()) == ["w.ckpt", "w.ckpt.lock"]
+
+
+def test_a_part_from_a_server_that_names_no_version_is_not_resumed(server):
+    """Without an ETag or Last-Modified the server cannot say whether the file changed since the part came: a plain
+    Range request spliced half the old file to half the new one (exit 0). The part is fetched whole instead."""
+    server.etag = False
+    (server.root / "w.ckpt").write_bytes(b"a" * 300_000)
+    url = f"{server.url}/w.ckpt"
+    server.cut_next = 100_000
+    with pytest.raises(UserError, match="broke off at 100000 of 300000 bytes"):
+        local_path(url, "pretrain_ckpt")
+    (server.root / "w.ckpt").write_bytes(b"b" * 300_000)  # a new version of the file, of the same length
+    assert local_path(url, "pretrain_ckpt").read_bytes() == b"b" * 300_000
+    assert server.ranges == [None, None]
+
+
+def test_a_stalled_download_ends_in_a_line_and_keeps_its_part(server, monkeypatch):
+    from src.engine import published
+
+    monkeypatch.setattr(published, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(published, "STALL_BYTES", 1000)
+    (server.root / "w.ckpt").write_bytes(b"a" * 40)
+    server.trickle = 0.1  # 10 bytes a second: the 40 bytes would take 4 s
+    url = f"{server.url}/w.ckpt"
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"^the download of \S+/w.ckpt stalled at \d+ bytes: \d+ bytes in the last 1 "
+                                        r"s from \S+ \(a stuck or very slow server; run again to resume it, or "
+                                        r"download .* by hand to "):
+        local_path(url, "pretrain_ckpt")
+    assert time.monotonic() - started < 3
+    part = cached_path(url).with_name("w.ckpt.part")
+    kept = part.stat().st_size
+    assert 5 <= kept < 40 and not cached_path(url).exists()
+    server.trickle = None
+    assert local_path(url, "pretrain_ckpt").read_bytes() == b"a" * 40
+    assert server.ranges == [None, f"bytes={kept}-"]  # resumed from the part
+
+
+def test_sigterm_stops_a_trickling_download_at_once(server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (server.root / "w.ckpt").write_bytes(b"a" * 200)
+    server.trickle = 0.2  # 40 s for the whole file
+    script = ("import sys\n"
+              "from src.errors import run_cli, stop_on_signals\n"
+              "stop_on_signals()\n"
+              "from src.engine.published import local_path\n"
+              f"sys.exit(run_cli(lambda argv: local_path({server.url + '/w.ckpt'!r}, 'pretrain_ckpt') and 0))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = cached_path(server.url + "/w.ckpt").with_name("w.ckpt.part")
+    deadline = time.monotonic() + 60
+    while not part.exists() and time.monotonic() < deadline:  # the body is coming
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 3, "the signal waited for the download"
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in err and part.stat().st_size < 200 and not cached_path(server.url + "/w.ckpt").exists()
+
+
+def test_a_redirect_loop_and_a_web_page_are_one_line_and_nothing_is_kept(server, tmp_path):
+    with pytest.raises(UserError) as info:
+        local_path(f"{server.url}/loop", "pretrain_ckpt")
+    assert "\n" not in str(info.value) and "HTTP 302" in str(info.value) and "infinite loop" in str(info.value)
+    page = b"<!DOCTYPE html>\n<html><body>Please log in</body></html>\n"
+    (server.root / "w.ckpt").write_bytes(page)
+    url = f"{server.url}/w.ckpt"
+    with pytest.raises(UserError, match=r"^cannot download \S+: \S+ sent a web page, not weights \(a login, error or "
+                                        r"mirror page\? check the URL or CLS_WEIGHTS_URL, or download "):
+        local_path(url, "pretrain_ckpt")
+    assert sorted(p.name for p in cached_path(url).parent.iterdir()) == ["w.ckpt.lock"]
+    (server.root / "w.ckpt").write_bytes(b"weights" * 1000)  # the mirror is fixed: the next run downloads
+    assert local_path(url, "pretrain_ckpt").read_bytes() == b"weights" * 1000
+    cached_path(url).write_bytes(page)  # a page an earlier version of the package kept: fetched again
+    assert local_path(url, "pretrain_ckpt").read_bytes() == b"weights" * 1000

@@ -1,10 +1,12 @@
 """Published ImageNet weights by short name (`mindcv:resnet50`, `torchvision:mobilenet_v2`) or URL, downloaded once.
 
 A download goes to the cache folder (CLS_WEIGHTS_CACHE, else $XDG_CACHE_HOME/mindspore_cls, else
-~/.cache/mindspore_cls) as NAME.part, resumes from there after an interruption (an HTTP Range request), shows a
-progress bar on a terminal, is checked against the sha256 its file name starts (torch.hub's convention:
-`resnet50-0676ba61.pth` is a file whose sha256 begins 0676ba61) when the publisher follows it, and only then is
-renamed to NAME: a half-written file is never used. Two runs that want the same file take turns (a lock file).
+~/.cache/mindspore_cls) as NAME.part, resumes from there after an interruption (an HTTP Range request with If-Range,
+only when the server named the file's version by an ETag or Last-Modified: else a changed file would be spliced), ends
+with a line when it stalls (STALL_SECONDS), shows a progress bar on a terminal, is checked against the sha256 its file
+name starts (torch.hub's convention: `resnet50-0676ba61.pth` is a file whose sha256 begins 0676ba61) when the
+publisher follows it, is refused when it is a web page (a login or error page), and only then is renamed to NAME: a
+half-written file is never used. Two runs that want the same file take turns (a lock file).
 CLS_WEIGHTS_URL replaces the host and folder of every short name's URL (a mirror, or a server of the tests).
 """
 from __future__ import annotations
@@ -16,12 +18,13 @@ import http.client
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.errors import UserError
+from src.errors import UserError, stop_if_signalled
 
 log = logging.getLogger("train")
 BASE_URL_ENV = "CLS_WEIGHTS_URL"
@@ -96,11 +99,14 @@ def local_path(spec: str, what: str) -> Path:
         return Path(spec)
     url, digest = _url_and_digest(spec, what)
     dest = cached_path(spec)
-    if dest.is_file():
+    if dest.is_file() and not _is_web_page(dest):
         return dest
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _locked(dest):
+            if dest.is_file() and _is_web_page(dest):  # kept by an earlier version of this package
+                log.info("%s is a web page, not weights: downloading it again", dest)
+                dest.unlink()
             if not dest.is_file():  # another run may have finished it while this one waited
                 _download(url, dest, digest, spec)
     except OSError as exc:
@@ -136,54 +142,103 @@ def _locked(dest: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# A download that brings fewer than STALL_BYTES in STALL_SECONDS (or nothing for READ_TIMEOUT) is stalled: it ends
+# with a line, its part kept for the next try, instead of hanging the run on a trickling or stuck server.
+STALL_SECONDS = 60.0
+STALL_BYTES = 64 * 1024
+READ_TIMEOUT = 30.0
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())  # urllib's redirect-loop reason spans three lines
+
+
+def _version(headers) -> str | None:
+    """The validator If-Range can name: a strong ETag, else Last-Modified (a weak ETag W/"..." is not allowed)."""
+    etag = headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+
+
 def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
     from tqdm import tqdm
 
     part = dest.with_name(dest.name + ".part")
     validator = dest.with_name(dest.name + ".part.version")  # the ETag or Last-Modified the part was sent with
     have = part.stat().st_size if part.is_file() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    if have and validator.is_file():  # If-Range: a file that changed since is sent whole, not appended to
-        headers["If-Range"] = validator.read_text().strip()
+    version = validator.read_text().strip() if have and validator.is_file() else ""
+    if have and not version:  # a part without a validator cannot be resumed safely: the file may have changed
+        log.info("%s has no version from the server (ETag or Last-Modified) to resume it by: downloading %s whole",
+                 part, url)
+        part.unlink()
+        have = 0
+    # If-Range: a file that changed since the part was fetched is sent whole, not appended to the part
+    headers = {"Range": f"bytes={have}-", "If-Range": version} if have else {}
     request = urllib.request.Request(url, headers=headers)
     hand = f"download {url} by hand to {dest}, or pass the file's path"
     try:
-        response = urllib.request.urlopen(request, timeout=60)  # noqa: S310 - http(s) only (is_remote)
+        response = urllib.request.urlopen(request, timeout=READ_TIMEOUT)  # noqa: S310 - http(s) only (is_remote)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # not a prefix of the file (it changed, or a stray part file): start anew
             part.unlink()
             validator.unlink(missing_ok=True)
             return _download(url, dest, digest, spec)
-        raise UserError(f"cannot download {spec}: HTTP {exc.code} {exc.reason} from {url} ({hand})") from None
+        raise UserError(f"cannot download {spec}: HTTP {exc.code} {_one_line(exc.reason)} from {url} ({hand})"
+                        ) from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a bad URL
         reason = getattr(exc, "reason", None) or exc
-        raise UserError(f"cannot download {spec}: {reason} (offline, or a wrong URL? {hand})") from None
+        raise UserError(f"cannot download {spec}: {_one_line(reason)} (offline, or a wrong URL? {hand})") from None
     with response:
         resumed = response.status == 206
-        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        if version and not resumed:
-            validator.write_text(version)
+        if resumed and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
+            response.close()  # the server sent another part than the one asked for: start anew
+            part.unlink()
+            validator.unlink(missing_ok=True)
+            return _download(url, dest, digest, spec)
+        if not resumed:
+            validator.unlink(missing_ok=True)
+            if _version(response.headers):
+                validator.write_text(_version(response.headers))
         total = response.headers.get("Content-Length")
         total = int(total) + (have if resumed else 0) if total else None
         log.info("downloading %s to %s%s", url, dest, f" (resuming at {have} bytes)" if resumed else "")
         with open(part, "ab" if resumed else "wb") as out, tqdm(total=total, initial=have if resumed else 0,
                                                                 unit="B", unit_scale=True, disable=None,
                                                                 desc=dest.name) as bar:
+            window_start, window_bytes = time.monotonic(), 0
             while True:
+                stop_if_signalled()  # a safe point: Ctrl-C or SIGTERM stops here, the part kept for the next try
                 try:
-                    chunk = response.read(1 << 20)
+                    chunk = response.read1(1 << 20)
+                except TimeoutError:
+                    chunk = None
                 except (OSError, http.client.HTTPException) as exc:  # a broken connection: what came is kept
                     if total is None:
                         raise UserError(f"the download of {spec} broke off at {out.tell()} bytes ({exc}; run "
                                         f"again to resume it, or {hand})") from None
                     break
-                if not chunk:
+                if chunk == b"":
                     break
-                out.write(chunk)  # a full disk raises OSError: local_path says so
-                bar.update(len(chunk))
+                if chunk:
+                    out.write(chunk)  # a full disk raises OSError: local_path says so
+                    bar.update(len(chunk))
+                    window_bytes += len(chunk)
+                now = time.monotonic()
+                if chunk is None or (now - window_start >= STALL_SECONDS and window_bytes < STALL_BYTES):
+                    got = "nothing" if chunk is None else f"{window_bytes} bytes"
+                    waited = READ_TIMEOUT if chunk is None else now - window_start
+                    raise UserError(f"the download of {spec} stalled at {out.tell()} bytes: {got} in the last "
+                                    f"{waited:.0f} s from {url} (a stuck or very slow server; run again to resume "
+                                    f"it, or {hand})")
+                if now - window_start >= STALL_SECONDS:
+                    window_start, window_bytes = now, 0
         if total is not None and part.stat().st_size != total:
             raise UserError(f"the download of {spec} broke off at {part.stat().st_size} of {total} bytes (run "
                             f"again to resume it, or {hand})")
+    if _is_web_page(part):
+        part.unlink()
+        validator.unlink(missing_ok=True)
+        raise UserError(f"cannot download {spec}: {url} sent a web page, not weights (a login, error or mirror "
+                        f"page? check the URL or {BASE_URL_ENV}, or {hand})")
     sha = file_sha256(part)
     if digest and not sha.startswith(digest):
         part.unlink()
@@ -193,6 +248,11 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
     os.replace(part, dest)
     validator.unlink(missing_ok=True)
     log.info("downloaded %s (sha256 %s%s)", dest, sha, ", as its name says" if digest else "")
+
+
+def _is_web_page(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(512).lstrip().lower().startswith((b"<!doctype html", b"<html"))
 
 
 def file_sha256(path: Path) -> str:
