@@ -90,8 +90,6 @@ def setup_device(cfg: Config, distributed: bool = False) -> RankInfo:
     NCCL on GPU, MindSpore's own on CPU) is initialised and gradients are averaged over all ranks.
     """
     note = prepare_cpu_environment() if cfg.platform == "CPU" else None
-    if cfg.platform == "CPU" and note is None and ISA_VAR in os.environ:
-        note = f"CPU: {ISA_VAR}={os.environ[ISA_VAR]} from the environment"
     import mindspore as ms
 
     if cfg.platform != "CPU":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from src.data.checks import DataSource, check_dataset
 from src.data.feature_cache import cached_features, feature_datasets
 from src.data.pipeline import create_dataset
 from src.data.transforms import preprocessing
-from src.device import RankInfo, amp_speed_warning, setup_device
+from src.device import ISA_VAR, RankInfo, amp_speed_warning, setup_device
 from src.engine.callbacks import BestCheckpoint, EpochEnd, Evaluator, MetricsFiles, PeriodicCheckpoints, TrainMonitor
 from src.engine.checkpoint import (
     NOT_RESTORED,
@@ -132,10 +133,11 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     n = cfg.gradient_accumulation_steps
     accumulated = f" ({steps} batches of {cfg.batch_size}, the optimizer steps every {n}: an effective batch of " \
         f"{cfg.batch_size * n})" if n > 1 else ""
+    isa = f", {ISA_VAR}={os.environ[ISA_VAR]}" if cfg.platform == "CPU" and ISA_VAR in os.environ else ""
     log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch%s x %d epochs, batch %d, image %d px, "
-             "amp %s%s", cfg.model, cfg.platform, "full net" if trainable is net else
+             "amp %s%s%s", cfg.model, cfg.platform, "full net" if trainable is net else
              "head only, on cached backbone features", source.train.num_images, cfg.num_classes, updates, accumulated,
-             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level,
+             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level, isa,
              ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
 
     metrics = {**accuracy_metrics(), "per_class": ConfusionCounts(source.class_names)}
