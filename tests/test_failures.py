@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PADDLE_LINE, ROOT, TINY_TRAIN, run_cli, with_flags
+from conftest import PADDLE_LINE, RESULT_LINE, ROOT, TINY_NET, TINY_TRAIN, run_cli, with_flags
 
 from src.engine.checkpoint import read_checkpoint
 
@@ -29,6 +29,8 @@ def earlier_run(trained, tmp_path) -> tuple[Path, dict[str, bytes]]:
     """A copy of the shared run's output folder, and its bytes."""
     out = tmp_path / "out"
     shutil.copytree(trained.out, out)
+    if not (out / "mobilenetv2.onnx").exists():  # test_export may have exported one into the shared run
+        (out / "mobilenetv2.onnx").write_bytes(b"the earlier run's export")
     return out, _files(out)
 
 
@@ -177,6 +179,7 @@ def test_a_finished_fresh_run_replaces_the_earlier_one(trained, earlier_run):
     log = (out / "train.log").read_text()
     assert log.count("[Epoch 1, iter: 0]") == 1 and "epoch: 1 step: 3" in log
     assert len((out / "metrics.csv").read_text().splitlines()) == 2
+    assert not list(out.glob("*.onnx"))  # the earlier run's export went with it: eval_onnx.py would have used it
 
 
 def test_an_output_path_that_is_or_lies_under_a_file_is_one_line(trained, tmp_path):
@@ -380,22 +383,76 @@ def test_a_full_disk_in_the_first_epochs_outputs_keeps_the_earlier_run(trained, 
 
 
 def test_a_kill_9_while_writing_a_checkpoint_keeps_the_earlier_run(trained, earlier_run, tmp_path):
-    from src.config import load_config
-    from src.engine.run_folder import RunFolder
-    from src.logs import attach_log_file
 
     out, before = earlier_run
     proc = _faulty_training(trained, out, tmp_path, "kill", "mobilenetv2-1_")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / ".earlier-run" / "MANIFEST").is_file()  # killed between setting the earlier run aside and settling
     assert list((out / "checkpoint").glob(".tmp-*"))  # with a half-written checkpoint
-    # the next run into the folder puts the earlier run back as it opens it
+    # eval.py, as the README says it, puts the earlier run back before it reads best.ckpt (it evaluated the killed
+    # run's epoch-1 best.ckpt, exit 0)
+    proc = run_cli("eval.py", "--dataset_path", str(trained.data), "--output_path", str(tmp_path / "eval"),
+                   "--pretrain_ckpt", str(out / "checkpoint" / "best.ckpt"), *TINY_NET)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"warning: {out}: put back the earlier run that a killed training run had set aside ("
+            f"{len(before)} files); the killed run's log is {out / 'train.new.log'}") in proc.stdout
+    assert RESULT_LINE.search(proc.stdout)
+    _assert_kept(out, before)
+    assert not list(out.rglob(".tmp-*")) and not (out / ".earlier-run").exists()
+
+
+def test_a_folder_set_aside_by_a_killed_run_is_put_back_by_the_next_reader_or_run(tmp_path, monkeypatch):
+    """Without training: the folder as a run killed in its commit window leaves it. A reader waits while a live run
+    holds the folder and refuses when it does not settle; a folder no run holds is put back by a reader or by the
+    next run, the killed run's files (of its own model, exports included) removed and the others left alone."""
+    import fcntl
+
+    from src.config import load_config
+    from src.engine import run_folder
+    from src.engine.run_folder import RunFolder, settled_for_reading
+    from src.errors import UserError
+    from src.logs import attach_log_file
+
+    def killed_in_the_window(out: Path) -> dict[str, bytes]:
+        earlier = {"checkpoint/best.ckpt": b"earlier best", "checkpoint/resnet50-3_9.ckpt": b"earlier epoch 3",
+                   "train.log": b"earlier log", "config.yaml": b"model: resnet50\n", "resnet50.onnx": b"export"}
+        for name, data in earlier.items():
+            (out / ".earlier-run" / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / ".earlier-run" / name).write_bytes(data)
+        (out / ".earlier-run" / "MANIFEST").write_text("".join(f"{n}\n" for n in earlier))
+        killed = {"checkpoint/best.ckpt": b"killed best", "checkpoint/resnet50-1_9.ckpt": b"killed epoch 1",
+                  "train.log": b"killed log", "config.yaml": b"model: resnet50\n", "metrics.csv": b"1,9\n",
+                  "checkpoint/mobilenetv2-5_1.ckpt": b"another model's, not set aside"}
+        for name, data in killed.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+        return {**earlier, "checkpoint/mobilenetv2-5_1.ckpt": b"another model's, not set aside",
+                "train.new.log": b"killed log"}
+
+    out = tmp_path / "out"
+    expected = killed_in_the_window(out)
+    monkeypatch.setattr(run_folder, "WAIT_FOR_SETTLING", 0.5)
+    with open(out / ".lock", "w") as held:  # a live run
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=rf"^the run folder {re.escape(str(out))} is being replaced by a training "
+                                            r"run \(PID 4242\) that has set the earlier run aside .* pass "
+                                            r"--pretrain_ckpt with a file of another folder\)$"):
+            settled_for_reading(out, "pretrain_ckpt")
+    settled_for_reading(out, "pretrain_ckpt")
+    assert _files(out) == expected
+    settled_for_reading(out, "pretrain_ckpt")  # nothing left to do
+    assert _files(out) == expected
+    # the next training run (of another model) does the same as it opens the folder
+    shutil.rmtree(out)
+    expected = killed_in_the_window(out)
     folder = RunFolder(load_config(["--output_path", str(out), *TINY_TRAIN]), resuming=False)
     folder.open()
     folder.close()
     attach_log_file(tmp_path / "unused.log")  # let go of the folder's log
-    _assert_kept(out, before)
-    assert not list(out.rglob(".tmp-*")) and not (out / ".earlier-run").exists()
+    assert {k: v for k, v in _files(out).items() if k != "train.new.log"} == {
+        k: v for k, v in expected.items() if k != "train.new.log"}
 
 
 # train.py with one training image damaged right after the pre-check has decoded it

@@ -79,7 +79,10 @@ class OnnxModel:
 def load_onnx(path: str | Path) -> OnnxModel:
     import onnxruntime as ort
 
+    from src.engine.run_folder import settled_for_reading
+
     path = Path(path)
+    settled_for_reading(path.parent, "onnx_file")  # a run killed in its commit window set the earlier one aside
     if not path.is_file():
         raise UserError(f"ONNX file {path} not found (export one with python export.py --file_format ONNX)")
     try:

@@ -33,6 +33,8 @@ STAGED_LOG = "train.new.log"
 ASIDE = ".earlier-run"
 MANIFEST = "MANIFEST"
 RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "curves.png", "per_class.csv", "confusion_matrix.png")
+EXPORTS = (".onnx", ".mindir", ".air")  # export.py's files in the folder: made from its run's best.ckpt
+WAIT_FOR_SETTLING = 30.0  # seconds a reader waits for a live run to settle (its commit window lasts seconds)
 
 
 class RunFolder:
@@ -68,10 +70,13 @@ class RunFolder:
                          "run logs to %s until then)", self.path, STAGED_LOG)
 
     def run_files(self) -> list[Path]:
-        """The files a run of this model writes here (but the staged log): what a fresh run replaces."""
-        best = self.ckpt_dir / "best.ckpt"
-        return [p for p in (*(self.path / name for name in RUN_FILES), best) if p.is_file()] + \
-            periodic_checkpoints(self.ckpt_dir, self.cfg.model)
+        """The files a run of this model writes here (but the staged log and the exports)."""
+        return _run_files(self.path, self.cfg.model)
+
+    def replaced_files(self) -> list[Path]:
+        """What a fresh run replaces: the run files and the models exported from them (a stale export would be
+        evaluated as if it were the new run's)."""
+        return self.run_files() + _exports(self.path)
 
     def check_resume_target(self, ckpt: Path) -> None:
         """A resumed run appends to the folder's run: one that holds another run (checkpoints of its own, not the
@@ -98,7 +103,7 @@ class RunFolder:
                 save_config(self.cfg, self.path / "config.yaml")
                 self._config_written = True
             return
-        earlier = self.run_files()
+        earlier = self.replaced_files()
         if self.earlier_run():
             log.warning("replacing the earlier run in %s (%d checkpoints); use --output_path to keep runs apart, "
                         "or --resume_ckpt to continue one", self.path, len(self.earlier_run()))
@@ -142,24 +147,8 @@ class RunFolder:
                         "run's log is %s", self.path, restored, self.path / STAGED_LOG)
 
     def _restore(self) -> int:
-        """Undo a commit from the manifest (idempotent, so a run killed while restoring is finished by the next):
-        this run's files go (its log becomes train.new.log), the earlier run's files come back."""
-        manifest = self.aside / MANIFEST
-        if not manifest.is_file():  # settled: the earlier files were being deleted
-            shutil.rmtree(self.aside, ignore_errors=True)
-            return 0
-        names = [line for line in manifest.read_text().splitlines() if line]
-        if (self.aside / "train.log").is_file() and (self.path / "train.log").is_file():
-            os.replace(self.path / "train.log", self.path / STAGED_LOG)
-        for path in self.run_files():
-            if str(path.relative_to(self.path)) not in names:
-                path.unlink()
-        for name in names:
-            if (self.aside / name).is_file():
-                os.replace(self.aside / name, self.path / name)
-        manifest.unlink()
-        shutil.rmtree(self.aside, ignore_errors=True)
-        return len(names)
+        return _put_back(self.path, self.cfg.model)
+
     def _lock(self) -> None:
         path = self.path / ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -180,3 +169,93 @@ class RunFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _run_files(path: Path, model: str | None) -> list[Path]:
+    """The run files in `path`, with the periodic checkpoints of `model` (of no model when None)."""
+    best = path / "checkpoint" / "best.ckpt"
+    return [p for p in (*(path / name for name in RUN_FILES), best) if p.is_file()] + \
+        (periodic_checkpoints(path / "checkpoint", model) if model else [])
+
+
+def _exports(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in EXPORTS and p.is_file()
+                  and not p.name.startswith("."))  # not an export being written
+
+
+def _put_back(path: Path, model: str | None) -> int:
+    """Undo a commit from the manifest (idempotent, so a run killed while restoring is finished by the next):
+    the killed run's files go (its log becomes train.new.log), the earlier run's files come back. The killed run's
+    model is read from the config.yaml it wrote at its commit; `model` (the next run's, or None) stands in when
+    that is not there."""
+    aside = path / ASIDE
+    manifest = aside / MANIFEST
+    if not manifest.is_file():  # settled: the earlier files were being deleted
+        shutil.rmtree(aside, ignore_errors=True)
+        return 0
+    names = [line for line in manifest.read_text().splitlines() if line]
+    if (aside / "train.log").is_file() and (path / "train.log").is_file():
+        os.replace(path / "train.log", path / STAGED_LOG)
+    killed_model = _model_of(path / "config.yaml") if "config.yaml" not in names or (aside / "config.yaml").is_file() \
+        else None
+    # the killed run's periodic checkpoints: of its own model (another model's were not set aside, and stay)
+    for found in {*_run_files(path, killed_model or model), *_exports(path)}:
+        if str(found.relative_to(path)) not in names:
+            found.unlink()
+    for name in names:
+        if (aside / name).is_file():
+            os.replace(aside / name, path / name)
+    manifest.unlink()
+    shutil.rmtree(aside, ignore_errors=True)
+    return len(names)
+
+
+def _model_of(config: Path) -> str | None:
+    import yaml
+
+    try:
+        model = yaml.safe_load(config.read_text()).get("model")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return model if isinstance(model, str) and "/" not in model else None
+
+
+def settled_for_reading(path: str | Path, flag: str) -> None:
+    """Before eval.py, export.py, predict.py or eval_onnx.py read a run folder's files: a run killed with SIGKILL
+    between its commit and settling leaves its first-epoch files in place and the earlier run set aside (an epoch-1
+    best.ckpt would be evaluated, or none found). With no run holding the folder, put the earlier run back, as the
+    next training run into it would; while a live run is in that window (seconds), wait for it; refuse if it stays."""
+    path = Path(path)
+    manifest = path / ASIDE / MANIFEST
+    if not manifest.is_file():
+        return
+    import time
+
+    deadline = time.monotonic() + WAIT_FOR_SETTLING
+    while True:
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if not manifest.is_file():
+                return  # the live run has settled
+            if time.monotonic() >= deadline:
+                raise UserError(f"the run folder {path} is being replaced by a training run (PID {holder}) that has "
+                                "set the earlier run aside and not finished its first epoch's files (wait for that "
+                                f"run's first epoch to end, or pass --{flag} with a file of another folder)") from None
+            time.sleep(0.2)
+            continue
+        try:
+            if manifest.is_file():
+                for stale in [*path.glob(".tmp-*"), *(path / "checkpoint").glob(".tmp-*")]:  # the killed run's
+                    stale.unlink()
+                restored = _put_back(path, None)
+                log.warning("%s: put back the earlier run that a killed training run had set aside (%d files); "
+                            "the killed run's log is %s", path, restored, path / STAGED_LOG)
+            return
+        finally:
+            os.close(fd)  # releases the lock

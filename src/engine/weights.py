@@ -22,7 +22,8 @@ from src.engine.checkpoint import (
     read_checkpoint,
 )
 from src.engine.layouts import Weights, check_family, map_onto, read_weights
-from src.engine.published import PUBLISHED
+from src.engine.published import PUBLISHED, is_remote
+from src.engine.run_folder import settled_for_reading
 from src.errors import UserError
 from src.models.common import ClassifierNet
 from src.models.quant import is_quant_param
@@ -200,6 +201,8 @@ def open_for_inference(cfg: Config, path: str | None, flag: str) -> tuple[Config
     command line gives them; a command-line image_size other than the trained one is used with a warning.
     """
     ckpt = Path(path) if path else best_checkpoint(cfg.output_path)
+    if not (path and is_remote(path)) and ckpt.parent.name == "checkpoint":
+        settled_for_reading(ckpt.parent.parent, flag)  # a run killed in its commit window: its epoch-1 files
     if not path and not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt} (run `python train.py` first, or pass --{flag} PATH)")
     if path in PUBLISHED and "model" not in given_on_command_line(cfg):
