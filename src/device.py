@@ -118,12 +118,16 @@ def _init_data_parallel() -> RankInfo:
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
+    from src.lifeline import LAUNCHER_ENV
+
     try:
         init()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "RuntimeError"
-        raise UserError(f"run_distribute could not start the communication backend: {first} (launch with "
-                        "sh scripts/run_train.sh, which sets up every rank)") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "RuntimeError"
+        first = first.split(". ")[0].rstrip(".")[:200]  # MindSpore goes on about grepping its logs
+        hint = ("see the scheduler's and the other workers' logs; every node must start within CLUSTER_TIMEOUT"
+                if LAUNCHER_ENV in os.environ else "launch with sh scripts/run_train.sh, which sets up every rank")
+        raise UserError(f"run_distribute could not start the communication backend: {first} ({hint})") from None
     info = RankInfo(get_rank(), get_group_size())
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,

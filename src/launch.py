@@ -386,6 +386,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _check_port_free(port: int) -> None:
+    """Node 0's scheduler listens on MASTER_PORT: a port already taken (another job's scheduler, or node 0 started
+    twice, e.g. two nodes both given NODE_RANK=0) fails only after CLUSTER_TIMEOUT, with MindSpore's generic lines."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed job's TIME_WAIT is no conflict
+        try:
+            sock.bind(("", port))
+        except OSError as exc:
+            raise UserError(f"MASTER_PORT {port} is in use on this machine (another job's scheduler, or node 0 started "
+                            f"twice: every other node needs its own NODE_RANK 1..; {exc.strerror}) (export "
+                            "MASTER_PORT=<a free port>, the same on every node)") from None
+
+
 def _add_ascend_ranks(plan: Plan, table_ranks: tuple[int, ...]) -> None:
     train = [sys.executable, str(ROOT / "train.py"), *plan.train_args]
     for device, rank in zip(plan.devices, table_ranks):
@@ -422,6 +435,8 @@ def _add_ranks(plan: Plan) -> None:
                    "DEVICE_ID": str(i)}
             plan.ranks.append(Rank(rank, env, train, Path.cwd(), log_dir / f"worker_{rank}.log"))
         return
+    if nodes.rank == 0 and nodes.master_port and os.environ.get("DRY_RUN") != "1":
+        _check_port_free(port)
     plan.shared_command = ["msrun", f"--worker_num={plan.world_size}", f"--local_worker_num={n}"]
     if nodes.num > 1:
         plan.shared_command += [f"--node_rank={nodes.rank}", f"--master_addr={addr}"]
@@ -490,30 +505,70 @@ def _run_ranks(plan: Plan) -> int:
                 out.close()
     if failed:
         r, code = failed
-        lost = (f", or lost another node (node 0 at {plan.nodes.master_addr} runs the scheduler)"
-                if plan.nodes.num > 1 and plan.platform != "Ascend" else "")
-        print(f"error: rank {r.rank} failed with exit code {code}{lost}; the other ranks of this node were stopped "
+        said = [line[len("error: "):] for line in _read(r.log).splitlines() if line.startswith("error: ")]
+        nodes = plan.nodes
+        lost = (f", or lost another node (node 0 at {nodes.master_addr} runs the scheduler)"
+                if nodes.num > 1 and plan.platform != "Ascend" else "")
+        why = f": {said[0]}" if said else lost
+        if nodes.num > 1 and "Building networking for MS_WORKER failed" in _read(r.log):
+            why = (f": this node's workers could not join the scheduler at {nodes.master_addr}:{nodes.master_port} "
+                   f"within CLUSTER_TIMEOUT {nodes.timeout} s (is node 0 running the same command with NODE_RANK=0? "
+                   "check MASTER_ADDR and MASTER_PORT, and that this server reaches it through any firewall)")
+        print(f"error: rank {r.rank} failed with exit code {code}{why}; the other ranks of this node were stopped "
               f"(see {r.log or 'the output above'})", file=sys.stderr)
         return 1
     print(finished(plan), flush=True)
     return 0
 
 
-def what_failed(plan: Plan) -> str:
-    """What msrun's failure was, as far as this node can tell: the scheduler (node 0) logs the ranks it lost."""
-    if plan.nodes.num == 1:
-        return "a rank failed"
-    if plan.nodes.rank > 0:
-        return f"a rank failed, or node 0 ({plan.nodes.master_addr}, the scheduler) was lost"
+def _read(path: Path | None) -> str:
     try:
-        text = (plan.output_path / "logs" / "scheduler.log").read_text(errors="replace")
+        return path.read_text(errors="replace") if path else ""
     except OSError:
-        text = ""
-    lost = sorted({int(n) for n in re.findall(r"The node: (\d+) is timed out", text)})
-    if lost:
+        return ""
+
+
+def first_rank_error(plan: Plan) -> tuple[int, str] | None:
+    """The first `error: ` line a rank of this node wrote to its log (its own one-line account of the failure); a
+    rank that could not join the others says why only when no rank said anything else (it follows from another's
+    failure)."""
+    said = [(r.rank, line[len("error: "):]) for r in sorted(plan.ranks, key=lambda r: r.rank)
+            for line in _read(r.log).splitlines() if line.startswith("error: ")]
+    return next((s for s in said if "could not start the communication backend" not in s[1]),
+                said[0] if said else None)
+
+
+def what_failed(plan: Plan) -> str:
+    """What msrun's failure was, as far as this node can tell: what the scheduler (node 0) logged about the cluster
+    (nodes that never joined, ranks it lost), else the failed rank's own error line, else what the workers logged."""
+    nodes = plan.nodes
+    master = f"{nodes.master_addr or '127.0.0.1'}:{nodes.master_port}" if nodes.master_port else "the scheduler"
+    scheduler = _read(plan.output_path / "logs" / "scheduler.log")
+    if "Building networking for MS_SCHED failed" in scheduler:
+        missing = "the other nodes" if nodes.num > 1 else "this node's workers"
+        return (f"the job's {plan.world_size} workers did not all reach the scheduler at {master} within "
+                f"CLUSTER_TIMEOUT {nodes.timeout} s: {missing} never joined (start the same command on every other "
+                "node with its own NODE_RANK 1.., check that each reaches MASTER_ADDR:MASTER_PORT through any "
+                "firewall, or raise CLUSTER_TIMEOUT)")
+    lost = sorted({int(n) for n in re.findall(r"The node: (\d+) is timed out", scheduler)})
+    if lost and nodes.num > 1:
         ranks = ", ".join(map(str, lost))
         return (f"lost rank{'s' if len(lost) > 1 else ''} {ranks} of {plan.world_size}: stopped responding to the "
                 "scheduler (did its server or its launcher die?)")
+    said = first_rank_error(plan)
+    if said and "could not start the communication backend" not in said[1]:
+        return f"rank {said[0]} failed: {said[1]}"
+    if nodes.num > 1 and nodes.rank > 0 and any("Building networking for MS_WORKER failed" in _read(r.log)
+                                                for r in plan.ranks):
+        return (f"this node's workers could not join the scheduler at {master} within CLUSTER_TIMEOUT "
+                f"{nodes.timeout} s (is node 0 running the same command with NODE_RANK=0? check MASTER_ADDR and "
+                "MASTER_PORT, and that this server reaches it through any firewall)")
+    if said:
+        return f"rank {said[0]} failed: {said[1]}"
+    if nodes.num == 1:
+        return "a rank failed"
+    if nodes.rank > 0:
+        return f"a rank failed, or node 0 ({nodes.master_addr}, the scheduler) was lost"
     return "a rank failed or another node was lost"
 
 

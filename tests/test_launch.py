@@ -357,8 +357,10 @@ def test_a_failing_msrun_job_ends_with_one_line_and_no_traceback(tmp_path):
     proc = _sh("CPU", "2", str(tmp_path / "empty"), "--output_path", str(out), "--output_path", str(out),
                timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == (f"error: a rank failed (msrun exit code 1); msrun stopped this node's ranks (see "
-                                   f"the worker logs and msrun.log in {out / 'logs'})")
+    train = tmp_path / "empty" / "train"
+    assert proc.stderr.strip() == (f"error: rank 0 failed: {train} has no class folders (put each class's images in "
+                                   f"{train}/<class_name>/) (msrun exit code 1); msrun stopped this node's ranks (see "
+                                   f"the worker logs and msrun.log in {out / 'logs'})")  # the rank's own line
     assert "Traceback" in (out / "logs" / "msrun.log").read_text()  # msrun's own report stays in its log
     # the launched command names each flag once, though the user repeated one
     command = next(line for line in proc.stdout.splitlines() if line.startswith("command: "))
@@ -452,3 +454,47 @@ def test_msrun_and_its_workers_end_when_the_launcher_is_killed(tmp_path):
         read_checkpoint(ckpt, ckpt.name)
     assert not list(out.rglob(".tmp-*"))
     print(f"every process of the job ended {took:.1f} s after its launcher was killed")
+
+
+def test_node_0_refuses_a_master_port_in_use_before_it_starts(tmp_path):
+    """Another job's scheduler on MASTER_PORT, or node 0 started twice (two servers both given NODE_RANK=0, tried
+    on one machine): said at once, where it failed after CLUSTER_TIMEOUT with 'a rank failed or another node was
+    lost'."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"NODE_NUM": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = _sh("CPU", str(tmp_path), "--output_path", str(tmp_path / "out"), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: MASTER_PORT {port} is in use on this machine (another job's scheduler, or node 0 started twice: every "
+        "other node needs its own NODE_RANK 1..; Address already in use) (export MASTER_PORT=<a free port>, the same "
+        "on every node)"]
+
+
+def test_a_node_that_never_joins_is_named_on_both_sides(tmp_path):
+    """Node 0 alone: the other node never joined; node 1 alone: it could not reach node 0's scheduler. Each says so
+    in one line after CLUSTER_TIMEOUT, not 'a rank failed or another node was lost'."""
+    data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
+    port = _free_port()
+    alone = {}
+    for rank in (0, 1):
+        node = _start_node(rank, port, data, tmp_path / f"out{rank}", "--epoch_size", "1", timeout=8)
+        alone[rank] = node.communicate(timeout=240)
+        assert node.returncode == 1, alone[rank]
+    err0, err1 = (alone[r][1].strip().splitlines() for r in (0, 1))
+    assert len(err0) == 1 and err0[0].startswith(
+        f"error: the job's 2 workers did not all reach the scheduler at 127.0.0.1:{port} within CLUSTER_TIMEOUT 8 s: "
+        "the other nodes never joined (start the same command on every other node with its own NODE_RANK 1..")
+    assert err1 == [
+        f"error: rank 1 failed with exit code 2: this node's workers could not join the scheduler at 127.0.0.1:{port} "
+        "within CLUSTER_TIMEOUT 8 s (is node 0 running the same command with NODE_RANK=0? check MASTER_ADDR and "
+        f"MASTER_PORT, and that this server reaches it through any firewall); the other ranks of this node were "
+        f"stopped (see {tmp_path / 'out1' / 'logs' / 'worker_1.log'})"]
+    # the rank's own line does not send the user to the launcher they used
+    worker = (tmp_path / "out1" / "logs" / "worker_1.log").read_text()
+    assert "launch with sh scripts/run_train.sh" not in worker and "every node must start within CLUSTER_TIMEOUT" \
+        in worker
