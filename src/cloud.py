@@ -88,6 +88,7 @@ class S3Transfer:
         # every target is checked before anything is copied: a key is a string, not a path below `local`
         targets = [(key, local_target(local, Path(key).name if key == prefix else key[len(folder):], url, key))
                    for key in keys]
+        _check_no_file_is_a_folder(targets, local, url)
         for key, target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._call(url, self.client.download_file, bucket, key, str(target))
@@ -120,6 +121,18 @@ def local_target(local: Path, rel: str, url: str, key: str) -> Path:
         raise UserError(f"object {key!r} under {url} does not name a file inside {local} (a key with '..', '.' "
                         "or an empty part such as '//' is refused: rename that object in the bucket)")
     return target
+
+
+def _check_no_file_is_a_folder(targets: list[tuple[str, Path]], local: Path, url: str) -> None:
+    """An object store holds `data/train` and `data/train/a.jpg` side by side; a file system cannot."""
+    files = {target: key for key, target in targets}
+    for key, target in targets:
+        for parent in target.parents:
+            if parent == local:
+                break
+            if parent in files:
+                raise UserError(f"objects {files[parent]!r} and {key!r} under {url} make {parent} both a file and a "
+                                f"folder (rename or delete the object {files[parent]!r} in the bucket)")
 
 
 def upload_files(local: Path) -> list[Path]:

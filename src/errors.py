@@ -7,6 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 
 class UserError(Exception):
@@ -25,6 +26,23 @@ def writable_folder(path: Path, what: str, flag: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"{what} {path} is not writable ({exc.strerror}; pass a writable {flag})") from None
+
+
+def not_a_file(path: Path) -> str | None:
+    """None for a regular file (or a link to one); else what `path` is instead, in words for a message: "not found",
+    "is a folder", "is a link to /dev/zero, which is not a regular file" (a device reads forever)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist" if path.is_symlink() else "not found"
+    except OSError as exc:  # a loop of links, no permission on a folder of the path
+        return f"cannot be opened ({exc.strerror})"
+    if S_ISREG(st.st_mode):
+        return None
+    if S_ISDIR(st.st_mode):
+        return "is a folder"
+    target = f"a link to {os.path.realpath(path)}, which" if path.is_symlink() else "a device, pipe or socket: it"
+    return f"is {target} is not a regular file"
 
 
 class Interrupted(Exception):

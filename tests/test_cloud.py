@@ -185,6 +185,22 @@ def test_an_object_key_cannot_write_outside_the_local_folder(s3, tmp_path, key):
         s3.client.delete_object(Bucket="bucket", Key="esc/data/good.txt")
 
 
+def test_an_object_that_is_also_a_folder_prefix_is_named(s3, tmp_path):
+    """`data/train` and `data/train/a/1.txt` in one bucket: it failed with 'check the path, its length and the free
+    space'; now named before anything is copied."""
+    s3.client.put_object(Bucket="bucket", Key="both/train", Body=b"a file")
+    s3.client.put_object(Bucket="bucket", Key="both/train/a/1.txt", Body=b"in the folder")
+    try:
+        with pytest.raises(UserError, match=r"^objects 'both/train' and 'both/train/a/1.txt' under s3://bucket/both "
+                                            r"make \S+/d/train both a file and a folder \(rename or delete the object "
+                                            r"'both/train' in the bucket\)$"):
+            s3.download("s3://bucket/both", tmp_path / "d")
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    finally:
+        s3.client.delete_object(Bucket="bucket", Key="both/train")
+        s3.client.delete_object(Bucket="bucket", Key="both/train/a/1.txt")
+
+
 def test_upload_skips_symlinks_out_of_the_output_folder(s3, tmp_path):
     secret = tmp_path / "home" / ".ssh"
     secret.mkdir(parents=True)

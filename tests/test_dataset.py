@@ -212,11 +212,32 @@ def test_a_symlink_loop_between_images_is_named(tiny_folder, caplog):
     a, b = tiny_folder / "train" / "cat" / "loop_a.jpg", tiny_folder / "train" / "cat" / "loop_b.jpg"
     a.symlink_to(b)
     b.symlink_to(a)
-    with pytest.raises(UserError, match=r"loop_a.jpg is a symbolic link that leads nowhere \(a loop of links, or its "
-                                        r"target is missing\) and 1 more \(listed above\) \(delete or re-encode"):
+    with pytest.raises(UserError, match=r"loop_a.jpg cannot be opened \(Too many levels of symbolic links\) and 1 "
+                                        r"more \(listed above\) \(delete or re-encode"):
         check_dataset(_cfg(tiny_folder))
-    assert [r.getMessage().split(" is ")[0] for r in caplog.records if "damaged image" in r.getMessage()] == [
+    assert [r.getMessage().split(" cannot ")[0] for r in caplog.records if "damaged image" in r.getMessage()] == [
         f"damaged image: {a}", f"damaged image: {b}"]  # every one named, not just the first
+
+
+def test_links_to_a_device_or_to_nothing_are_named_as_what_they_are(tiny_folder, tmp_path):
+    """A link to /dev/zero was 'not found' (a checkpoint) or 'leads nowhere' (an image)."""
+    from src.engine.checkpoint import read_checkpoint
+
+    zero = tiny_folder / "train" / "cat" / "zero.jpg"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"zero.jpg is a link to /dev/zero, which is not a regular file \(delete or "):
+        check_dataset(_cfg(tiny_folder))
+    zero.unlink()
+    zero.symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(UserError, match=rf"zero.jpg is a symbolic link to {tmp_path}/gone.jpg, which does not "
+                                        r"exist \(delete or "):
+        check_dataset(_cfg(tiny_folder))
+    (tmp_path / "z.ckpt").symlink_to("/dev/zero")
+    with pytest.raises(UserError, match=r"^pretrain_ckpt \S+/z.ckpt is a link to /dev/zero, which is not a regular "
+                                        r"file \(check the path"):
+        read_checkpoint(tmp_path / "z.ckpt", "pretrain_ckpt")
+    with pytest.raises(UserError, match=r"^pretrain_ckpt \S+ is a folder \(check the path"):
+        read_checkpoint(tmp_path, "pretrain_ckpt")
 
 
 def test_macos_metadata_files_are_checked_as_the_reader_would_read_them(tiny_folder):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from src.config import Config
 from src.data.image_check import check_images
-from src.errors import UserError
+from src.errors import UserError, not_a_file
 
 log = logging.getLogger("train")
 
@@ -108,8 +108,7 @@ def _scan_split(split_dir: Path, class_names: list[str] | None, decode: bool = T
             except OSError:  # a loop of links
                 is_file, leads_nowhere = False, True
             if leads_nowhere and suffix.lower() in IMAGE_EXTENSIONS:
-                dangling.append((Path(entry.path), "is a symbolic link that leads nowhere (a loop of links, or its "
-                                                   "target is missing)"))
+                dangling.append((Path(entry.path), not_a_file(Path(entry.path)) or "is not a regular file"))
             if not is_file:
                 continue
             # hidden files are checked too: MindSpore's reader takes every file with an image extension,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from src.config import Config
-from src.errors import UserError
+from src.errors import UserError, not_a_file
 
 
 @dataclass
@@ -83,8 +83,8 @@ def load_onnx(path: str | Path) -> OnnxModel:
 
     path = Path(path)
     settled_for_reading(path.parent, "onnx_file")  # a run killed in its commit window set the earlier one aside
-    if not path.is_file():
-        raise UserError(f"ONNX file {path} not found (export one with python export.py --file_format ONNX)")
+    if problem := not_a_file(path):
+        raise UserError(f"ONNX file {path} {problem} (export one with python export.py --file_format ONNX)")
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4  # its own error lines go to stderr before it raises: the exception says it

@@ -9,7 +9,7 @@ from src.config import Config
 from src.data.checks import IMAGE_EXTENSIONS, image_problem
 from src.data.image_check import decode_problem
 from src.data.transforms import eval_transforms
-from src.errors import UserError
+from src.errors import UserError, not_a_file
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -26,8 +26,8 @@ def load_images(cfg: Config, paths: list[str]) -> np.ndarray:
     for p in map(Path, paths):
         if p.is_dir():
             raise UserError(f"{p} is a folder (pass image files, e.g. {p}/*.jpg)")
-        if not p.is_file():
-            raise UserError(f"image {p} not found (check the path)")
+        if problem := not_a_file(p):
+            raise UserError(f"image {p} {problem} (check the path)")
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             raise UserError(f"{p} is not a {'/'.join(IMAGE_EXTENSIONS)} file (convert it to JPEG or PNG)")
         problem = image_problem(p) or decode_problem(p)[0]  # before MindSpore's decoder, which would write

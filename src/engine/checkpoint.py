@@ -14,7 +14,7 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
-from src.errors import UserError
+from src.errors import UserError, not_a_file
 
 # the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
 SCHEDULE_KEYS = ("batch_size", "gradient_accumulation_steps", "epoch_size", "lr_decay_mode", "lr_init", "lr_max",
@@ -133,8 +133,8 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, C
     """Parameters and metadata of a checkpoint file; UserError if it is missing, not a checkpoint, or damaged
     (files saved with a CRC32, as all of this package's are, are verified)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} not found (check the path; training writes "
+    if problem := not_a_file(path):
+        raise UserError(f"{what} {path} {problem} (check the path; training writes "
                         "output_path/checkpoint/best.ckpt and <model>-<epoch>_<step>.ckpt)")
     crc = has_crc(path)
     try:

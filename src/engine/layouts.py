@@ -23,7 +23,7 @@ import numpy as np
 from src.data.transforms import IMAGENET_PREPROCESSING
 from src.engine.checkpoint import META_KEYS, CheckpointMeta, read_checkpoint
 from src.engine.published import is_remote, local_path, remote_file_name
-from src.errors import UserError
+from src.errors import UserError, not_a_file
 
 log = logging.getLogger("train")
 
@@ -88,8 +88,8 @@ def read_weights(path: str | Path, what: str) -> Weights:
     spec, path = str(path), local_path(str(path), what)
     try:
         if path.suffix.lower() == ".safetensors" or path.name.lower().endswith(TORCH_SUFFIXES):
-            if not path.is_file():
-                raise UserError(f"{what} {path} not found (check the path)")
+            if problem := not_a_file(path):
+                raise UserError(f"{what} {path} {problem} (check the path)")
             params, meta = _read_foreign(path, what), CheckpointMeta()
         else:
             params, meta = read_checkpoint(path, what)
