@@ -615,3 +615,20 @@ def test_every_warning_says_warning_on_the_console_and_in_the_log_file(tmp_path,
             log.removeHandler(handler)
             handler.close()
         log.propagate, log.level = saved[1], saved[2]
+
+
+def test_a_loss_far_above_chance_level_is_a_warning_once(caplog):
+    """A finite loss of 15-50 for 2 classes (the demo's tiny net at --lr_max 0.5) ended rc 0 at chance accuracy
+    without a word: a nan ends the run, an exploding finite loss now says so once."""
+    from src.engine.callbacks import LossAlarm
+    from src.engine.history import EpochRecord, History
+
+    alarm = LossAlarm(2, "lower --lr_max, now 0.5, and train again")
+    with caplog.at_level("WARNING", logger="train"):
+        alarm(EpochRecord(epoch=1, step=3, lr=0.5, loss=6.9), History())  # under 10 x ln 2 = 6.93
+        assert not caplog.records
+        alarm(EpochRecord(epoch=2, step=6, lr=0.5, loss=15.56), History())
+        alarm(EpochRecord(epoch=3, step=9, lr=0.5, loss=53.2), History())
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 2's mean loss 15.56 is over 10x chance level (0.69, ln of 2 classes): training is unstable and learns "
+        "little or nothing (lower --lr_max, now 0.5, and train again)"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -245,6 +246,29 @@ class EpochEnd(Callback):
             output(record, self.history)
         # between epochs: an interruption now is "at epoch E+1 step 0", after epoch E's files
         self.monitor.epoch, self.monitor.iter = epoch + 1, 0
+
+
+class LossAlarm:
+    """Epoch output: warns once when an epoch's mean loss is over FACTOR x chance level (ln of the class count).
+
+    Such a loss is finite, so the run goes on and ends with exit 0, at chance accuracy (measured on the demo's tiny
+    net, --lr_max 0.5: losses 30, 53, 14 for 2 classes, val top-1 0.50). A nan or inf ends the run instead.
+    """
+
+    FACTOR = 10.0
+
+    def __init__(self, num_classes: int, hint: str):
+        self.num_classes, self.chance = num_classes, math.log(num_classes)
+        self.hint = hint
+        self.warned = False
+
+    def __call__(self, record: EpochRecord, history: History) -> None:
+        if self.warned or not record.loss > self.FACTOR * self.chance:
+            return
+        self.warned = True
+        log.warning("epoch %d's mean loss %.4g is over %gx chance level (%.2f, ln of %d classes): training is "
+                    "unstable and learns little or nothing (%s)", record.epoch, record.loss, self.FACTOR,
+                    self.chance, self.num_classes, self.hint)
 
 
 class BestCheckpoint:

@@ -23,7 +23,15 @@ from src.data.feature_cache import cached_features, feature_datasets
 from src.data.pipeline import create_dataset
 from src.data.transforms import preprocessing
 from src.device import ISA_VAR, RankInfo, amp_speed_warning, setup_device
-from src.engine.callbacks import BestCheckpoint, EpochEnd, Evaluator, MetricsFiles, PeriodicCheckpoints, TrainMonitor
+from src.engine.callbacks import (
+    BestCheckpoint,
+    EpochEnd,
+    Evaluator,
+    LossAlarm,
+    MetricsFiles,
+    PeriodicCheckpoints,
+    TrainMonitor,
+)
 from src.engine.checkpoint import (
     NOT_RESTORED,
     SCHEDULE_KEYS,
@@ -157,8 +165,9 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
                  "targets; train top-1/top-5 count each target's largest class", cfg.mixup, cfg.cutmix,
                  cfg.mixup_prob, cfg.mixup_switch_prob if cfg.mixup > 0 and cfg.cutmix > 0 else
                  float(cfg.cutmix > 0), f"epochs 1..{cfg.mixup_off_epoch}" if cfg.mixup_off_epoch else "every epoch")
-    outputs = [folder.commit, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume),
-                                              evaluator.write_per_class if evaluator else None),
+    alarm = LossAlarm(cfg.num_classes, f"lower --lr_max, now {cfg.lr_max:g}, and train again")
+    outputs = [folder.commit, alarm, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume),
+                                                     evaluator.write_per_class if evaluator else None),
                folder.settle] if folder else []
     try:
         stop_if_signalled()
