@@ -59,13 +59,17 @@ class Server:
                 body = data[start:]
                 if server.cut_next is not None:
                     body, server.cut_next = body[:server.cut_next], None
-                if server.trickle is None:
+                delay = server.trickle
+                if delay is None:
                     self.wfile.write(body)
                     return
-                for i in range(len(body)):
-                    self.wfile.write(body[i:i + 1])
-                    self.wfile.flush()
-                    time.sleep(server.trickle)
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(delay)
+                except OSError:  # the client gave up (a stalled download ends)
+                    pass
 
             def log_message(self, *args):
                 pass

@@ -233,7 +233,10 @@ def settled_for_reading(path: str | Path, flag: str) -> None:
 
     deadline = time.monotonic() + WAIT_FOR_SETTLING
     while True:
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _cannot_put_back(path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -257,5 +260,13 @@ def settled_for_reading(path: str | Path, flag: str) -> None:
                 log.warning("%s: put back the earlier run that a killed training run had set aside (%d files); "
                             "the killed run's log is %s", path, restored, path / STAGED_LOG)
             return
+        except OSError as exc:
+            raise _cannot_put_back(path, exc) from None
         finally:
             os.close(fd)  # releases the lock
+
+
+def _cannot_put_back(path: Path, exc: OSError) -> UserError:
+    return UserError(f"the run folder {path} holds an earlier run that a killed training run set aside ({ASIDE}/), "
+                     f"and it cannot be put back from here ({exc.strerror or exc}; make the folder writable and run "
+                     "again)")
