@@ -26,6 +26,23 @@ from src.device import prepare_cpu_environment  # noqa: E402
 prepare_cpu_environment()
 
 
+# `pytest -m "not e2e"`: the unit tests alone, in about a minute. A test is end-to-end when it starts another process
+# (a command, a launcher, a subprocess) or uses the shared training run; marked here, so a new test is marked by what
+# it does and no list has to be kept.
+E2E_FIXTURES = {"trained", "earlier_run"}
+E2E_CALLS = re.compile(r"\b(run_cli|_sh|_faulty_training|_start_node|subprocess\.(run|Popen|check_output))\(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function else ""
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or E2E_CALLS.search(source):
+            item.add_marker(pytest.mark.e2e)
+
+
 def write_image(path: Path, size=(12, 12), mode="RGB", fmt=None, seed=0, value=None) -> None:
     from PIL import Image
 

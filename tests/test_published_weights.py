@@ -85,6 +85,7 @@ def _close(want: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(want - got).max() / np.abs(want).max())
 
 
+@pytest.mark.e2e  # builds full-size nets or trains in this process: seconds each
 @pytest.mark.parametrize("model", MODELS)
 def test_mindcv_checkpoints_give_mindcvs_logits(tmp_path, model, caplog):
     mindcv = pytest.importorskip("mindcv")
@@ -124,6 +125,7 @@ def _torch_state(model: str, suffix: str, tmp_path: Path) -> tuple[Path, np.ndar
     return path, want
 
 
+@pytest.mark.e2e  # builds full-size nets or trains in this process: seconds each
 @pytest.mark.parametrize("model", MODELS)
 def test_torchvision_state_dicts_give_torchvisions_logits(tmp_path, model, caplog):
     suffix = ".pth" if model in ("mobilenetv2", "resnet50") else ".safetensors"

@@ -96,6 +96,7 @@ def test_pact_alpha_gradient_and_straight_through_input_gradient():
     np.testing.assert_allclose(grad_x.asnumpy(), np.where(np.abs(x) < 1.0, w, 0.0))
 
 
+@pytest.mark.e2e  # builds full-size nets or trains in this process: seconds each
 def test_quantized_net_keeps_the_float_names_and_a_float_checkpoint_loads(tmp_path: Path):
     np.random.seed(0)  # the init draws from numpy's generator (as --seed fixes it): not whatever earlier tests left
     float_net = create_model("mobilenetv2", 3, 0.25)
@@ -122,6 +123,7 @@ def test_quantized_net_keeps_the_float_names_and_a_float_checkpoint_loads(tmp_pa
     assert np.abs(want - got).max() <= 0.2 * np.abs(want).max() + 1e-6
 
 
+@pytest.mark.e2e  # builds full-size nets or trains in this process: seconds each
 def test_quantization_state_is_saved_in_the_checkpoint(tmp_path: Path):
     net = quantize_net(create_model("mobilenetv2", 2, 0.25))
     net.set_train(True)

@@ -82,6 +82,7 @@ def test_cpu_dynamic_loss_scale_falls_back_to_fixed(caplog):
     assert "fixed loss scale" in caplog.text
 
 
+@pytest.mark.e2e  # builds full-size nets or trains in this process: seconds each
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_amp_levels_train_on_cpu(level, tmp_path, monkeypatch):
     """Each level compiles and steps on CPU: finite losses, every trainable weight updated and finite."""
