@@ -481,17 +481,17 @@ def test_a_node_that_never_joins_is_named_on_both_sides(tmp_path):
     data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
     ports = _free_port(), _free_port()  # two jobs of one node each, side by side: neither finds the other
     assert ports[0] != ports[1]
-    nodes = [_start_node(rank, ports[rank], data, tmp_path / f"out{rank}", "--epoch_size", "1", timeout=8)
+    nodes = [_start_node(rank, ports[rank], data, tmp_path / f"out{rank}", "--epoch_size", "1", timeout=4)
              for rank in (0, 1)]
     alone = [node.communicate(timeout=240) for node in nodes]
     assert [node.returncode for node in nodes] == [1, 1], alone
     err0, err1 = (alone[r][1].strip().splitlines() for r in (0, 1))
     assert len(err0) == 1 and err0[0].startswith(
-        f"error: the job's 2 workers did not all reach the scheduler at 127.0.0.1:{ports[0]} within CLUSTER_TIMEOUT 8 "
+        f"error: the job's 2 workers did not all reach the scheduler at 127.0.0.1:{ports[0]} within CLUSTER_TIMEOUT 4 "
         "s: the other nodes never joined (start the same command on every other node with its own NODE_RANK 1..")
     assert err1 == [
         "error: rank 1 failed with exit code 2: this node's workers could not join the scheduler at "
-        f"127.0.0.1:{ports[1]} within CLUSTER_TIMEOUT 8 s (is node 0 running the same command with NODE_RANK=0? "
+        f"127.0.0.1:{ports[1]} within CLUSTER_TIMEOUT 4 s (is node 0 running the same command with NODE_RANK=0? "
         "check MASTER_ADDR and MASTER_PORT, and that this server reaches it through any firewall); the other ranks of "
         "this node were "
         f"stopped (see {tmp_path / 'out1' / 'logs' / 'worker_1.log'})"]
