@@ -510,15 +510,22 @@ def _run_ranks(plan: Plan) -> int:
         lost = (f", or lost another node (node 0 at {nodes.master_addr} runs the scheduler)"
                 if nodes.num > 1 and plan.platform != "Ascend" else "")
         why = f": {said[0]}" if said else lost
-        if nodes.num > 1 and "Building networking for MS_WORKER failed" in _read(r.log):
-            why = (f": this node's workers could not join the scheduler at {nodes.master_addr}:{nodes.master_port} "
-                   f"within CLUSTER_TIMEOUT {nodes.timeout} s (is node 0 running the same command with NODE_RANK=0? "
-                   "check MASTER_ADDR and MASTER_PORT, and that this server reaches it through any firewall)")
+        if nodes.num > 1 and _NO_WORKER_NETWORK in _read(r.log):
+            why = f": {_could_not_join(nodes)}"
         print(f"error: rank {r.rank} failed with exit code {code}{why}; the other ranks of this node were stopped "
               f"(see {r.log or 'the output above'})", file=sys.stderr)
         return 1
     print(finished(plan), flush=True)
     return 0
+
+
+_NO_WORKER_NETWORK = "Building networking for MS_WORKER failed"  # MindSpore's line: no scheduler within the timeout
+
+
+def _could_not_join(nodes: Nodes) -> str:
+    return (f"this node's workers could not join the scheduler at {nodes.master_addr}:{nodes.master_port} within "
+            f"CLUSTER_TIMEOUT {nodes.timeout} s (is node 0 running the same command with NODE_RANK=0? check "
+            "MASTER_ADDR and MASTER_PORT, and that this server reaches it through any firewall)")
 
 
 def _read(path: Path | None) -> str:
@@ -558,11 +565,8 @@ def what_failed(plan: Plan) -> str:
     said = first_rank_error(plan)
     if said and "could not start the communication backend" not in said[1]:
         return f"rank {said[0]} failed: {said[1]}"
-    if nodes.num > 1 and nodes.rank > 0 and any("Building networking for MS_WORKER failed" in _read(r.log)
-                                                for r in plan.ranks):
-        return (f"this node's workers could not join the scheduler at {master} within CLUSTER_TIMEOUT "
-                f"{nodes.timeout} s (is node 0 running the same command with NODE_RANK=0? check MASTER_ADDR and "
-                "MASTER_PORT, and that this server reaches it through any firewall)")
+    if nodes.num > 1 and nodes.rank > 0 and any(_NO_WORKER_NETWORK in _read(r.log) for r in plan.ranks):
+        return _could_not_join(nodes)
     if said:
         return f"rank {said[0]} failed: {said[1]}"
     if nodes.num == 1:
