@@ -141,7 +141,8 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
     n = cfg.gradient_accumulation_steps
     accumulated = f" ({steps} batches of {cfg.batch_size}, the optimizer steps every {n}: an effective batch of " \
         f"{cfg.batch_size * n})" if n > 1 else ""
-    isa = f", {ISA_VAR}={os.environ[ISA_VAR]}" if cfg.platform == "CPU" and ISA_VAR in os.environ else ""
+    isa = "" if cfg.platform != "CPU" else f", {ISA_VAR}={os.environ[ISA_VAR]}" if ISA_VAR in os.environ else \
+        f", {ISA_VAR} unset (oneDNN takes the CPU's best)"
     log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch%s x %d epochs, batch %d, image %d px, "
              "amp %s%s%s", cfg.model, cfg.platform, "full net" if trainable is net else
              "head only, on cached backbone features", source.train.num_images, cfg.num_classes, updates, accumulated,
