@@ -152,7 +152,8 @@ def test_seed_fixes_the_initial_weights_of_every_net(name):
 
 def test_seed_fixes_the_dropout_draws():
     """Two processes with the same seed draw the same dropout masks in every net's head (nn.Dropout's CPU kernel
-    drew other masks in each process once OpenMP threads wait passively, as src/device.py makes them)."""
+    drew other masks in each process once OpenMP threads wait passively, as src/device.py makes them); another rank
+    of a data-parallel job (RANK_ID) draws its own."""
     import os
     import subprocess
     import sys
@@ -177,11 +178,14 @@ def test_seed_fixes_the_dropout_draws():
         "    print(name, h.hexdigest())\n"
     )
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOG_v": "3"}
-    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300) for _ in range(2)]
+    env.pop("RANK_ID", None)
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, **rank}, capture_output=True,
+                           text=True, timeout=300) for rank in ({}, {}, {"RANK_ID": "1"})]
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[0].stdout.count("\n") == 3 and runs[0].stdout == runs[1].stdout
+    # another rank of a data-parallel job draws other masks, every net
+    assert all(a != b for a, b in zip(runs[0].stdout.splitlines(), runs[2].stdout.splitlines()))
 
 
 def test_dropout_keeps_one_minus_p_scaled_in_training_and_nothing_changes_in_eval():

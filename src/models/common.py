@@ -1,6 +1,8 @@
 """Pieces shared by the nets: the backbone + head combination, global average pooling and seeded dropout."""
 from __future__ import annotations
 
+import os
+
 from mindspore import nn, ops
 
 
@@ -30,13 +32,20 @@ class Dropout(nn.Cell):
         import mindspore as ms
 
         self.keep = 1.0 - p
-        self.uniform = ops.UniformReal(seed=ms.get_seed() or _SEED_WHEN_UNSET, seed2=1)
+        # each rank of a data-parallel job its own masks (timm seeds each rank with seed + rank); rank 0 as one device
+        self.uniform = ops.UniformReal(seed=ms.get_seed() or _SEED_WHEN_UNSET, seed2=1 + _rank())
 
     def construct(self, x):
         if not self.training:
             return x
         mask = self.uniform(x.shape) < self.keep
         return x * mask.astype(x.dtype) / self.keep
+
+
+def _rank() -> int:
+    """This process's rank as the launchers export it (msrun and scripts/run_train.sh set RANK_ID); 0 alone."""
+    value = os.environ.get("RANK_ID", "0").strip()
+    return int(value) if value.isdigit() else 0
 
 
 _SEED_WHEN_UNSET = 87654321  # MindSpore's own graph seed when no global seed is set (a fixed draw, as nn.Dropout's)
