@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from src.config import Config
-from src.errors import UserError
+from src.errors import UserError, first_line
 
 log = logging.getLogger("train")
 ISA_VAR = "ONEDNN_MAX_CPU_ISA"
@@ -123,8 +123,7 @@ def _init_data_parallel() -> RankInfo:
     try:
         init()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "RuntimeError"
-        first = first.split(". ")[0].rstrip(".")[:200]  # MindSpore goes on about grepping its logs
+        first = first_line(exc).split(". ")[0].rstrip(".")[:200]  # MindSpore goes on about grepping its logs
         hint = ("see the scheduler's and the other workers' logs; every node must start within CLUSTER_TIMEOUT"
                 if LAUNCHER_ENV in os.environ else "launch with sh scripts/run_train.sh, which sets up every rank")
         raise UserError(f"run_distribute could not start the communication backend: {first} ({hint})") from None

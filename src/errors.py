@@ -28,6 +28,12 @@ def writable_folder(path: Path, what: str, flag: str) -> None:
         raise UserError(f"{what} {path} is not writable ({exc.strerror}; pass a writable {flag})") from None
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries append pages of advice), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def not_a_file(path: Path) -> str | None:
     """None for a regular file (or a link to one); else what `path` is instead, in words for a message: "not found",
     "is a folder", "is a link to /dev/zero, which is not a regular file" (a device reads forever)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from src.config import Config
-from src.errors import UserError, not_a_file
+from src.errors import UserError, first_line, not_a_file
 
 
 @dataclass
@@ -54,9 +54,8 @@ class OnnxModel:
         try:
             logits = self.session.run(None, {"image": images.astype(np.float32)})[0]
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise UserError(f"onnxruntime cannot run {self.path} on {'x'.join(map(str, images.shape))} images: "
-                            f"{first} (pass the --image_size it was exported for)") from None
+                            f"{first_line(exc)[:300]} (pass the --image_size it was exported for)") from None
         if logits.ndim != 2 or (self.outputs and logits.shape[1] != self.outputs):
             raise UserError(f"{self.path} gives outputs of shape {'x'.join(map(str, logits.shape))} where "
                             f"{len(images)} x {self.outputs} class scores were expected (pass --num_classes to "
@@ -90,8 +89,8 @@ def load_onnx(path: str | Path) -> OnnxModel:
         options.log_severity_level = 4  # its own error lines go to stderr before it raises: the exception says it
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a valid ONNX model: {first} (export it again with export.py)") from None
+        raise UserError(f"{path} is not a valid ONNX model: {first_line(exc)[:200]} (export it again with "
+                        "export.py)") from None
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].name != "image" or len(inputs[0].shape) != 4:
         raise UserError(f"{path} does not have one N x 3 x H x W input named 'image' (export it with this package's "

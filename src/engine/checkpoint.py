@@ -14,7 +14,7 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
-from src.errors import UserError, not_a_file
+from src.errors import UserError, first_line, not_a_file
 
 # the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
 SCHEDULE_KEYS = ("batch_size", "gradient_accumulation_steps", "epoch_size", "lr_decay_mode", "lr_init", "lr_max",
@@ -145,8 +145,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, C
             raise UserError(f"{what} {path} is damaged: its CRC32 checksum does not match its contents (it was "
                             "changed or cut after it was saved; use another checkpoint, e.g. an earlier "
                             "<model>-<epoch>_<step>.ckpt of the run)") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{what} {path} is not a readable MindSpore checkpoint: {first[:200]} "
+        raise UserError(f"{what} {path} is not a readable MindSpore checkpoint: {first_line(exc)[:200]} "
                         "(pass a .ckpt file written by MindSpore)") from None
     if not crc and any(name in OWN_META_KEYS for name in raw):  # this package's, which all end with a CRC32
         raise UserError(f"{what} {path} is damaged: it was cut short (it holds this package's metadata but not the "
