@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from src.config import Config, save_config
@@ -54,8 +55,7 @@ class RunFolder:
         writable_folder(self.path, "output_path", "--output_path")
         self.ckpt_dir.mkdir(exist_ok=True)
         self._lock()
-        for stale in [*self.path.glob(".tmp-*"), *self.ckpt_dir.glob(".tmp-*")]:  # left by a killed run
-            stale.unlink()
+        _remove_temp_files(self.path)
         if self.aside.is_dir():  # a run was killed between its commit and settling, or while settling
             restored = self._restore()
             if restored:
@@ -150,17 +150,10 @@ class RunFolder:
         return _put_back(self.path, self.cfg.model)
 
     def _lock(self) -> None:
-        path = self.path / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"another training run (PID {holder}) is writing to {self.path} (wait for it to "
-                                "finish, or pass another --output_path)") from None
-            raise
+        fd, holder = _try_lock(self.path)
+        if fd is None:
+            raise UserError(f"another training run (PID {holder}) is writing to {self.path} (wait for it to "
+                            "finish, or pass another --output_path)")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd  # released by close(), or by the kernel when this process ends in any way
@@ -169,6 +162,27 @@ class RunFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _try_lock(path: Path) -> tuple[int | None, str]:
+    """Take the folder's lock without waiting: (its descriptor, "") or, while another process holds it, (None, the
+    PID it wrote there). Closing the descriptor releases the lock."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return None, holder
+        raise
+    return fd, ""
+
+
+def _remove_temp_files(path: Path) -> None:
+    """The temp files a killed run left in the folder and its checkpoint folder."""
+    for stale in [*path.glob(".tmp-*"), *(path / "checkpoint").glob(".tmp-*")]:
+        stale.unlink()
 
 
 def _run_files(path: Path, model: str | None) -> list[Path]:
@@ -229,21 +243,13 @@ def settled_for_reading(path: str | Path, flag: str) -> None:
     manifest = path / ASIDE / MANIFEST
     if not manifest.is_file():
         return
-    import time
-
     deadline = time.monotonic() + WAIT_FOR_SETTLING
     while True:
         try:
-            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd, holder = _try_lock(path)
         except OSError as exc:
             raise _cannot_put_back(path, exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        if fd is None:
             if not manifest.is_file():
                 return  # the live run has settled
             if time.monotonic() >= deadline:
@@ -254,8 +260,7 @@ def settled_for_reading(path: str | Path, flag: str) -> None:
             continue
         try:
             if manifest.is_file():
-                for stale in [*path.glob(".tmp-*"), *(path / "checkpoint").glob(".tmp-*")]:  # the killed run's
-                    stale.unlink()
+                _remove_temp_files(path)
                 restored = _put_back(path, None)
                 log.warning("%s: put back the earlier run that a killed training run had set aside (%d files); "
                             "the killed run's log is %s", path, restored, path / STAGED_LOG)
