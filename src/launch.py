@@ -505,12 +505,13 @@ def _run_ranks(plan: Plan) -> int:
                 out.close()
     if failed:
         r, code = failed
-        said = [line[len("error: "):] for line in _read(r.log).splitlines() if line.startswith("error: ")]
+        text = _read(r.log)
+        said = _error_lines(text)
         nodes = plan.nodes
         lost = (f", or lost another node (node 0 at {nodes.master_addr} runs the scheduler)"
                 if nodes.num > 1 and plan.platform != "Ascend" else "")
         why = f": {said[0]}" if said else lost
-        if nodes.num > 1 and _NO_WORKER_NETWORK in _read(r.log):
+        if nodes.num > 1 and _NO_WORKER_NETWORK in text:
             why = f": {_could_not_join(nodes)}"
         print(f"error: rank {r.rank} failed with exit code {code}{why}; the other ranks of this node were stopped "
               f"(see {r.log or 'the output above'})", file=sys.stderr)
@@ -520,6 +521,7 @@ def _run_ranks(plan: Plan) -> int:
 
 
 _NO_WORKER_NETWORK = "Building networking for MS_WORKER failed"  # MindSpore's line: no scheduler within the timeout
+_BACKEND_FAILED = "could not start the communication backend"  # train.py's line when a rank cannot join (device.py)
 
 
 def _could_not_join(nodes: Nodes) -> str:
@@ -535,14 +537,17 @@ def _read(path: Path | None) -> str:
         return ""
 
 
+def _error_lines(log_text: str) -> list[str]:
+    """A rank's own one-line accounts of its failure in its log, without the `error: `."""
+    return [line[len("error: "):] for line in log_text.splitlines() if line.startswith("error: ")]
+
+
 def first_rank_error(plan: Plan) -> tuple[int, str] | None:
     """The first `error: ` line a rank of this node wrote to its log (its own one-line account of the failure); a
     rank that could not join the others says why only when no rank said anything else (it follows from another's
     failure)."""
-    said = [(r.rank, line[len("error: "):]) for r in sorted(plan.ranks, key=lambda r: r.rank)
-            for line in _read(r.log).splitlines() if line.startswith("error: ")]
-    return next((s for s in said if "could not start the communication backend" not in s[1]),
-                said[0] if said else None)
+    said = [(r.rank, line) for r in sorted(plan.ranks, key=lambda r: r.rank) for line in _error_lines(_read(r.log))]
+    return next((s for s in said if _BACKEND_FAILED not in s[1]), said[0] if said else None)
 
 
 def what_failed(plan: Plan) -> str:
@@ -563,7 +568,7 @@ def what_failed(plan: Plan) -> str:
         return (f"lost rank{'s' if len(lost) > 1 else ''} {ranks} of {plan.world_size}: stopped responding to the "
                 "scheduler (did its server or its launcher die?)")
     said = first_rank_error(plan)
-    if said and "could not start the communication backend" not in said[1]:
+    if said and _BACKEND_FAILED not in said[1]:
         return f"rank {said[0]} failed: {said[1]}"
     if nodes.num > 1 and nodes.rank > 0 and any(_NO_WORKER_NETWORK in _read(r.log) for r in plan.ranks):
         return _could_not_join(nodes)

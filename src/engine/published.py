@@ -179,8 +179,7 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
         response = urllib.request.urlopen(request, timeout=READ_TIMEOUT)  # noqa: S310 - http(s) only (is_remote)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # not a prefix of the file (it changed, or a stray part file): start anew
-            part.unlink()
-            validator.unlink(missing_ok=True)
+            _discard(part, validator)
             return _download(url, dest, digest, spec)
         raise UserError(f"cannot download {spec}: HTTP {exc.code} {_one_line(exc.reason)} from {url} ({hand})"
                         ) from None
@@ -191,8 +190,7 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
         resumed = response.status == 206
         if resumed and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
             response.close()  # the server sent another part than the one asked for: start anew
-            part.unlink()
-            validator.unlink(missing_ok=True)
+            _discard(part, validator)
             return _download(url, dest, digest, spec)
         if not resumed:
             validator.unlink(missing_ok=True)
@@ -235,19 +233,23 @@ def _download(url: str, dest: Path, digest: str | None, spec: str) -> None:
             raise UserError(f"the download of {spec} broke off at {part.stat().st_size} of {total} bytes (run "
                             f"again to resume it, or {hand})")
     if _is_web_page(part):
-        part.unlink()
-        validator.unlink(missing_ok=True)
+        _discard(part, validator)
         raise UserError(f"cannot download {spec}: {url} sent a web page, not weights (a login, error or mirror "
                         f"page? check the URL or {BASE_URL_ENV}, or {hand})")
     sha = file_sha256(part)
     if digest and not sha.startswith(digest):
-        part.unlink()
-        validator.unlink(missing_ok=True)
+        _discard(part, validator)
         raise UserError(f"the download of {spec} is damaged: its sha256 is {sha[:16]}..., its name says "
                         f"{digest} (run again to download it anew, or {hand})")
     os.replace(part, dest)
     validator.unlink(missing_ok=True)
     log.info("downloaded %s (sha256 %s%s)", dest, sha, ", as its name says" if digest else "")
+
+
+def _discard(part: Path, validator: Path) -> None:
+    """A part that must not be resumed, and the version it was fetched with."""
+    part.unlink()
+    validator.unlink(missing_ok=True)
 
 
 def _is_web_page(path: Path) -> bool:
