@@ -21,6 +21,7 @@ class OnnxModel:
     fixed_batch: int | None
     fixed_size: int | None = None  # the input's height and width when the file fixes them
     outputs: int | None = None  # the logits' width when the file fixes it
+    expected: int | None = None  # the class count the config asks for (settings() sets it)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -47,7 +48,7 @@ class OnnxModel:
             raise UserError(f"{self.path} outputs {self.outputs} class scores but num_classes is {cfg.num_classes} "
                             f"(pass --num_classes {self.outputs} with data of that many classes, or export the "
                             "model trained on this data)")
-        self.outputs = cfg.num_classes  # checked again on the first batch when the file leaves the width open
+        self.expected = cfg.num_classes  # checked on every batch too: the file may leave its width open
         return with_recorded_preprocessing(cfg, self.metadata.get("preprocess"))
 
     def _run(self, images: np.ndarray) -> np.ndarray:
@@ -56,9 +57,9 @@ class OnnxModel:
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UserError(f"onnxruntime cannot run {self.path} on {'x'.join(map(str, images.shape))} images: "
                             f"{first_line(exc)[:300]} (pass the --image_size it was exported for)") from None
-        if logits.ndim != 2 or (self.outputs and logits.shape[1] != self.outputs):
+        if logits.ndim != 2 or (self.expected and logits.shape[1] != self.expected):
             raise UserError(f"{self.path} gives outputs of shape {'x'.join(map(str, logits.shape))} where "
-                            f"{len(images)} x {self.outputs} class scores were expected (pass --num_classes to "
+                            f"{len(images)} x {self.expected} class scores were expected (pass --num_classes to "
                             "match it, or export the model trained on this data)")
         return logits
 
