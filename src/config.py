@@ -20,10 +20,11 @@ from typing import Any
 import yaml
 
 from src.errors import UserError, show_tracebacks
+from src.models.registry import cards, model_card
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
-MODEL_NAMES = ("mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101")
+MODEL_NAMES = tuple(cards())  # every registered net (src/models/*/__init__.py), read without loading MindSpore
 # other spellings users bring from the PaddleClas / torchvision / Ascend ModelZoo seeds, e.g.
 # `--data-path=./ILSVRC2012 --lr=0.001 --batch-size=64 --epochs=10 --pretrained=x.ckpt --pact_quant`
 ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",), "dataset_path": ("data-path", "data_path"),
@@ -194,7 +195,8 @@ class Config:
         if self.lr_init > self.lr_max and self.warmup_epochs > 0:
             raise UserError(f"lr_init {self.lr_init} is above lr_max {self.lr_max} "
                             "(warmup rises from lr_init to lr_max; lower --lr_init)")
-        if self.model.startswith("resnet") and self.width != 1.0:
+        card = model_card(self.model)
+        if not card.width_multiplier and self.width != 1.0:
             raise UserError(f"width applies to the MobileNets only (drop --width for {self.model})")
         if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):
             raise UserError("--freeze_layer backbone needs --pretrain_ckpt (a frozen random backbone learns nothing; "
@@ -217,8 +219,9 @@ class Config:
         if self.fingerprint_data and self.dataset_sink_mode and self.platform != "CPU":
             raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
                             "(use --dataset_sink_mode False for that run)")
-        if self.model.startswith("resnet") and self.image_size < 32:
-            raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least 32)")
+        if self.image_size < card.min_image_size:
+            raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least "
+                            f"{card.min_image_size})")
 
     @property
     def mixes(self) -> bool:

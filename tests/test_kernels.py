@@ -9,7 +9,7 @@ from mindspore import nn, ops
 
 from src.models import create_model, kernels
 from src.models.common import GlobalAvgPooling
-from src.models.resnet import StemMaxPool
+from src.models.resnet.net import StemMaxPool
 
 
 class SquareLoss(nn.Cell):

@@ -77,7 +77,7 @@ def test_registry_names_and_head_split():
 
 
 def test_resnet_refuses_a_width_it_would_ignore():
-    with pytest.raises(ValueError, match=r"ResNet has no width multiplier \(got width=0.5"):
+    with pytest.raises(ValueError, match=r"resnet50 has no width multiplier \(got width=0.5"):
         create_model("resnet50", 10, width=0.5)
 
 

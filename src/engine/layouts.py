@@ -24,11 +24,10 @@ from src.data.transforms import IMAGENET_PREPROCESSING
 from src.engine.checkpoint import META_KEYS, CheckpointMeta, read_checkpoint
 from src.engine.published import is_remote, local_path, remote_file_name
 from src.errors import UserError, not_a_file
+from src.models.registry import cards, family_of, models_of_family
 
 log = logging.getLogger("train")
 
-FAMILIES = {"mobilenetv2": "mobilenetv2", "mobilenetv3_large": "mobilenetv3", "mobilenetv3_small": "mobilenetv3",
-            "resnet50": "resnet", "resnet101": "resnet"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 PUBLISHED_IMAGE_SIZE = 224
 # optimizer state and step counters of MindSpore training checkpoints (the ModelZoo's keep them)
@@ -42,14 +41,6 @@ TORCH_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "r
 _RANKS = {"conv1": 1, "bn1": 2, "conv2": 3, "bn2": 4, "conv3": 5, "bn3": 6, "downsample": 7, "down_sample": 7,
           "down_sample_layer": 7, "layer1": 11, "layer2": 12, "layer3": 13, "layer4": 14, "fc1": 21, "fc2": 22,
           "conv_reduce": 21, "conv_expand": 22, "classifier": 90, "fc": 90, "head": 90, "dense": 90, "end_point": 90}
-_SOURCE_MODELS = {
-    "mindcv": {"mobilenetv2": "mobilenet_v2_{w}", "mobilenetv3_large": "mobilenet_v3_large_{w}",
-               "mobilenetv3_small": "mobilenet_v3_small_{w}", "resnet50": "resnet50", "resnet101": "resnet101"},
-    "torchvision/timm": {"mobilenetv2": "mobilenet_v2", "mobilenetv3_large": "mobilenet_v3_large",
-                         "mobilenetv3_small": "mobilenet_v3_small", "resnet50": "resnet50", "resnet101": "resnet101"},
-}
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where a checkpoint's weights come from, and the conventions of the nets it was made with."""
@@ -61,7 +52,8 @@ class Layout:
     by_name: bool = False  # the names are this package's (but for the classifier)
 
     def name(self, model: str, width: float = 1.0) -> str:
-        pattern = _SOURCE_MODELS.get(self.source, {}).get(model)
+        card = cards().get(model)
+        pattern = card.source_names.get(self.source) if card else None
         return f"{self.source} {pattern.format(w=f'{round(width * 100):03d}')}" if pattern else self.source
 
 
@@ -177,7 +169,7 @@ def recognise(params: dict, meta: CheckpointMeta, path: Path, what: str) -> Layo
     """The layout of a checkpoint, from its metadata (this package's) or its parameter names."""
     names = list(params)
     if meta.model is not None:
-        return Layout("this package", FAMILIES.get(meta.model, meta.model), meta.bn_eps, meta.padding or "symmetric",
+        return Layout("this package", family_of(meta.model), meta.bn_eps, meta.padding or "symmetric",
                       by_name=True)
 
     def has(pattern: str) -> bool:
@@ -214,10 +206,9 @@ def recognise(params: dict, meta: CheckpointMeta, path: Path, what: str) -> Layo
 
 def check_family(weights: Weights, model: str, flag: str) -> None:
     """Refuse a checkpoint of another family of nets than --model, before anything is built."""
-    family = FAMILIES[model]
-    if weights.layout.family == family or not weights.foreign:  # check_fits names this package's model
+    if weights.layout.family == family_of(model) or not weights.foreign:  # check_fits names this package's model
         return
-    models = [m for m, f in FAMILIES.items() if f == weights.layout.family]
+    models = models_of_family(weights.layout.family)
     raise UserError(f"{flag} {weights.path} holds {weights.layout.source} {weights.layout.family} weights but --model "
                     f"is {model} (pass --model {' or '.join(models) or weights.layout.family})")
 
@@ -266,8 +257,7 @@ def map_onto(weights: Weights, net, model: str, width: float) -> dict[str, np.nd
             f"{ours[-1][0]}.".startswith(head):
         ours = ours[:-1]  # a backbone without its classifier: the net's stays at init (the loading rules say so)
     if len(theirs) != len(ours):
-        fits = [m for m in FAMILIES if FAMILIES[m] == weights.layout.family and m != model and
-                _layer_count(m) == len(theirs)]
+        fits = [m for m in models_of_family(weights.layout.family) if m != model and _layer_count(m) == len(theirs)]
         raise LayoutMismatch(f"{what} has {len(theirs)} layers where {model} (width {width:g}) has {len(ours)} "
                              f"({f'it fits {fits[0]}: pass --model {fits[0]}' if fits else fix})")
     mapped = {}

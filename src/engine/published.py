@@ -21,49 +21,17 @@ import re
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from src.errors import UserError, stop_if_signalled
+from src.models.registry import published_weights
 
 log = logging.getLogger("train")
 BASE_URL_ENV = "CLS_WEIGHTS_URL"
 CACHE_ENV = "CLS_WEIGHTS_CACHE"
-_MINDCV = "https://download.mindspore.cn/toolkits/mindcv"
-_TORCHVISION = "https://download.pytorch.org/models"
-
-
-@dataclass(frozen=True)
-class Published:
-    url: str
-    model: str
-    digest_in_name: bool  # the hex after the last "-" of the file name starts its sha256
-
-    @property
-    def file_name(self) -> str:
-        return self.url.rsplit("/", 1)[1]
-
-
-# mindcv 0.3.0's default_cfgs (its file names carry no documented digest); torchvision's IMAGENET1K_V1 weights
-# (resize 256, crop 224, bilinear), whose names start their sha256
-PUBLISHED = {
-    "mindcv:mobilenet_v2_100": Published(f"{_MINDCV}/mobilenet/mobilenetv2/mobilenet_v2_100-d5532038.ckpt",
-                                         "mobilenetv2", False),
-    "mindcv:mobilenet_v3_large_100": Published(
-        f"{_MINDCV}/mobilenet/mobilenetv3/mobilenet_v3_large_100-1279ad5f.ckpt", "mobilenetv3_large", False),
-    "mindcv:mobilenet_v3_small_100": Published(
-        f"{_MINDCV}/mobilenet/mobilenetv3/mobilenet_v3_small_100-509c6047.ckpt", "mobilenetv3_small", False),
-    "mindcv:resnet50": Published(f"{_MINDCV}/resnet/resnet50-e0733ab8.ckpt", "resnet50", False),
-    "mindcv:resnet101": Published(f"{_MINDCV}/resnet/resnet101-689c5e77.ckpt", "resnet101", False),
-    "torchvision:mobilenet_v2": Published(f"{_TORCHVISION}/mobilenet_v2-b0353104.pth", "mobilenetv2", True),
-    "torchvision:mobilenet_v3_large": Published(f"{_TORCHVISION}/mobilenet_v3_large-8738ca79.pth",
-                                                "mobilenetv3_large", True),
-    "torchvision:mobilenet_v3_small": Published(f"{_TORCHVISION}/mobilenet_v3_small-047dcff4.pth",
-                                                "mobilenetv3_small", True),
-    "torchvision:resnet50": Published(f"{_TORCHVISION}/resnet50-0676ba61.pth", "resnet50", True),
-    "torchvision:resnet101": Published(f"{_TORCHVISION}/resnet101-63fe2227.pth", "resnet101", True),
-}
-_PREFIXES = ("mindcv:", "torchvision:")
+# every card's published weights (src/models/*/__init__.py) by short name, and the sources' prefixes
+PUBLISHED = published_weights()
+_PREFIXES = tuple(dict.fromkeys(name.split(":")[0] + ":" for name in PUBLISHED))
 _DIGEST = re.compile(r".*-([0-9a-f]{8,64})\.[A-Za-z.]+")  # torch.hub's: NAME-<sha256 start>.EXT
 
 

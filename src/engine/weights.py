@@ -27,7 +27,7 @@ from src.engine.run_folder import settled_for_reading
 from src.errors import UserError
 from src.models.common import ClassifierNet
 from src.models.quant import is_quant_param
-from src.models.registry import net_from_config
+from src.models.registry import model_card, net_from_config
 
 log = logging.getLogger("train")
 FILTER_HINT = "fine-tune onto other classes with --filter_head True, or pass the --model/--width it was trained with"
@@ -239,7 +239,7 @@ def settings_from_checkpoint(cfg: Config, meta: CheckpointMeta, ckpt: Path, keys
     if not taken:
         return cfg
     log.info("%s: %s from the checkpoint", ckpt, ", ".join(f"{k}={v}" for k, v in taken.items()))
-    if "model" in taken and taken["model"].startswith("resnet") and "width" not in given:
+    if "model" in taken and not model_card(taken["model"]).width_multiplier and "width" not in given:
         taken.setdefault("width", 1.0)
     return cfg.replace(**taken)
 

@@ -1,9 +1,15 @@
-"""Pieces shared by the nets: the backbone + head combination, global average pooling and seeded dropout."""
+"""Pieces shared by the nets: channel rounding, backbone + head, global average pooling and seeded dropout."""
 from __future__ import annotations
 
 import os
 
 from mindspore import nn, ops
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round channels to a multiple of `divisor`, never going more than 10% below `value` (the MobileNets' rule)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
 
 
 def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, same: bool = False,

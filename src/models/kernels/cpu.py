@@ -12,7 +12,7 @@ import mindspore.ops as ops
 
 from src.models.common import GlobalAvgPooling
 from src.models.kernels.build import KernelUnavailable, build_library
-from src.models.resnet import StemMaxPool
+from src.models.resnet.net import StemMaxPool
 
 SWITCH = "CLS_CPU_KERNELS"
 

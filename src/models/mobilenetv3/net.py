@@ -14,9 +14,7 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, HSigmoid, HSwish, conv2d
-from src.models.mobilenetv2 import make_divisible
-from src.models.registry import register_model
+from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, HSigmoid, HSwish, conv2d, make_divisible
 
 # kernel, expanded channels, output channels, squeeze-excite, activation (RE = ReLU, HS = h-swish), stride
 LARGE = ((3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
@@ -138,13 +136,11 @@ def _mobilenetv3(arch: str, num_classes: int, width: float, dropout: float, bn_e
     return ClassifierNet(backbone, head, head_prefixes=("classifier.3.",))
 
 
-@register_model
 def mobilenetv3_large(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2, bn_eps: float | None = None,
                       padding: str = "symmetric") -> ClassifierNet:
     return _mobilenetv3("large", num_classes, width, dropout, bn_eps, padding)
 
 
-@register_model
 def mobilenetv3_small(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2, bn_eps: float | None = None,
                       padding: str = "symmetric") -> ClassifierNet:
     return _mobilenetv3("small", num_classes, width, dropout, bn_eps, padding)

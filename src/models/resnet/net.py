@@ -9,7 +9,6 @@ from mindspore import nn
 from mindspore.common.initializer import HeNormal
 
 from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d
-from src.models.registry import register_model
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, same: bool = False) -> nn.Conv2d:
@@ -116,20 +115,16 @@ class ResNetHead(nn.Cell):
 
 def _resnet(layer_nums, num_classes: int, width: float, dropout: float, bn_eps: float | None,
             padding: str) -> ClassifierNet:
-    if width != 1.0:
-        raise ValueError(f"ResNet has no width multiplier (got width={width}; use 1.0)")
     backbone = ResNetBackbone(layer_nums, BN_EPS if bn_eps is None else bn_eps, padding)
     return ClassifierNet(backbone, ResNetHead(backbone.out_channels, num_classes, dropout),
                          head_prefixes=("end_point.",))
 
 
-@register_model
 def resnet50(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
              padding: str = "symmetric") -> ClassifierNet:
     return _resnet((3, 4, 6, 3), num_classes, width, dropout, bn_eps, padding)
 
 
-@register_model
 def resnet101(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
               padding: str = "symmetric") -> ClassifierNet:
     return _resnet((3, 4, 23, 3), num_classes, width, dropout, bn_eps, padding)

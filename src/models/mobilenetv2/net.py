@@ -9,19 +9,12 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d
-from src.models.registry import register_model
+from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d, make_divisible
 
 # expansion t, output channels c, repeats n, first stride s
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 BN_EPS = 1e-5  # as torchvision, mindcv and the ModelZoo
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round channels to a multiple of `divisor`, never going more than 10% below `value`."""
-    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return new + divisor if new < 0.9 * value else new
 
 
 class ConvBNReLU(nn.Cell):
@@ -98,7 +91,6 @@ class MobileNetV2Head(nn.Cell):
         return self.classify(self.pool(x))
 
 
-@register_model
 def mobilenetv2(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
                 padding: str = "symmetric") -> ClassifierNet:
     """`padding` changes nothing here: every source pads MobileNetV2 symmetrically."""
