@@ -52,10 +52,18 @@ _NOT_GIVEN = object()  # argparse default: tells a flag on the command line from
 FALSE_WORDS = ("False", "false", "0")
 
 
+_section = ["model and data"]
+
+
+def _begin(title: str) -> None:
+    """Inside Config: the keys that follow belong to section `title` (--help and docs/config.md group by it)."""
+    _section[0] = title
+
+
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None,
          min: float | None = None, max: float | None = None, nullable: bool = False) -> Any:
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
-            "nullable": nullable}
+            "nullable": nullable, "section": _section[0]}
     return field(default=default, metadata=meta)
 
 
@@ -63,7 +71,7 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None,
 class Config:
     """Every option of train.py, eval.py and benchmark-style tools; names follow the ModelZoo."""
 
-    # what to train
+    _begin("model and data")
     model: str = _opt("mobilenetv2", "network", choices=MODEL_NAMES)
     dataset: str = _opt("imagefolder", "dataset format: imagefolder (train/ and val/ class folders) "
                         "or cifar10 (binary batches)", choices=("imagefolder", "cifar10"))
@@ -81,6 +89,7 @@ class Config:
                         "convolutions and ResNet's stem max pooling); modelzoo ('same' on ResNet's strided "
                         "convolutions too)", choices=("symmetric", "mindcv", "modelzoo"))
 
+    _begin("device and run")
     platform: str = _opt("CPU", "device to run on", choices=("CPU", "GPU", "Ascend"))
     device_id: int = _opt(0, "device index on GPU/Ascend (distributed runs take DEVICE_ID from the launcher)",
                           min=0, max=15)
@@ -97,7 +106,7 @@ class Config:
                                    "the run says so and goes on unsunk)")
     sink_size: int = _opt(-1, "steps per sink with dataset_sink_mode (-1: one epoch; else a divisor of the steps per "
                           "epoch); the log line, train top-1/top-5 and a Ctrl-C come once per sink", min=-1)
-    # data pipeline
+    _begin("data pipeline and augmentation")
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
     num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)
     crop_scale_min: float = _opt(0.08, "smallest area fraction of the random resized crop", min=0.01, max=1.0)
@@ -126,7 +135,7 @@ class Config:
                                   nullable=True)
     interpolation: str | None = _opt(None, "resize interpolation (default: the checkpoint's, else bilinear)",
                                      choices=("bilinear", "bicubic"), nullable=True)
-    # optimisation
+    _begin("optimisation")
     epoch_size: int = _opt(30, "number of epochs", min=1)
     lr_decay_mode: str = _opt("cosine", "learning-rate schedule",
                               choices=("cosine", "steps", "poly", "linear"))
@@ -149,7 +158,7 @@ class Config:
                                             "effective batch of N x batch_size per device; the LR schedule, log and "
                                             "checkpoints count optimizer steps; BatchNorm still sees batches of "
                                             "batch_size)", min=1, max=1024)
-    # mixed precision
+    _begin("mixed precision and quantization")
     amp_level: str = _opt("O0", "mixed precision level", choices=("O0", "O1", "O2", "O3"))
     pact_quant: bool = _opt(False, "PACT quantization-aware training: int8 fake-quantized weights (per channel) and "
                             "activations (PACT clip + moving-average scale); for train, eval and export")
@@ -158,7 +167,7 @@ class Config:
                                 choices=("fixed", "dynamic"))
     loss_scale: float = _opt(1.0, "(initial) loss scale", min=1.0)
     drop_overflow_update: bool = _opt(False, "skip the update on overflow with a fixed loss scale (GPU/Ascend)")
-    # checkpoints and evaluation
+    _begin("checkpoints, evaluation and fine-tuning")
     save_checkpoint_epochs: int = _opt(1, "save a checkpoint every N epochs", min=1)
     keep_checkpoint_max: int = _opt(5, "keep at most N periodic checkpoints", min=1)
     run_eval: bool = _opt(True, "evaluate on the val set during training and keep checkpoint/best.ckpt")
@@ -171,7 +180,7 @@ class Config:
                              "output_path/feature_cache", choices=("none", "backbone"))
     resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step)",
                                    nullable=True)
-    # ModelArts / OBS
+    _begin("ModelArts / OBS")
     enable_modelarts: bool = _opt(False, "copy data_url (and checkpoint_url) from OBS/S3 before training and "
                                   "upload output_path to train_url")
     data_url: str | None = _opt(None, "obs:// or s3:// URL of the data set (downloaded into dataset_path, "
@@ -179,7 +188,7 @@ class Config:
     train_url: str | None = _opt(None, "obs:// or s3:// URL the outputs are uploaded to", nullable=True)
     checkpoint_url: str | None = _opt(None, "obs:// or s3:// URL of a checkpoint (file or folder) to use as "
                                       "pretrain_ckpt", nullable=True)
-    # export
+    _begin("export and deployment")
     ckpt_file: str | None = _opt(None, "checkpoint to export or predict with (default: "
                                  "output_path/checkpoint/best.ckpt)", nullable=True)
     file_name: str | None = _opt(None, "exported model path without extension (default: output_path/<model>)",
@@ -414,6 +423,7 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
     parser = _Parser(description=description, allow_abbrev=False,
                      epilog=f"Defaults come from --config_path (default {DEFAULT_CONFIG.relative_to(ROOT)}).")
     parser.add_argument("--config_path", default=str(config_path), help="YAML file with the defaults")
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():
         if name in same_as:
             continue
@@ -422,8 +432,11 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
         flags = [f"--{name}"] + [f"--{alias}" for alias in ALIASES.get(name, ())] + taken.get(name, [])
         # a boolean flag alone means True (`--pact_quant`), as in the seeds
         extra = {"nargs": "?", "const": "True"} if _base_type(f) == "bool" else {}
-        parser.add_argument(*flags, dest=name, default=_NOT_GIVEN, type=str, metavar=_base_type(f).upper(),
-                            help=f"{f.metadata['help']}{choices} (default: {default})", **extra)
+        section = f.metadata["section"]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section)
+        groups[section].add_argument(*flags, dest=name, default=_NOT_GIVEN, type=str, metavar=_base_type(f).upper(),
+                                     help=f"{f.metadata['help']}{choices} (default: {default})", **extra)
     own = set(vars(parser.parse_args([])))
     if add_arguments:
         add_arguments(parser)
