@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from src.config import Config
-from src.engine.callbacks import EpochEnd, TrainMonitor
+from src.engine.callbacks import EpochEnd
 from src.engine.history import History
+from src.engine.progress import Accumulation, ProgressBar, RunState, StepLog, TrainMonitor
 from src.engine.sinking import Sinking, sink_plan
 from src.errors import UserError
 
@@ -59,14 +60,21 @@ def test_config_refuses_sink_size_0_and_fingerprints_of_sunk_batches():
 
 
 class _Stats:
-    """RunningStats' read(): the sums the device would hold at each read, in order (None: zeros)."""
+    """RunningStats as the device keeps it: every trained batch adds to the sums, read() returns the means since the
+    last read and zeroes them. The test says what each batch adds; the callbacks decide when to read."""
 
-    def __init__(self, windows):
-        self.windows = list(windows)
+    def __init__(self):
+        self.batches = []
+
+    def add(self, loss, top1, top5, images=4):
+        self.batches.append((loss, top1, top5, images))
 
     def read(self):
-        window = self.windows.pop(0)
-        return window if window is not None else _window(0.0, 0.0, 0.0, 0)
+        batches, self.batches = self.batches, []
+        images = sum(b[3] for b in batches)
+        return {"loss": sum(b[0] for b in batches) / max(len(batches), 1),
+                "top1": sum(b[1] * b[3] for b in batches) / max(images, 1),
+                "top5": sum(b[2] * b[3] for b in batches) / max(images, 1), "steps": len(batches), "images": images}
 
 
 class _Context:
@@ -81,16 +89,28 @@ class _Context:
         self.stopped = True
 
 
-def _drive(monitor, epoch_end, sinks: int, last_losses: list[float]):
-    """The callback order of Model._train_dataset_sink_process: per sink, epoch begin, one step, epoch end."""
+def _callbacks(lr, sinking, print_freq, stats, accumulation=1):
+    state, records = RunState(), []
+    steps = StepLog(lr, 4, sinking, print_freq, stats, accumulation=accumulation)
+    bar = ProgressBar(2, sinking.steps_per_epoch, enabled=False)
+    monitor = TrainMonitor(state, steps, bar)
+    epoch_end = EpochEnd(state, steps, bar, History([]), None, lambda record, history: records.append(record))
+    return state, monitor, epoch_end, records
+
+
+def _drive(monitor, epoch_end, stats, sinks: list[list[tuple]]):
+    """The callback order of Model._train_dataset_sink_process: per sink, epoch begin, one step callback for all of
+    the sink's batches (each (loss, top1, top5) adds to the device sums), epoch end."""
     import mindspore as ms
 
     ctx = _Context()
-    for sink in range(1, sinks + 1):
-        ctx.params.cur_epoch_num = sink
+    for number, batches in enumerate(sinks, 1):
+        ctx.params.cur_epoch_num = number
         monitor.on_train_epoch_begin(ctx)
         monitor.on_train_step_begin(ctx)
-        ctx.params.net_outputs = ms.Tensor(np.float32(last_losses[sink - 1]))
+        for batch in batches:
+            stats.add(*batch)
+        ctx.params.net_outputs = ms.Tensor(np.float32(batches[-1][0]))  # the sink's last loss
         monitor.on_train_step_end(ctx)
         epoch_end.on_train_epoch_end(ctx)
         if ctx.stopped:
@@ -98,25 +118,18 @@ def _drive(monitor, epoch_end, sinks: int, last_losses: list[float]):
     return ctx
 
 
-def _window(loss, top1, top5, steps=2, batch=4):
-    return {"loss": loss, "top1": top1, "top5": top5, "steps": steps, "images": steps * batch}
-
-
 def test_sunk_epochs_log_once_per_sink_and_record_once_per_epoch(caplog):
     """2 epochs of 4 steps in sinks of 2: a Paddle line and a loss line per sink, with that sink's top-1/top-5 and
     mean loss; evaluation, files and the epoch record once per data epoch, with the epoch's mean loss."""
     sinking = Sinking(True, steps_per_epoch=4, steps_per_sink=2)
-    # each data epoch's first sink reads (and zeroes) the sums first, then every sink reads its own
-    stats = _Stats([None, _window(1.0, 0.25, 0.75), _window(0.8, 0.5, 1.0),
-                    None, _window(0.6, 0.625, 1.0), _window(0.4, 0.75, 1.0)])
+    stats = _Stats()
     lr = np.linspace(0.1, 0.0, 8, dtype=np.float32)
-    monitor = TrainMonitor(lr, 4, sinking, print_freq=1, total_epochs=2, stats=stats,
-                           progress_bar=False)
-    records = []
-    epoch_end = EpochEnd(monitor, History([]), None, [lambda record, history: records.append(record)])
+    state, monitor, epoch_end, records = _callbacks(lr, sinking, 1, stats)
+    sinks = [[(1.25, 0.25, 0.5), (0.75, 0.25, 1.0)], [(1.1, 0.5, 1.0), (0.5, 0.5, 1.0)],
+             [(0.95, 0.5, 1.0), (0.25, 0.75, 1.0)], [(0.675, 0.75, 1.0), (0.125, 0.75, 1.0)]]
     with caplog.at_level(logging.INFO, logger="train"):
-        ctx = _drive(monitor, epoch_end, 4, [0.75, 0.5, 0.25, 0.125])
-    assert not ctx.stopped
+        ctx = _drive(monitor, epoch_end, stats, sinks)
+    assert not ctx.stopped and state.divergence is None and (state.epoch, state.step) == (3, 0)
     lines = [r.getMessage() for r in caplog.records]
     paddle = [line for line in lines if line.startswith("[Epoch")]
     assert [line.split(" top1")[0] for line in paddle] == ["[Epoch 1, iter: 1]", "[Epoch 1, iter: 3]",
@@ -133,13 +146,36 @@ def test_sunk_epochs_log_once_per_sink_and_record_once_per_epoch(caplog):
 def test_a_nan_inside_a_sink_stops_the_run_at_that_sink():
     """A nan in any step of a sink makes the device sum nan, even when the sink's last loss is finite."""
     sinking = Sinking(True, steps_per_epoch=4, steps_per_sink=2)
-    stats = _Stats([None, _window(1.0, 0.5, 1.0), _window(float("nan"), 0.5, 1.0)])
-    monitor = TrainMonitor(np.full(8, 0.1, np.float32), 4, sinking, 1, 2, stats, progress_bar=False)
-    records = []
-    epoch_end = EpochEnd(monitor, History([]), None, [lambda record, history: records.append(record)])
-    ctx = _drive(monitor, epoch_end, 4, [0.9, 0.7, 0.5, 0.3])
-    assert ctx.stopped and monitor.diverged[:2] == (1, 4) and np.isnan(monitor.diverged[2])
+    stats = _Stats()
+    state, monitor, epoch_end, records = _callbacks(np.full(8, 0.1, np.float32), sinking, 1, stats)
+    sinks = [[(1.0, 0.5, 1.0), (0.9, 0.5, 1.0)], [(float("nan"), 0.5, 1.0), (0.7, 0.5, 1.0)],
+             [(0.5, 0.5, 1.0), (0.5, 0.5, 1.0)], [(0.3, 0.5, 1.0), (0.3, 0.5, 1.0)]]
+    ctx = _drive(monitor, epoch_end, stats, sinks)
+    assert ctx.stopped and state.divergence == (1, 4, "loss nan")
     assert records == []  # the epoch that diverged records and writes nothing
+
+
+def test_a_non_finite_parameter_at_the_end_of_an_epoch_is_a_divergence():
+    """A loss can stay finite while ReLU6 hides nan activations: the epoch end checks the weights first."""
+    import mindspore as ms
+    from mindspore import nn
+
+    sinking = Sinking(False, steps_per_epoch=2, steps_per_sink=2)
+    stats = _Stats()
+    state, monitor, epoch_end, records = _callbacks(np.full(4, 0.1, np.float32), sinking, 1, stats)
+    epoch_end.net = nn.Dense(2, 2)
+    epoch_end.net.weight.set_data(ms.Tensor(np.full((2, 2), np.inf, np.float32)))
+    ctx = _Context()
+    ctx.params.cur_epoch_num = 1
+    monitor.on_train_epoch_begin(ctx)
+    for _ in range(2):
+        monitor.on_train_step_begin(ctx)
+        stats.add(0.5, 1.0, 1.0)
+        ctx.params.net_outputs = ms.Tensor(np.float32(0.5))
+        monitor.on_train_step_end(ctx)
+    epoch_end.on_train_epoch_end(ctx)
+    assert ctx.stopped and records == []
+    assert state.divergence == (1, 2, f"parameter {epoch_end.net.weight.name} is nan or inf")
 
 
 def test_with_accumulation_the_lines_count_optimizer_steps(caplog):
@@ -149,25 +185,31 @@ def test_with_accumulation_the_lines_count_optimizer_steps(caplog):
     import mindspore as ms
 
     sinking = Sinking(False, steps_per_epoch=7, steps_per_sink=7)
-    stats = _Stats([None, _window(1.0, 0.5, 1.0, steps=3), _window(0.5, 0.75, 1.0, steps=4)])
+    stats = _Stats()
     lr = np.array([0.3, 0.2, 0.1, 0.0, 0.0, 0.0], np.float32)
-    monitor = TrainMonitor(lr, 4, sinking, print_freq=2, total_epochs=2, stats=stats, progress_bar=False,
-                           accumulation=3)
-    records = []
-    epoch_end = EpochEnd(monitor, History([]), None, [lambda record, history: records.append(record)])
+    state, monitor, epoch_end, records = _callbacks(lr, sinking, 2, stats, accumulation=3)
     ctx = _Context()
     ctx.params.cur_epoch_num = 1
     with caplog.at_level(logging.INFO, logger="train"):
         monitor.on_train_epoch_begin(ctx)
-        for _ in range(7):
+        for batch in range(7):
             monitor.on_train_step_begin(ctx)
+            stats.add(1.0 if batch < 3 else 0.5, 0.5 if batch < 3 else 0.75, 1.0)
             ctx.params.net_outputs = ms.Tensor(np.float32(0.5))
             monitor.on_train_step_end(ctx)
         epoch_end.on_train_epoch_end(ctx)
     lines = [r.getMessage() for r in caplog.records]
     paddle = [line for line in lines if line.startswith("[Epoch")]
     assert [line.split(" top1")[0] for line in paddle] == ["[Epoch 1, iter: 0]", "[Epoch 1, iter: 2]"]
-    assert "lr: 0.30000" in paddle[0] and "avg_samples: 12.0" in paddle[0]  # 3 batches of 4 in one step
-    assert "lr: 0.10000" in paddle[1] and "avg_samples: 8.0" in paddle[1]  # 4 batches in 2 steps
+    assert "top1: 0.50000" in paddle[0] and "lr: 0.30000" in paddle[0] and "avg_samples: 12.0" in paddle[0]
+    assert "top1: 0.75000" in paddle[1] and "lr: 0.10000" in paddle[1] and "avg_samples: 8.0" in paddle[1]
     assert "epoch: 1 step: 3, loss is 0.5" in lines
     assert [(r.epoch, r.step, r.lr) for r in records] == [(1, 3, pytest.approx(0.1))]
+
+
+@pytest.mark.parametrize("batches,every,done", [
+    (7, 3, [0, 0, 1, 1, 1, 2, 3]), (6, 3, [0, 0, 1, 1, 1, 2]), (4, 1, [1, 2, 3, 4])])
+def test_optimizer_steps_after_each_batch(batches, every, done):
+    groups = Accumulation(batches, every)
+    assert [groups.updates_done(b) for b in range(batches)] == done
+    assert groups.updates_per_epoch == done[-1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,16 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     augment = BatchAugment(cfg.re_prob, mixing, cfg.seed, shard_id or 0, first_epoch)
     return data.batch(batch_size or cfg.batch_size, drop_remainder=True, num_parallel_workers=workers,
                       per_batch_map=augment, input_columns=["image", "label"])
+
+
+def pipeline_error(exc: Exception, epoch: int, step: int) -> str:
+    """One line for a mindspore.dataset failure during training, naming the file when MindSpore does."""
+    text = " ".join(line.strip() for line in str(exc).splitlines())
+    found = re.search(r"The corresponding data file is: (.+?)\. (.+?\.)(?:\s|$)", text)
+    if found:
+        return (f"{found.group(1)} cannot be read by MindSpore ({found.group(2).strip().rstrip('.')}), found at epoch "
+                f"{epoch} step {step} although the check before training decoded every image (was the file changed? "
+                "delete or re-encode it and train again)")
+    detail = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
+    return (f"the data pipeline failed at epoch {epoch} step {step}: "
+            f"{(detail.group(1) if detail else text)[:300].strip()} (run with --debug for MindSpore's message)")

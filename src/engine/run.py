@@ -1,4 +1,4 @@
-"""The training run, top to bottom: check, build data and net, build the step, train with callbacks, report.
+"""The training run, top to bottom: check, read the start weights, build data and net, build the step, fit, outcome.
 
 All checks that can fail (data layout, checkpoints, batch size) run before the output folder is
 touched and before the first graph compiles.
@@ -8,45 +8,37 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from mindspore import nn
 from mindspore.train import Model
 
-from src.cloud import upload_outputs
 from src.config import Config
 from src.data.checks import DataSource, check_dataset
 from src.data.feature_cache import cached_features, feature_datasets
-from src.data.pipeline import create_dataset
-from src.data.transforms import preprocessing
+from src.data.pipeline import create_dataset, pipeline_error
 from src.device import ISA_VAR, RankInfo, amp_speed_warning, setup_device
-from src.engine.callbacks import (
-    BestCheckpoint,
-    EpochEnd,
-    Evaluator,
-    LossAlarm,
-    MetricsFiles,
-    PeriodicCheckpoints,
-    TrainMonitor,
-)
+from src.engine.callbacks import EpochEnd, Evaluator
 from src.engine.checkpoint import (
     NOT_RESTORED,
-    SCHEDULE_KEYS,
-    arch_meta,
+    CheckpointMeta,
     load_into,
     periodic_checkpoints,
     read_checkpoint,
 )
 from src.engine.history import History, read_metrics
+from src.engine.layouts import Weights
 from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
+from src.engine.outputs import epoch_outputs
 from src.engine.per_class import ConfusionCounts
+from src.engine.progress import ProgressBar, RunState, StepLog, TrainMonitor
 from src.engine.run_folder import RunFolder
-from src.engine.sinking import sink_plan
-from src.engine.train_step import EMA_PREFIX, build_train_step, ema_by_name, ema_in_place
+from src.engine.sinking import Sinking, sink_plan
+from src.engine.train_step import EMA_PREFIX, build_train_step, ema_in_place
 from src.engine.weights import (
     check_same_steps,
     load_pretrained,
@@ -74,25 +66,45 @@ class TrainResult:
     elapsed_s: float
 
 
+class Resume(NamedTuple):
+    """The --resume_ckpt checkpoint: its tensors (net, optimizer state, EMA), metadata and path."""
+
+    params: dict
+    meta: CheckpointMeta
+    path: Path
+
+
+class Data(NamedTuple):
+    train: object  # mindspore.dataset of the train split (or of cached backbone features)
+    val: object | None  # None: no evaluation on this rank
+    trainable: nn.Cell  # the net itself, or its head alone on cached features
+    batches: int  # per epoch, on this rank
+    updates: int  # optimizer steps per epoch (the last accumulation group may be short)
+    sinking: Sinking
+
+
 def train(cfg: Config) -> TrainResult:
     start = time.perf_counter()
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
-    resume = pretrain = None
-    if cfg.resume_ckpt:
-        cfg, *resume = read_resume(cfg)
-        RunFolder(cfg, resuming=True).check_resume_target(Path(cfg.resume_ckpt))
-    elif cfg.pretrain_ckpt:
-        cfg, pretrain = read_pretrained(cfg)
-        warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)
+    cfg, resume, pretrain = _start_weights(cfg, source)
     stop_if_signalled()  # the safe points before training: a signal during the checks or the imports stops here
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
     stop_if_signalled()
     _check_batch_size(cfg, source, ranks)
-    folder = RunFolder(cfg, resuming=bool(resume)) if ranks.is_main else None  # only rank 0 writes outputs
+    folder = RunFolder(cfg, resuming=resume is not None) if ranks.is_main else None  # only rank 0 writes outputs
     if folder:
         folder.open()
     try:
-        return _train(cfg, source, resume, pretrain, ranks, folder, start)
+        _warn_about_settings(cfg, ranks)
+        net = _build_net(cfg, resume, pretrain)
+        data = _build_data(cfg, source, net, ranks, resume)
+        lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
+                               cfg.epoch_size, data.updates)
+        train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches)
+        initial_epoch = _restore_training_state(cfg, train_step, resume)
+        _log_summary(cfg, source, data, net)
+        state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch)
+        return _outcome(cfg, state, net, ranks, folder, start)
     except BaseException:
         if folder:
             folder.abort()
@@ -102,62 +114,130 @@ def train(cfg: Config) -> TrainResult:
             folder.close()
 
 
-def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, folder: RunFolder | None,
-           start: float) -> TrainResult:
+def _start_weights(cfg: Config, source: DataSource) -> tuple[Config, Resume | None, Weights | None]:
+    """The checkpoint to resume (--resume_ckpt) or to start from (--pretrain_ckpt), read and checked, and the config
+    with the settings they record."""
+    if cfg.resume_ckpt:
+        cfg, params, meta = read_resume(cfg)
+        RunFolder(cfg, resuming=True).check_resume_target(Path(cfg.resume_ckpt))
+        return cfg, Resume(params, meta, Path(cfg.resume_ckpt)), None
+    if cfg.pretrain_ckpt:
+        cfg, pretrain = read_pretrained(cfg)
+        warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)
+        return cfg, None, pretrain
+    return cfg, None, None
+
+
+def _warn_about_settings(cfg: Config, ranks: RankInfo) -> None:
+    if not ranks.is_main:
+        return
     warning = amp_speed_warning(cfg)
-    if warning and ranks.is_main:
+    if warning:
         log.warning("%s", warning)
-    if cfg.warmup_epochs >= cfg.epoch_size > 0 and cfg.warmup_epochs > 0 and ranks.is_main:
+    if cfg.warmup_epochs >= cfg.epoch_size > 0 and cfg.warmup_epochs > 0:
         log.warning("warmup_epochs %g is not below epoch_size %d: the whole run warms up from lr_init "
                     "%g towards lr_max %g and never decays (fine for a trial run; for a real run raise --epoch_size)",
                     cfg.warmup_epochs, cfg.epoch_size, cfg.lr_init, cfg.lr_max)
 
+
+def _build_net(cfg: Config, resume: Resume | None, pretrain: Weights | None) -> nn.Cell:
     net = net_from_config(cfg)
     if resume:
-        load_into(net, resume[0], Path(cfg.resume_ckpt))
+        load_into(net, resume.params, resume.path)
     elif pretrain:
         load_pretrained(net, pretrain, cfg)
-    train_ds, val_ds, trainable = _datasets(cfg, source, net, ranks, resume[1].epoch_num if resume else 0)
-    steps = train_ds.get_dataset_size()
-    if resume:
-        check_same_steps(resume[1], steps, Path(cfg.resume_ckpt), ranks.group_size)
-    sinking = sink_plan(cfg, steps, say=ranks.is_main)
-    updates = -(-steps // cfg.gradient_accumulation_steps)  # optimizer steps per epoch (the last group may be short)
-    lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
-                           cfg.epoch_size, updates)
-    train_step, eval_net = build_train_step(trainable, cfg, lr, steps)
-    initial_epoch = 0
-    if resume:
-        load_into(train_step, resume[0], Path(cfg.resume_ckpt), skip=NOT_RESTORED)
-        if cfg.ema and not any(name.startswith(EMA_PREFIX) for name in resume[0]):
-            # the EMA was cloned from the net, which holds the resumed weights already (loaded above)
-            log.warning("resume_ckpt %s holds no EMA (its run had --ema False): the EMA starts from its weights",
-                        cfg.resume_ckpt)
-        initial_epoch = resume[1].epoch_num
-        log.info("resuming %s from epoch %d (global step %d)", cfg.resume_ckpt, initial_epoch,
-                 int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
+    return net
 
-    out, ckpt_dir = Path(cfg.output_path), Path(cfg.output_path) / "checkpoint"
+
+def _build_data(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, resume: Resume | None) -> Data:
+    """The train and val datasets (eval during training runs on rank 0 over the whole val set; the other ranks wait
+    at the next step), and what trains: the net itself, or only its head on cached backbone features."""
+    evaluates = cfg.run_eval and ranks.is_main
+    if cfg.freeze_layer == "backbone":
+        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard)
+        val_ds, trainable = val_ds if evaluates else None, HeadOnFeatures(net)
+    else:
+        train_ds = create_dataset(cfg, source, training=True, first_epoch=resume.meta.epoch_num if resume else 0,
+                                  **ranks.shard)
+        val_ds, trainable = create_dataset(cfg, source, training=False) if evaluates else None, net
+    batches = train_ds.get_dataset_size()
+    if resume:
+        check_same_steps(resume.meta, batches, resume.path, ranks.group_size)
+    sinking = sink_plan(cfg, batches, say=ranks.is_main)
+    return Data(train_ds, val_ds, trainable, batches, -(-batches // cfg.gradient_accumulation_steps), sinking)
+
+
+def _restore_training_state(cfg: Config, train_step: nn.Cell, resume: Resume | None) -> int:
+    """The optimizer state, step counter and EMA of a resumed run; the epoch it goes on from (0 for a new run)."""
+    if not resume:
+        return 0
+    load_into(train_step, resume.params, resume.path, skip=NOT_RESTORED)
+    if cfg.ema and not any(name.startswith(EMA_PREFIX) for name in resume.params):
+        # the EMA was cloned from the net, which holds the resumed weights already (loaded above)
+        log.warning("resume_ckpt %s holds no EMA (its run had --ema False): the EMA starts from its weights",
+                    resume.path)
+    log.info("resuming %s from epoch %d (global step %d)", resume.path, resume.meta.epoch_num,
+             int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
+    return resume.meta.epoch_num
+
+
+def _log_summary(cfg: Config, source: DataSource, data: Data, net: nn.Cell) -> None:
     n = cfg.gradient_accumulation_steps
-    accumulated = f" ({steps} batches of {cfg.batch_size}, the optimizer steps every {n}: an effective batch of " \
-        f"{cfg.batch_size * n})" if n > 1 else ""
+    accumulated = f" ({data.batches} batches of {cfg.batch_size}, the optimizer steps every {n}: an effective batch " \
+        f"of {cfg.batch_size * n})" if n > 1 else ""
     isa = "" if cfg.platform != "CPU" else f", {ISA_VAR}={os.environ[ISA_VAR]}" if ISA_VAR in os.environ else \
         f", {ISA_VAR} unset (oneDNN takes the CPU's best)"
     log.info("%s on %s (%s): %d train images (%d classes), %d steps/epoch%s x %d epochs, batch %d, image %d px, "
-             "amp %s%s%s", cfg.model, cfg.platform, "full net" if trainable is net else
-             "head only, on cached backbone features", source.train.num_images, cfg.num_classes, updates, accumulated,
-             cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level, isa,
+             "amp %s%s%s", cfg.model, cfg.platform, "full net" if data.trainable is net else
+             "head only, on cached backbone features", source.train.num_images, cfg.num_classes, data.updates,
+             accumulated, cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level, isa,
              ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
 
+
+def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: nn.Cell, eval_net: nn.Cell, lr,
+         ranks: RankInfo, folder: RunFolder | None, resume: Resume | None, initial_epoch: int) -> RunState:
+    """Model.train with the callbacks; an interruption or a pipeline failure becomes its one line."""
+    out = Path(cfg.output_path)
     metrics = {**accuracy_metrics(), "per_class": ConfusionCounts(source.class_names)}
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
-    monitor = TrainMonitor(lr, cfg.batch_size, sinking, cfg.print_freq, cfg.epoch_size, train_step.stats,
-                           fingerprint_data=cfg.fingerprint_data, accumulation=cfg.gradient_accumulation_steps)
-    evaluator = Evaluator(model, val_ds, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
+    state = RunState()
+    steps = StepLog(lr, cfg.batch_size, data.sinking, cfg.print_freq, train_step.stats,
+                    accumulation=cfg.gradient_accumulation_steps)
+    bar = ProgressBar(cfg.epoch_size, data.sinking.steps_per_epoch)
+    evaluator = Evaluator(model, data.val, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
                           weights=lambda: ema_in_place(train_step), per_class_folder=out,
-                          ) if val_ds is not None else None
+                          ) if data.val is not None else None
+    _log_recipe(cfg, ranks)
+    outputs = epoch_outputs(cfg, folder, source, net, train_step, data.batches, resume is not None,
+                             evaluator.write_per_class if evaluator else None) if folder else _nothing
+    callbacks = [TrainMonitor(state, steps, bar, cfg.fingerprint_data),
+                 EpochEnd(state, steps, bar, history, evaluator, outputs, net)]
+    try:
+        stop_if_signalled()
+        model.train(train_dataset=data.train, callbacks=callbacks,
+                    **data.sinking.train_kwargs(cfg.epoch_size, initial_epoch))
+        stop_if_signalled()  # a signal during the last epoch's end: the run did not finish as asked
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or SIGTERM (errors.stop_on_signals), or an error after one
+        signum = interrupting_signal(exc)
+        if signum is None:
+            if isinstance(exc, RuntimeError) and "Dataset Pipeline Error Message" in str(exc):
+                raise UserError(pipeline_error(exc, state.epoch, state.step)) from None
+            raise
+        last = _last_checkpoint_of_this_run(cfg, folder)
+        resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
+        lost = "; MindSpore stops a rank this way too when another rank is lost" if ranks.group_size > 1 else ""
+        raise Interrupted(f"training interrupted at epoch {state.epoch} step {state.step} ({resume_hint}; "
+                          f"every file written so far is complete{lost})", signum) from None
+    return state
+
+
+def _nothing(record, history) -> None:
+    """The epoch outputs of a rank other than 0: none."""
+
+
+def _log_recipe(cfg: Config, ranks: RankInfo) -> None:
     if cfg.ema and ranks.is_main:
         log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
                  "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
@@ -166,29 +246,13 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
                  "targets; train top-1/top-5 count each target's largest class", cfg.mixup, cfg.cutmix,
                  cfg.mixup_prob, cfg.mixup_switch_prob if cfg.mixup > 0 and cfg.cutmix > 0 else
                  float(cfg.cutmix > 0), f"epochs 1..{cfg.mixup_off_epoch}" if cfg.mixup_off_epoch else "every epoch")
-    alarm = LossAlarm(cfg.num_classes, f"lower --lr_max, now {cfg.lr_max:g}, and train again")
-    outputs = [folder.commit, alarm, *_epoch_outputs(cfg, ckpt_dir, source, net, train_step, steps, bool(resume),
-                                                     evaluator.write_per_class if evaluator else None),
-               folder.settle] if folder else []
-    try:
-        stop_if_signalled()
-        model.train(train_dataset=train_ds, callbacks=[monitor, EpochEnd(monitor, history, evaluator, outputs, net)],
-                    **sinking.train_kwargs(cfg.epoch_size, initial_epoch))
-        stop_if_signalled()  # a signal during the last epoch's end: the run did not finish as asked
-    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C or SIGTERM (errors.stop_on_signals), or an error after one
-        signum = interrupting_signal(exc)
-        if signum is None:
-            if isinstance(exc, RuntimeError) and "Dataset Pipeline Error Message" in str(exc):
-                raise UserError(pipeline_error(exc, monitor.epoch, monitor.iter)) from None
-            raise
-        last = _last_checkpoint_of_this_run(cfg, folder)
-        resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
-        lost = "; MindSpore stops a rank this way too when another rank is lost" if ranks.group_size > 1 else ""
-        raise Interrupted(f"training interrupted at epoch {monitor.epoch} step {monitor.iter} ({resume_hint}; "
-                          f"every file written so far is complete{lost})", signum) from None
-    if monitor.diverged:
-        epoch, step, loss = monitor.diverged
-        what = loss if isinstance(loss, str) else f"loss {loss}"
+
+
+def _outcome(cfg: Config, state: RunState, net: nn.Cell, ranks: RankInfo, folder: RunFolder | None,
+             start: float) -> TrainResult:
+    """A divergence as its one line, else the digests of a distributed run and the result."""
+    if state.divergence:
+        epoch, step, what = state.divergence
         raise TrainingDiverged(
             f"training diverged at epoch {epoch} step {step} ({what}); last good checkpoint: "
             f"{_last_checkpoint_of_this_run(cfg, folder) or 'none of this run'}; lower --lr_max (now {cfg.lr_max:g})"
@@ -196,27 +260,14 @@ def _train(cfg: Config, source: DataSource, resume, pretrain, ranks: RankInfo, f
             + (f", or train in float32 with --amp_level O0 (now {cfg.amp_level}: float16 on CPU is slower and "
                "overflows easily)" if cfg.platform == "CPU" and cfg.amp_level != "O0" else "") + " and train again")
     if ranks.group_size > 1 or cfg.fingerprint_data:  # the weights digest is one pass over them, at the end
-        data = f"trained on data sha256 {monitor.data_digest.hexdigest()[:16]}; " if cfg.fingerprint_data else ""
+        data = f"trained on data sha256 {state.data_digest.hexdigest()[:16]}; " if cfg.fingerprint_data else ""
         log.info("rank %d of %d: %sfinal weights sha256 %s", ranks.rank, ranks.group_size, data,
                  weights_digest(net)[:16])
-
-    best = ckpt_dir / "best.ckpt"
+    out = Path(cfg.output_path)
+    best = out / "checkpoint" / "best.ckpt"
     best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if best.is_file() else None
     return TrainResult(out, best if best.is_file() else None, best_top1, _last_checkpoint_of_this_run(cfg, folder),
                        time.perf_counter() - start)
-
-
-def pipeline_error(exc: Exception, epoch: int, step: int) -> str:
-    """One line for a mindspore.dataset failure during training, naming the file when MindSpore does."""
-    text = " ".join(line.strip() for line in str(exc).splitlines())
-    found = re.search(r"The corresponding data file is: (.+?)\. (.+?\.)(?:\s|$)", text)
-    if found:
-        return (f"{found.group(1)} cannot be read by MindSpore ({found.group(2).strip().rstrip('.')}), found at epoch "
-                f"{epoch} step {step} although the check before training decoded every image (was the file changed? "
-                "delete or re-encode it and train again)")
-    detail = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
-    return (f"the data pipeline failed at epoch {epoch} step {step}: "
-            f"{(detail.group(1) if detail else text)[:300].strip()} (run with --debug for MindSpore's message)")
 
 
 def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path | None:
@@ -251,27 +302,6 @@ def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, fi
         return train_ds, val_ds if evaluates else None, HeadOnFeatures(net)
     train_ds = create_dataset(cfg, source, training=True, first_epoch=first_epoch, **ranks.shard)
     return train_ds, create_dataset(cfg, source, training=False) if evaluates else None, net
-
-
-def _epoch_outputs(cfg: Config, ckpt_dir: Path, source: DataSource, net: nn.Cell, train_step: nn.Cell,
-                   steps_per_epoch: int, resuming: bool, per_class=None) -> list:
-    """What rank 0 writes after each epoch, in this order: best.ckpt, metrics.csv + curves.png, per_class.csv +
-    confusion_matrix.png (`per_class`, after the last epoch), the periodic checkpoint (an upload after it, on
-    ModelArts, carries the others). A resumed run's best.ckpt is replaced only
-    by a better epoch than the one it holds."""
-    out = Path(cfg.output_path)
-    best = ckpt_dir / "best.ckpt"
-    floor = read_checkpoint(best, "best.ckpt")[1].val_top1 if resuming and best.is_file() else None
-    meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
-            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant, "ema": cfg.ema,
-            **arch_meta(cfg), "preprocess": preprocessing(cfg, source.kind).to_json(),
-            **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
-            "steps_per_epoch": steps_per_epoch}
-    return [BestCheckpoint(net, best, meta, floor, ema=ema_by_name(train_step)),
-            MetricsFiles(out / "metrics.csv", out / "curves.png"), *([per_class] if per_class else []),
-            PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
-                                cfg.keep_checkpoint_max, cfg.epoch_size, meta,
-                                on_saved=(lambda: upload_outputs(cfg)) if cfg.enable_modelarts else None)]
 
 
 def weights_digest(net: nn.Cell) -> str:
