@@ -114,7 +114,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
     if mode == "train":
         # one LR value per step the optimizer will take (the schedule is indexed by the global step)
         lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 1 + warmup + steps * rounds)
-        train_step, _ = build_train_step(net, cfg, lr)
+        train_step, _ = build_train_step(net, cfg, lr, batches_per_epoch=len(lr))
 
         def step():
             train_step(x, y).asnumpy()

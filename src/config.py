@@ -21,6 +21,7 @@ import yaml
 
 from src.errors import UserError, show_tracebacks
 from src.models.registry import cards, model_card
+from src.policy import parse_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -220,8 +221,6 @@ class Config:
             if getattr(self, key) is not None:
                 channel_values(getattr(self, key), key)
         if self.auto_augment is not None:
-            from src.data.augment import parse_policy
-
             parse_policy(self.auto_augment)
         if self.sink_size == 0:
             raise UserError("--sink_size got 0 (use -1 for one sink per epoch, or a number of steps)")
@@ -469,11 +468,6 @@ def _value(parsed: argparse.Namespace, name: str, values: dict[str, Any], f: dat
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror} (free some space or pass a writable --output_path)"
-                        ) from None
+    from src.files import write_atomically
+
+    write_atomically(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))

@@ -353,7 +353,7 @@ def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
     output = Path(cfg.output_path).resolve()
     train_args += _without_flag(extra, "--output_path") + ["--output_path", str(output)]  # each flag once
     plan = Plan(platform, device_num, devices, rank_table, train_args, output, nodes=nodes, world_size=world,
-                training=sinking.describe(cfg))
+                training=sinking.dry_run_line(cfg))
     if platform == "Ascend":
         _add_ascend_ranks(plan, table_ranks)
     else:
@@ -447,7 +447,7 @@ def _add_ranks(plan: Plan) -> None:
                                plan.shared_command, Path.cwd(), log_dir / f"worker_{first + i}.log"))
 
 
-def describe(plan: Plan) -> str:
+def describe_plan(plan: Plan) -> str:
     lines = []
     if plan.nodes.num > 1:
         ids = sorted(r.rank for r in plan.ranks)
@@ -595,13 +595,13 @@ def launch(argv: list[str]) -> int:
         print(f"error: {exc}\n{USAGE}", file=sys.stderr)
         return 2
     if os.environ.get("DRY_RUN") == "1":
-        print(describe(plan))
+        print(describe_plan(plan))
         print(f"every rank: {plan.training}")
         return 0
     if plan.shared_command:
         log_dir = plan.output_path / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        print(describe(plan), flush=True)
+        print(describe_plan(plan), flush=True)
         # msrun's stdout carries the workers' logs (it tails them); its own log lines and, when a rank fails, its
         # traceback go to logs/msrun.log: the terminal gets one error line from here
         with open(log_dir / "msrun.log", "w") as msrun_log:

@@ -620,8 +620,8 @@ def test_every_warning_says_warning_on_the_console_and_in_the_log_file(tmp_path,
 def test_a_loss_far_above_chance_level_is_a_warning_once(caplog):
     """A finite loss of 15-50 for 2 classes (the demo's tiny net at --lr_max 0.5) ended rc 0 at chance accuracy
     without a word: a nan ends the run, an exploding finite loss now says so once."""
-    from src.engine.outputs import LossAlarm
     from src.engine.history import EpochRecord, History
+    from src.engine.outputs import LossAlarm
 
     alarm = LossAlarm(2, "lower --lr_max, now 0.5, and train again")
     with caplog.at_level("WARNING", logger="train"):

@@ -44,11 +44,6 @@ def test_linear():
     np.testing.assert_allclose(lr, [0.0, 0.5, 1.0, 0.8, 0.6, 0.4], rtol=1e-6)
 
 
-def test_start_step_slices_the_same_curve():
-    full = build_lr_schedule("cosine", 0.0, 0.4, 0.0, 1, 5, 3)
-    np.testing.assert_array_equal(build_lr_schedule("cosine", 0.0, 0.4, 0.0, 1, 5, 3, start_step=6), full[6:])
-
-
 def test_label_smoothing_values():
     logits = np.array([[2.0, 1.0, 0.0, -1.0]], np.float32)
     loss = CrossEntropySmooth(4, 0.3)(ms.Tensor(logits), ms.Tensor(np.array([1], np.int32)))
@@ -66,7 +61,8 @@ def test_parameter_counts_equal_torchvision(name, count):
 
 def test_registry_names_and_head_split():
     assert list_models() == list(MODEL_NAMES)  # the config's choices are exactly the registered nets
-    assert set(MODEL_NAMES) == {"mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101"}
+    # the built-in nets (a package added under src/models joins them without an edit here)
+    assert {"mobilenetv2", "mobilenetv3_large", "mobilenetv3_small", "resnet50", "resnet101"} <= set(MODEL_NAMES)
     net = create_model("mobilenetv2", 10, width=0.5)
     head = [p.name for p in net.head.get_parameters()]
     backbone = [p.name for p in net.backbone.get_parameters()]

@@ -101,7 +101,7 @@ def test_amp_levels_train_on_cpu(level, tmp_path, monkeypatch):
     set_seed(1)
     net = create_model("mobilenetv2", 3, 0.25)
     before = list(_weights(net).items())
-    step, _ = build_train_step(net, cfg, build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 3))
+    step, _ = build_train_step(net, cfg, build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 3), batches_per_epoch=3)
     x = Tensor(np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32))
     y = Tensor(np.array([0, 2], np.int32))
     losses = [float(step(x, y).asnumpy()) for _ in range(3)]

@@ -22,6 +22,7 @@ from src.config import Config
 from src.data.checks import DataSource
 from src.data.pipeline import create_dataset
 from src.errors import stop_if_signalled
+from src.files import write_atomically
 from src.data.transforms import preprocessing
 from src.models.common import ClassifierNet, PooledFeatures
 
@@ -73,10 +74,12 @@ def cached_features(cfg: Config, source: DataSource, net: ClassifierNet) -> dict
         data = create_dataset(cfg, source, training=False, split=name)
         feats[f"{name}_x"], feats[f"{name}_y"] = _extract(extractor, data)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{os.getpid()}-{path.name}"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **feats)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to a path
+            np.savez(fh, **feats)
+
+    write_atomically(path, write)
     log.info("feature cache written: %s (%.1f s)", path, time.perf_counter() - start)
     return feats
 

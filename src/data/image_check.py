@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.errors import stop_if_signalled
+from src.errors import UserError, stop_if_signalled
+from src.files import write_atomically
 
 log = logging.getLogger("train")
 CACHE_VERSION = 1
@@ -130,12 +131,11 @@ class ImageCheckCache:
         self.folders[name] = {"digest": digest, "warnings": [[p.name, why] for p, why in check.warnings]}
 
     def save(self) -> None:
+        text = json.dumps({"version": CACHE_VERSION, "split": str(self.split_dir), "folders": self.folders})
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "split": str(self.split_dir), "folders": self.folders}))
-            os.replace(tmp, self.path)
-        except OSError as exc:  # a cache that cannot be written costs time, not correctness
+            write_atomically(self.path, lambda tmp: tmp.write_text(text))
+        except (OSError, UserError) as exc:  # a cache that cannot be written costs time, not correctness
             log.debug("image check cache %s not written: %s", self.path, exc)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +14,11 @@ from src.config import Config
 from src.data.transforms import preprocessing
 from src.deploy.qdq import QdqLayer, insert_qdq, qdq_settings
 from src.device import setup_device
-from src.engine.checkpoint import CheckpointMeta, write_error
+from src.engine.checkpoint import CheckpointMeta
 from src.engine.layouts import Weights
 from src.engine.weights import inference_net, open_for_inference
 from src.errors import UserError, writable_folder
+from src.files import write_atomically
 from src.models.common import onnx_exportable
 
 log = logging.getLogger("train")
@@ -56,10 +56,6 @@ def model_metadata(cfg: Config, meta: CheckpointMeta) -> dict[str, str]:
             "pact_quant": str(cfg.pact_quant)}
 
 
-def _tmp_base(path: Path) -> Path:
-    return path.with_name(f".tmp-{os.getpid()}-{path.stem}")
-
-
 def export_model(cfg: Config) -> ExportResult:
     if cfg.file_format == "AIR" and cfg.platform != "Ascend":
         raise UserError("AIR export needs an Ascend device (MindSpore builds AIR files only on Ascend; use "
@@ -74,21 +70,20 @@ def export_model(cfg: Config) -> ExportResult:
     x = Tensor(x.astype(np.float32))
     net = inference_net(cfg, weights)
     reference = net(x).asnumpy()
-    tmp = _tmp_base(path)
-    tmp_file = Path(str(tmp) + EXTENSIONS[cfg.file_format])
-    try:
-        diff = _export_and_check(cfg, net, weights, x, reference, tmp, tmp_file)
+    found: list[float | None] = []
+
+    def write(tmp_file: Path) -> None:  # MindSpore appends the extension to the name it is given
+        diff = _export_and_check(cfg, net, weights, x, reference, tmp_file.with_suffix(""), tmp_file)
         limit = (QDQ_TOLERANCE if cfg.pact_quant and cfg.file_format == "ONNX" else TOLERANCE) * max(
             1.0, float(np.abs(reference).max()))
         if diff is not None and not diff <= limit:  # nan fails too
             raise ExportMismatch(f"the exported {cfg.file_format} model differs from the MindSpore net by {diff:.3g} "
                                  f"(more than {limit:.3g}), so {path} was not written (an export bug: please report "
                                  "it with the command and the checkpoint)")
-        os.replace(tmp_file, path)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    finally:
-        tmp_file.unlink(missing_ok=True)
+        found.append(diff)
+
+    write_atomically(path, write)
+    diff = found[0]
     result = ExportResult(path, path.stat().st_size, diff)
     check = "" if diff is None else f"; max abs diff vs the MindSpore net: {diff:.3g}"
     log.info("exported %s: %s (%.2f MB)%s", cfg.file_format, path, result.size_bytes / 2**20, check)

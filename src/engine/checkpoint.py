@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import errno
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,22 @@ import mindspore as ms
 import numpy as np
 
 from src.errors import UserError, first_line, not_a_file
+from src.files import write_atomically
 
 # the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
 SCHEDULE_KEYS = ("batch_size", "gradient_accumulation_steps", "epoch_size", "lr_decay_mode", "lr_init", "lr_max",
                  "lr_end", "warmup_epochs", "steps_per_epoch")
 # the net's shape beyond model/width/num_classes: a checkpoint made from published weights keeps their convention
 ARCH_KEYS = ("bn_eps", "padding")
-META_KEYS = ("epoch_num", "step_num", "model", "num_classes", "image_size", "width", "class_names", "val_top1",
-             "pact_quant", "ema", "lr", *ARCH_KEYS, "preprocess", "source", *SCHEDULE_KEYS)
 OWN_META_KEYS = ("model", "image_size", "class_names", "pact_quant", "steps_per_epoch")  # not written by others
-OPTIMIZER_MARKERS = ("moments.", "global_step")
+EMA_PREFIX = "ema."  # the EMA copy of parameter X is saved as ema.X
+OPTIMIZER_MARKERS = ("moments.", "global_step")  # this package's optimizer state (Momentum) and step counter
+# optimizer state and step counters of any MindSpore training checkpoint (the ModelZoo's keep them; Momentum, Adam(W),
+# RMSProp, Lamb, FTRL, mindcv's Lion/NAdam, EMA copies), left out when its weights are read
+OPTIMIZER_NAMES = re.compile(r"(moments|moment[123]?|accum|adam_[mv]|mean_square|mean_grad|lamb_[mv]|linear|lion_m|"
+                             rf"nadam_[mv]|prev_gradient|vhat|{re.escape(EMA_PREFIX[:-1])}|swap)\..*|learning_rate|"
+                             r"global_step|momentum|beta[12]_power|scale_sense|current_iterator_step|"
+                             r"last_overflow_iterator_step|epoch_num|step_num|loss_scale")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
 
 
@@ -56,6 +61,9 @@ class CheckpointMeta:
     lr_end: float | None = None
     warmup_epochs: float | None = None
     steps_per_epoch: int | None = None
+
+
+META_KEYS = tuple(f.name for f in dataclasses.fields(CheckpointMeta))  # stored in the file beside the tensors
 
 
 def arch_meta(cfg) -> dict[str, Any]:
@@ -100,33 +108,6 @@ def save_checkpoint(obj, path: Path, meta: dict[str, Any]) -> None:
             tmp.with_suffix(".tmp").unlink(missing_ok=True)
 
     write_atomically(path, write, errors=(OSError, RuntimeError))
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any], errors: tuple = (OSError,)) -> None:
-    """`write(tmp)` a temp file beside `path`, then rename it over `path`: a reader sees the old file or the
-    whole new one. A failure (`errors`, e.g. a full disk) removes the temp file and is one UserError; `path` is
-    unchanged."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:  # an interruption too: no temp file outlives a failed write
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, errors):
-            raise write_error(path, exc) from None
-        raise
-
-
-def write_error(path: Path, exc: Exception) -> UserError:
-    """One line for a file that could not be written (disk full, read-only, permissions); nothing was replaced."""
-    text = str(exc)
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text:
-        why = "no space left on the device (free some space or pass another --output_path)"
-    elif getattr(exc, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM) or "ermission" in text:
-        why = f"{getattr(exc, 'strerror', None) or 'not writable'} (pass a writable --output_path)"
-    else:
-        why = f"{(text.strip().splitlines() or [type(exc).__name__])[0][:200]} (check the disk and the path)"
-    return UserError(f"cannot write {path}: {why}; the earlier file, if any, is unchanged")
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> tuple[dict, CheckpointMeta]:
@@ -200,16 +181,22 @@ def has_optimizer_state(params: dict) -> bool:
 SHAPE_HINT = "use the --model, --num_classes and --width it was trained with"
 
 
+def check_shapes(values: dict, shapes: dict[str, tuple], what: str, hint: str) -> None:
+    """UserError naming the first of `values` whose shape is not the net's (`shapes`, by parameter name)."""
+    for name, value in values.items():
+        if tuple(value.shape) != tuple(shapes[name]):
+            raise UserError(f"{what}: parameter {name} has shape {tuple(value.shape)} but the net expects "
+                            f"{tuple(shapes[name])} ({hint})")
+
+
 def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = (), hint: str = SHAPE_HINT) -> list[str]:
     """Load matching parameters into `cell`; a shape mismatch is an error naming the parameter.
 
     Returns the names of the cell's parameters that the checkpoint did not provide.
     """
     own = {p.name: p for p in cell.get_parameters()}
-    for name, value in params.items():
-        if name in own and name not in skip and tuple(own[name].shape) != tuple(value.shape):
-            raise UserError(f"checkpoint {path}: parameter {name} has shape {tuple(value.shape)} but the net "
-                            f"expects {tuple(own[name].shape)} ({hint})")
+    check_shapes({n: v for n, v in params.items() if n in own and n not in skip},
+                 {n: tuple(p.shape) for n, p in own.items()}, f"checkpoint {path}", hint)
     usable = {k: v for k, v in params.items() if k in own and k not in skip}
     if not any(k in usable for k in own if not k.startswith(OPTIMIZER_MARKERS)):
         raise UserError(f"checkpoint {path} holds none of this net's parameters (is it a checkpoint of "

@@ -5,7 +5,7 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from src.engine.checkpoint import write_atomically
+from src.files import write_atomically
 
 METRICS_COLUMNS = ("epoch", "step", "lr", "loss", "val_top1", "val_top5", "epoch_time_s")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from src.data.transforms import IMAGENET_PREPROCESSING
-from src.engine.checkpoint import META_KEYS, CheckpointMeta, read_checkpoint
+from src.engine.checkpoint import EMA_PREFIX, META_KEYS, OPTIMIZER_NAMES, CheckpointMeta, read_checkpoint
 from src.engine.published import is_remote, local_path, remote_file_name
 from src.errors import UserError, not_a_file
 from src.models.registry import cards, family_of, models_of_family
@@ -30,12 +30,6 @@ log = logging.getLogger("train")
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 PUBLISHED_IMAGE_SIZE = 224
-# optimizer state and step counters of MindSpore training checkpoints (the ModelZoo's keep them)
-# (Momentum, Adam(W), RMSProp, Lamb, FTRL, mindcv's Lion/NAdam, EMA copies)
-OPTIMIZER_NAMES = re.compile(r"(moments|moment[123]?|accum|adam_[mv]|mean_square|mean_grad|lamb_[mv]|linear|lion_m|"
-                             r"nadam_[mv]|prev_gradient|vhat|ema|swap)\..*|learning_rate|global_step|momentum|"
-                             r"beta[12]_power|scale_sense|current_iterator_step|last_overflow_iterator_step|"
-                             r"epoch_num|step_num|loss_scale")
 TORCH_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 # where the alphabetical order of names is not the forward order (ResNet's blocks), and the classifier last
 _RANKS = {"conv1": 1, "bn1": 2, "conv2": 3, "bn2": 4, "conv3": 5, "bn3": 6, "downsample": 7, "down_sample": 7,
@@ -89,8 +83,9 @@ def read_weights(path: str | Path, what: str) -> Weights:
         if not is_remote(spec):
             raise
         raise UserError(f"{exc}; it was downloaded from {spec}: delete {path} to download it again") from None
-    if meta.ema and any(n.startswith("ema.") for n in params):  # a periodic checkpoint of a run with --ema True
-        params = {**params, **{n[4:]: v for n, v in params.items() if n.startswith("ema.") and n[4:] in params}}
+    if meta.ema and any(n.startswith(EMA_PREFIX) for n in params):  # a periodic checkpoint of a run with --ema True
+        ema = {n.removeprefix(EMA_PREFIX): v for n, v in params.items() if n.startswith(EMA_PREFIX)}
+        params = {**params, **{n: v for n, v in ema.items() if n in params}}
         log.info("%s %s: using its EMA weights (ema.*), as evaluation during its training did", what, path)
     ignored = [n for n in params if OPTIMIZER_NAMES.fullmatch(n)]
     params = {n: v for n, v in params.items() if n not in ignored and n not in META_KEYS}

@@ -1,8 +1,7 @@
 """Per-step learning-rate arrays, built up front as in the ModelZoo.
 
 The optimizer indexes the array with its global step, which checkpoints save, so a resumed run
-continues on the same curve (no second warmup). `start_step` slices the array for callers that
-restart the step count at zero.
+continues on the same curve (no second warmup).
 """
 from __future__ import annotations
 
@@ -52,10 +51,10 @@ SCHEDULES = {"cosine": _cosine, "steps": _steps, "poly": _poly, "linear": _linea
 
 
 def build_lr_schedule(mode: str, lr_init: float, lr_max: float, lr_end: float, warmup_epochs: float,
-                      total_epochs: int, steps_per_epoch: int, start_step: int = 0) -> np.ndarray:
-    """float32 learning rate for every training step from `start_step` on."""
+                      total_epochs: int, steps_per_epoch: int) -> np.ndarray:
+    """float32 learning rate for every optimizer step of the run (`steps_per_epoch`: optimizer steps)."""
     total = total_epochs * steps_per_epoch
     warmup = int(warmup_epochs * steps_per_epoch)
     fn = SCHEDULES[mode]
     lr = [fn(i, total, warmup, lr_init, lr_max, lr_end) for i in range(total)]
-    return np.asarray(lr, dtype=np.float32)[start_step:]
+    return np.asarray(lr, dtype=np.float32)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from mindspore.train import Metric
 
-from src.engine.checkpoint import write_atomically
+from src.files import write_atomically
 
 log = logging.getLogger("train")
 MATRIX_MAX_CLASSES = 100  # above this the picture shows the most confused pairs instead of the matrix

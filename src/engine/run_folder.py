@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from src.config import Config, save_config
-from src.engine.checkpoint import periodic_checkpoints, write_error
+from src.engine.checkpoint import periodic_checkpoints
 from src.engine.history import EpochRecord, History
 from src.errors import UserError, writable_folder
+from src.files import write_atomically, write_error
 from src.logs import attach_log_file, log_file_error
 
 log = logging.getLogger("train")
@@ -110,13 +111,8 @@ class RunFolder:
         if earlier:
             names = [str(p.relative_to(self.path)) for p in earlier]
             (self.aside / "checkpoint").mkdir(parents=True, exist_ok=True)
-            tmp = self.aside / f".tmp-{MANIFEST}"
-            try:
-                tmp.write_text("".join(f"{name}\n" for name in names))
-                os.replace(tmp, self.aside / MANIFEST)  # from here on, a failure puts these back
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise write_error(self.aside / MANIFEST, exc) from None
+            # from here on, a failure puts these back
+            write_atomically(self.aside / MANIFEST, lambda tmp: tmp.write_text("".join(f"{n}\n" for n in names)))
             self.committed = True
             for name in names:
                 os.replace(self.path / name, self.aside / name)

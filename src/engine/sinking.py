@@ -80,7 +80,7 @@ def sink_plan(cfg: Config, steps_per_epoch: int, say: bool = True) -> Sinking:
     return Sinking(True, steps_per_epoch, size)
 
 
-def describe(cfg: Config) -> str:
+def dry_run_line(cfg: Config) -> str:
     """What Model.train gets for sinking, for the launcher's dry run (the steps per epoch come from the data)."""
     if not cfg.dataset_sink_mode:
         return "Model.train(..., dataset_sink_mode=False): batches from the host, a log line every print_freq steps"

@@ -15,6 +15,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from src.config import Config
+from src.engine.checkpoint import EMA_PREFIX
 from src.engine.loss import CrossEntropySmooth
 from src.engine.optimizer import create_optimizer
 from src.models.kernels import use_fast_kernels
@@ -23,7 +24,6 @@ log = logging.getLogger("train")
 
 _grad_scale = ops.MultitypeFuncGraph("grad_scale")
 _ema_update = ops.MultitypeFuncGraph("ema_update")
-EMA_PREFIX = "ema."  # the EMA copy of parameter X is saved as ema.X
 EMA_WARMUP_STEPS = 2000.0  # mindcv's: the decay at step t is ema_decay * (1 - exp(-t / 2000))
 
 
@@ -112,8 +112,10 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
 
     def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, scale_sense, check_overflow: bool,
                  num_classes: int, ema_decay: float | None = None, clip_value: float | None = None,
-                 accumulation: int = 1, steps_per_epoch: int = 1):
+                 accumulation: int = 1, steps_per_epoch: int | None = None):
         super().__init__(network, optimizer, scale_sense)
+        if accumulation > 1 and not steps_per_epoch:  # the epoch's last batch ends a group: it must be known
+            raise ValueError("gradient accumulation needs the batches per epoch (steps_per_epoch)")
         self.check_overflow = check_overflow
         self.stats = RunningStats(num_classes)
         self.accumulates = accumulation > 1
@@ -271,11 +273,11 @@ def eval_cell(net: nn.Cell, cfg: Config) -> EvalNet:
     return EvalNet(inference_cell(net, cfg))
 
 
-def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, steps_per_epoch: int = 1) -> tuple[TrainStep, EvalNet]:
+def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, batches_per_epoch: int) -> tuple[TrainStep, EvalNet]:
     """(train step, eval cell) sharing one AMP net, with loss scaling and the optimizer applied.
 
-    `lr` has one value per optimizer step; `steps_per_epoch` counts the data batches (micro-batches when
-    gradient_accumulation_steps > 1)."""
+    `lr` has one value per optimizer step; `batches_per_epoch` counts the data batches (micro-batches when
+    gradient_accumulation_steps > 1: the optimizer also steps after an epoch's last batch)."""
     amp_net = inference_cell(net, cfg)
     loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
     scale_sense, check_overflow = loss_scale_sense(cfg)
@@ -283,6 +285,6 @@ def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, steps_per_epoch:
     train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes,
                            ema_decay=cfg.ema_decay if cfg.ema else None,
                            clip_value=cfg.clip_value if cfg.clip_grad else None,
-                           accumulation=cfg.gradient_accumulation_steps, steps_per_epoch=steps_per_epoch)
+                           accumulation=cfg.gradient_accumulation_steps, steps_per_epoch=batches_per_epoch)
     train_step.set_train()
     return train_step, EvalNet(amp_net)

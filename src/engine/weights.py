@@ -18,6 +18,7 @@ from src.engine.checkpoint import (
     SHAPE_HINT,
     CheckpointMeta,
     best_checkpoint,
+    check_shapes,
     has_optimizer_state,
     read_checkpoint,
 )
@@ -83,10 +84,7 @@ def load_pretrained(net: ClassifierNet, weights: Weights, cfg: Config) -> LoadRe
     dropped = sorted(n for n in mapped if n.startswith(head)) if cfg.filter_head else []
     for name in dropped:
         del mapped[name]
-    for name, value in mapped.items():
-        if tuple(value.shape) != own[name]:
-            raise UserError(f"pretrain_ckpt {path}: parameter {name} has shape {tuple(value.shape)} but the net "
-                            f"expects {own[name]} ({FILTER_HINT})")
+    check_shapes(mapped, own, f"pretrain_ckpt {path}", FILTER_HINT)
     missing = [n for n in own if n not in mapped and not n.startswith(head) and not is_quant_param(n)]
     if missing:
         raise UserError(f"pretrain_ckpt {path} ({weights.layout.name(cfg.model, cfg.width)} layout) lacks "
@@ -252,10 +250,8 @@ def inference_net(cfg: Config, weights: Weights) -> ClassifierNet:
     if missing:
         raise UserError(f"checkpoint {weights.path} lacks {len(missing)} parameters of {cfg.model}, e.g. {missing[0]} "
                         "(pass a checkpoint of the same --model)")
-    for p in net.get_parameters():
-        if tuple(mapped[p.name].shape) != tuple(p.shape):
-            raise UserError(f"checkpoint {weights.path}: parameter {p.name} has shape {tuple(mapped[p.name].shape)} "
-                            f"but the net expects {tuple(p.shape)} ({SHAPE_HINT})")
+    check_shapes(mapped, {p.name: tuple(p.shape) for p in net.get_parameters()}, f"checkpoint {weights.path}",
+                 SHAPE_HINT)
     load_mapped(net, mapped)
     net.set_train(False)
     return net
