@@ -27,19 +27,32 @@ prepare_cpu_environment()
 
 
 # `pytest -m "not e2e"`: the unit tests alone, in about a minute. A test is end-to-end when it starts another process
-# (a command, a launcher, a subprocess) or uses the shared training run; marked here, so a new test is marked by what
-# it does and no list has to be kept.
+# (a command, a launcher, a subprocess), itself or through a `_helper` of its module, or uses the shared training run;
+# marked here, so a new test is marked by what it does and no list has to be kept.
 E2E_FIXTURES = {"trained", "earlier_run"}
-E2E_CALLS = re.compile(r"\b(run_cli|_sh|_faulty_training|_start_node|subprocess\.(run|Popen|check_output))\(")
+E2E_CALLS = re.compile(r"\b(run_cli|run_sh|_faulty_training|_start_node|subprocess\.(run|Popen|check_output))\(")
+
+
+def _starts_a_process(function, module, seen: set) -> bool:
+    """Whether the function's source, or that of a helper of its module it calls (at any depth), starts a process."""
+    import inspect
+
+    if function in seen:
+        return False
+    seen.add(function)
+    source = inspect.getsource(function)
+    if E2E_CALLS.search(source):
+        return True
+    helpers = (getattr(module, name, None) for name in set(re.findall(r"\b(_\w+)\(", source)))
+    return any(inspect.isfunction(h) and h.__module__ == module.__name__ and _starts_a_process(h, module, seen)
+               for h in helpers)
 
 
 def pytest_collection_modifyitems(config, items):
-    import inspect
-
     for item in items:
         function = getattr(item, "function", None)
-        source = inspect.getsource(function) if function else ""
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or E2E_CALLS.search(source):
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or (
+                function and _starts_a_process(function, item.module, set())):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -76,6 +89,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_sh(script: str, *args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """A shell launcher of scripts/ run as users run it: `sh scripts/X.sh ARGS` from the package folder."""
+    return subprocess.run(["sh", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "GLOG_v": "3", **(env or {})})
 
 
 # The tiny net every end-to-end test uses, and the training flags on top of it.

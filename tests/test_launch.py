@@ -8,17 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_imagefolder
+from conftest import ROOT, make_imagefolder, run_sh
 
 from src.errors import UserError
 from src.launch import Plan, Rank, _free_port, _run_ranks, parse_devices
 
-
-def _sh(*args, env=None, timeout=120):
-    import os
-
-    return subprocess.run(["sh", "scripts/run_train.sh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "GLOG_v": "3", **(env or {})})
+TRAIN = "scripts/run_train.sh"
 
 
 def _rank_table(path: Path, n: int) -> Path:
@@ -39,8 +34,8 @@ def test_parse_devices():
 
 def test_ascend_8p_dry_run(tmp_path):
     table = _rank_table(tmp_path / "hccl_8p.json", 8)
-    proc = _sh("Ascend", "8", "0-7", str(table), str(tmp_path), "--epoch_size", "3", "--output_path",
-               str(tmp_path / "out"), env={"DRY_RUN": "1"})
+    proc = run_sh(TRAIN, "Ascend", "8", "0-7", str(table), str(tmp_path), "--epoch_size", "3", "--output_path",
+                  str(tmp_path / "out"), env={"DRY_RUN": "1"})
     assert proc.returncode == 0, proc.stderr
     for i in range(8):
         assert f"rank {i}: DEVICE_ID={i} RANK_ID={i} RANK_SIZE=8 RANK_TABLE_FILE={table} HCCL_CONNECT_TIMEOUT=600" \
@@ -54,8 +49,8 @@ def test_ascend_8p_dry_run(tmp_path):
 
 
 def test_gpu_4p_dry_run(tmp_path):
-    proc = _sh("GPU", "4", "0,2,4,6", str(tmp_path), "--config_path", "configs/resnet50_imagenet.yaml",
-               env={"DRY_RUN": "1"})
+    proc = run_sh(TRAIN, "GPU", "4", "0,2,4,6", str(tmp_path), "--config_path", "configs/resnet50_imagenet.yaml",
+                  env={"DRY_RUN": "1"})
     assert proc.returncode == 0, proc.stderr
     for i in range(4):
         assert f"rank {i}: CUDA_VISIBLE_DEVICES=0,2,4,6 RANK_ID={i} RANK_SIZE=4 (msrun worker {i})" in proc.stdout
@@ -81,8 +76,8 @@ def _two_server_table(path: Path, ranks=None) -> Path:
 def test_ascend_two_servers_dry_run(tmp_path, server_id):
     """The second server of a 16-device job runs ranks 8..15 with RANK_SIZE 16, found by SERVER_ID."""
     table = _two_server_table(tmp_path / "hccl_16p.json")
-    proc = _sh("Ascend", "8", "0-7", str(table), str(tmp_path), "--output_path", str(tmp_path / "out"),
-               "--dataset_sink_mode", "True", "--sink_size", "100", env={"DRY_RUN": "1", "SERVER_ID": server_id})
+    proc = run_sh(TRAIN, "Ascend", "8", "0-7", str(table), str(tmp_path), "--output_path", str(tmp_path / "out"),
+                  "--dataset_sink_mode", "True", "--sink_size", "100", env={"DRY_RUN": "1", "SERVER_ID": server_id})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("node 1 of 2: ranks 8..15 of 16\n")
     for d in range(8):
@@ -96,7 +91,7 @@ def test_ascend_two_servers_dry_run(tmp_path, server_id):
 
 def test_gpu_two_nodes_dry_run(tmp_path):
     env = {"DRY_RUN": "1", "NODE_NUM": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "CLUSTER_TIMEOUT": "900"}
-    proc = _sh("GPU", "4", "0-3", str(tmp_path), env=env)
+    proc = run_sh(TRAIN, "GPU", "4", "0-3", str(tmp_path), env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("node 1 of 2: ranks 4..7 of 8, master 10.0.0.1:8118\n")
     for i in range(4):
@@ -144,7 +139,7 @@ def test_inconsistent_clusters_are_refused(tmp_path, args, env, message):
     table = json.loads(names["uneven"].read_text())
     table["server_list"][1]["device"] = table["server_list"][1]["device"][:4]
     names["uneven"].write_text(json.dumps(table))
-    proc = _sh(*[a.format(**names) for a in args], env={"DRY_RUN": "1", **env})
+    proc = run_sh(TRAIN, *[a.format(**names) for a in args], env={"DRY_RUN": "1", **env})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message.format(**names) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
@@ -153,7 +148,7 @@ def test_inconsistent_clusters_are_refused(tmp_path, args, env, message):
 def test_fine_tune_arguments_reach_train_py(tmp_path):
     ckpt = tmp_path / "m.ckpt"
     ckpt.write_bytes(b"x")
-    proc = _sh("CPU", str(tmp_path), str(ckpt), "backbone", "True", env={"DRY_RUN": "1"})
+    proc = run_sh(TRAIN, "CPU", str(tmp_path), str(ckpt), "backbone", "True", env={"DRY_RUN": "1"})
     assert proc.returncode == 0, proc.stderr
     assert f"--pretrain_ckpt {ckpt} --freeze_layer backbone --filter_head True" in proc.stdout
     assert "--run_distribute" not in proc.stdout
@@ -169,7 +164,7 @@ def test_fine_tune_arguments_reach_train_py(tmp_path):
 def test_usage_errors_print_the_usage(tmp_path, args, message):
     ckpt = tmp_path / "m.ckpt"
     ckpt.write_bytes(b"x")
-    proc = _sh(*[a.format(data=tmp_path, ckpt=ckpt) for a in args])
+    proc = run_sh(TRAIN, *[a.format(data=tmp_path, ckpt=ckpt) for a in args])
     assert proc.returncode == 2 and message in proc.stderr
     assert "usage:\n  sh scripts/run_train.sh Ascend DEVICE_NUM VISIBLE_DEVICES RANK_TABLE_FILE" in proc.stderr
 
@@ -190,7 +185,7 @@ def test_invalid_calls_are_refused(tmp_path, args, message):
              "bad_json": tmp_path / "bad.json", "table2": _rank_table(tmp_path / "t2.json", 2)}
     names["ckpt"].write_bytes(b"x")
     names["bad_json"].write_text("{not json")
-    proc = _sh(*[a.format(**names) for a in args], env={"DRY_RUN": "1"})
+    proc = run_sh(TRAIN, *[a.format(**names) for a in args], env={"DRY_RUN": "1"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message.format(**names) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -212,8 +207,8 @@ def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
     out = tmp_path / "out"
     common = ["--batch_size", "4", "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs",
               "0", "--num_parallel_workers", "1", "--epoch_size", "3"]
-    proc = _sh("CPU", "2", str(data), "--output_path", str(out), *common, "--save_checkpoint_epochs", "2",
-               "--fingerprint_data", "True", timeout=900)
+    proc = run_sh(TRAIN, "CPU", "2", str(data), "--output_path", str(out), *common, "--save_checkpoint_epochs", "2",
+                  "--fingerprint_data", "True", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = {}
     for rank in (0, 1):
@@ -232,8 +227,8 @@ def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
 
     # resume epoch 3 from rank 0's checkpoint of epoch 2, in another folder: both ranks restore the same state
     resumed_out = tmp_path / "resumed"
-    proc = _sh("CPU", "2", str(data), "--output_path", str(resumed_out), *common,
-               "--resume_ckpt", str(out / "checkpoint" / "mobilenetv2-2_2.ckpt"), timeout=900)
+    proc = run_sh(TRAIN, "CPU", "2", str(data), "--output_path", str(resumed_out), *common,
+                  "--resume_ckpt", str(out / "checkpoint" / "mobilenetv2-2_2.ckpt"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed = {}
     for rank in (0, 1):
@@ -354,8 +349,8 @@ def test_a_failing_msrun_job_ends_with_one_line_and_no_traceback(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir()
     out = tmp_path / "out"
-    proc = _sh("CPU", "2", str(tmp_path / "empty"), "--output_path", str(out), "--output_path", str(out),
-               timeout=300)
+    proc = run_sh(TRAIN, "CPU", "2", str(tmp_path / "empty"), "--output_path", str(out), "--output_path", str(out),
+                  timeout=300)
     assert proc.returncode == 1
     train = tmp_path / "empty" / "train"
     assert proc.stderr.strip() == (f"error: rank 0 failed: {train} has no class folders (put each class's images in "
@@ -467,7 +462,7 @@ def test_node_0_refuses_a_master_port_in_use_before_it_starts(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         env = {"NODE_NUM": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        proc = _sh("CPU", str(tmp_path), "--output_path", str(tmp_path / "out"), env=env)
+        proc = run_sh(TRAIN, "CPU", str(tmp_path), "--output_path", str(tmp_path / "out"), env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: MASTER_PORT {port} is in use on this machine (another job's scheduler, or node 0 started twice: every "
