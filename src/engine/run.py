@@ -175,8 +175,8 @@ def _restore_training_state(cfg: Config, train_step: nn.Cell, resume: Resume | N
     if cfg.ema and not any(name.startswith(EMA_PREFIX) for name in resume.params):
         # the EMA was cloned from the net, which holds the resumed weights already (loaded above)
         log.warning("resume_ckpt %s holds no EMA (its run had --ema False): the EMA starts from its weights",
-                    resume.path)
-    log.info("resuming %s from epoch %d (global step %d)", resume.path, resume.meta.epoch_num,
+                    cfg.resume_ckpt)
+    log.info("resuming %s from epoch %d (global step %d)", cfg.resume_ckpt, resume.meta.epoch_num,
              int(train_step.optimizer.global_step.asnumpy().reshape(-1)[0]))
     return resume.meta.epoch_num
 

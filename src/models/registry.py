@@ -51,6 +51,9 @@ class ModelCard:
     published: tuple[PublishedWeights, ...] = ()
 
     def __post_init__(self) -> None:
+        module, _, function = self.build.partition(":")
+        if not (module and function.isidentifier()):
+            raise ValueError(f"model '{self.name}': build {self.build!r} is not 'module:function'")
         if not self.family:
             object.__setattr__(self, "family", self.name)
 
@@ -65,8 +68,9 @@ _discovered = False
 
 
 def register_model(card: ModelCard) -> ModelCard:
-    """Make `card` known under its name; a name registered twice is an error (two nets cannot share one)."""
-    if card.name in _CARDS:
+    """Make `card` known under its name; a name registered twice by two nets is an error (the same net's card
+    registered again, e.g. its package reloaded, replaces the first)."""
+    if card.name in _CARDS and _CARDS[card.name].build != card.build:
         raise ValueError(f"model '{card.name}' is registered twice (by {_CARDS[card.name].build} and {card.build}; "
                          "rename one)")
     taken = {p.name: c.name for c in _CARDS.values() for p in c.published if c.name != card.name}
