@@ -122,3 +122,9 @@ def test_a_new_model_trains_evaluates_exports_and_predicts_with_no_other_edit(tm
     assert finetune.returncode == 0, finetune.stderr[-3000:]
     listed = subprocess.run([sys.executable, "train.py", "--help"], cwd=repo, capture_output=True, text=True)
     assert "tinynet" in listed.stdout
+
+
+def test_the_docs_show_the_tinynet_this_test_adds():
+    """docs/models.md's "How to add a model" is the code the new-model test runs, word for word."""
+    page = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    assert textwrap.dedent(TINYNET_CARD) in page and textwrap.dedent(TINYNET_NET) in page
