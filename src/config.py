@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from src.errors import UserError, show_tracebacks
+from src.files import write_atomically
 from src.models.registry import cards, model_card
 from src.policy import parse_policy
 
@@ -468,6 +469,4 @@ def _value(parsed: argparse.Namespace, name: str, values: dict[str, Any], f: dat
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    from src.files import write_atomically
-
     write_atomically(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))

@@ -9,19 +9,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mindspore.train import Callback
 
 from src.engine.checkpoint import first_non_finite
 from src.engine.history import EpochRecord, History
+from src.engine.outputs import EpochOutput
 from src.engine.per_class import log_worst, write_per_class
 from src.engine.progress import ProgressBar, RunState, StepLog
 from src.errors import UserError, stop_if_signalled
 
 log = logging.getLogger("train")
-EpochOutput = Callable[[EpochRecord, History], None]
 
 
 class Evaluator:

@@ -4,10 +4,10 @@ upload after it, on ModelArts, carries the others), the run folder's settle.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from mindspore import nn
@@ -25,7 +25,7 @@ log = logging.getLogger("train")
 EpochOutput = Callable[[EpochRecord, History], None]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EpochOutputs:
     """The epoch outputs by job; `__call__` runs them in field order, which is the order that keeps every file of
     the run folder complete:
@@ -43,8 +43,8 @@ class EpochOutputs:
     settle: EpochOutput
 
     def __call__(self, record: EpochRecord, history: History) -> None:
-        for output in (self.commit, self.alarm, self.best, self.metrics, self.per_class, self.periodic, self.settle):
-            if output is not None:
+        for job in dataclasses.fields(self):
+            if (output := getattr(self, job.name)) is not None:
                 output(record, history)
 
 

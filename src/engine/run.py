@@ -35,7 +35,7 @@ from src.engine.lr_schedule import build_lr_schedule
 from src.engine.metrics import accuracy_metrics
 from src.engine.outputs import epoch_outputs
 from src.engine.per_class import ConfusionCounts
-from src.engine.progress import ProgressBar, RunState, StepLog, TrainMonitor
+from src.engine.progress import Accumulation, ProgressBar, RunState, StepLog, TrainMonitor
 from src.engine.run_folder import RunFolder
 from src.engine.sinking import Sinking, sink_plan
 from src.engine.train_step import EMA_PREFIX, build_train_step, ema_in_place
@@ -119,8 +119,9 @@ def _start_weights(cfg: Config, source: DataSource) -> tuple[Config, Resume | No
     with the settings they record."""
     if cfg.resume_ckpt:
         cfg, params, meta = read_resume(cfg)
-        RunFolder(cfg, resuming=True).check_resume_target(Path(cfg.resume_ckpt))
-        return cfg, Resume(params, meta, Path(cfg.resume_ckpt)), None
+        resume = Resume(params, meta, Path(cfg.resume_ckpt))
+        RunFolder(cfg, resuming=True).check_resume_target(resume.path)
+        return cfg, resume, None
     if cfg.pretrain_ckpt:
         cfg, pretrain = read_pretrained(cfg)
         warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)
@@ -164,7 +165,8 @@ def _build_data(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, 
     if resume:
         check_same_steps(resume.meta, batches, resume.path, ranks.group_size)
     sinking = sink_plan(cfg, batches, say=ranks.is_main)
-    return Data(train_ds, val_ds, trainable, batches, -(-batches // cfg.gradient_accumulation_steps), sinking)
+    updates = Accumulation(batches, cfg.gradient_accumulation_steps).updates_per_epoch
+    return Data(train_ds, val_ds, trainable, batches, updates, sinking)
 
 
 def _restore_training_state(cfg: Config, train_step: nn.Cell, resume: Resume | None) -> int:
