@@ -36,8 +36,11 @@ def main(argv: Sequence[str]) -> int:
         log.info("best val top1: %.4f, checkpoint: %s", result.best_top1, result.best_ckpt)
     if result.last_ckpt:
         log.info("last checkpoint (with optimizer state, for --resume_ckpt): %s", result.last_ckpt)
-    log.info("metrics: %s  curves: %s  log: %s", result.output_path / "metrics.csv",
-             result.output_path / "curves.png", result.output_path / "train.log")
+    if result.log_file and result.log_file.name != "train.log":  # --max_steps ended the run in its first epoch
+        log.info("no epoch finished: no metrics, curves or checkpoints were written; log: %s", result.log_file)
+    else:
+        log.info("metrics: %s  curves: %s  log: %s", result.output_path / "metrics.csv",
+                 result.output_path / "curves.png", result.output_path / "train.log")
     return 0
 
 

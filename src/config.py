@@ -21,18 +21,24 @@ import yaml
 
 from src.errors import UserError, show_tracebacks
 from src.files import write_atomically
-from src.models.registry import cards, model_card
+from src.models.registry import canonical_name, cards, model_card
 from src.policy import parse_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 MODEL_NAMES = tuple(cards())  # every registered net (src/models/*/__init__.py), read without loading MindSpore
-# other spellings users bring from the PaddleClas / torchvision / Ascend ModelZoo seeds, e.g.
-# `--data-path=./ILSVRC2012 --lr=0.001 --batch-size=64 --epochs=10 --pretrained=x.ckpt --pact_quant`
-ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",), "dataset_path": ("data-path", "data_path"),
+# other spellings users bring from the PaddleClas / torchvision / timm / Ascend ModelZoo seeds, e.g.
+# `--data-path=./ILSVRC2012 --lr=0.001 --batch-size=64 --epochs=10 --pretrained=x.ckpt --pact_quant`, and the
+# PyTorch MobileNetV3 seed's `--arch mobilenet_v3_large --data /imagenet --lr-step-size 2 --lr-gamma 0.973 --apex`
+ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",),
+           "dataset_path": ("data-path", "data_path", "data"), "model": ("arch",),
            "batch_size": ("batch-size",), "pretrain_ckpt": ("pretrained",), "num_parallel_workers": ("workers",),
            "print_freq": ("print-freq",), "weight_decay": ("wd", "weight-decay"),
+           "lr_step_size": ("lr-step-size",), "lr_gamma": ("lr-gamma",), "max_steps": ("max-steps",),
+           "label_smooth": ("label-smoothing",), "drop_path_rate": ("drop-path",), "eps": ("opt-eps",),
            "mixup_prob": ("cutmix_prob",)}  # mindcv's name for the probability of mixing a batch
+# the seed's mixed precision: --apex [--apex-opt-level O1|O2|O3] (apex's levels; O1 its default) sets amp_level
+APEX_DEFAULT_LEVEL = "O1"
 # One file per tool, three spellings in the peers' scripts: on each tool the flags of the first key set the
 # second (eval.py reads its checkpoint from --pretrain_ckpt as in the ModelZoo, export.py and predict.py from
 # --ckpt_file; each takes the other spelling too). The first key keeps its YAML value.
@@ -49,6 +55,8 @@ TOOL_DEFAULTS = {
     "export": {"batch_size": 1},
     "benchmark": {"num_classes": 1000, "image_size": 224, "batch_size": 32, "dataset_path": "", "amp_level": "O0"},
 }
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf", "adam", "adamw", "lamb")  # engine/optimizer.py
+LR_SCHEDULES = ("cosine", "steps", "poly", "linear", "step", "multistep", "exponential")  # engine/lr_schedule.py
 TRUE_WORDS = ("True", "true", "1")
 _NOT_GIVEN = object()  # argparse default: tells a flag on the command line from a YAML value
 FALSE_WORDS = ("False", "false", "0")
@@ -108,6 +116,8 @@ class Config:
                                    "the run says so and goes on unsunk)")
     sink_size: int = _opt(-1, "steps per sink with dataset_sink_mode (-1: one epoch; else a divisor of the steps per "
                           "epoch); the log line, train top-1/top-5 and a Ctrl-C come once per sink", min=-1)
+    max_steps: int = _opt(0, "stop after N optimizer steps of this run and print the throughput (the PyTorch seed's "
+                          "performance mode; 0: train every epoch); an epoch cut short writes no files", min=0)
     _begin("data pipeline and augmentation")
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
     num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)
@@ -139,15 +149,46 @@ class Config:
                                      choices=("bilinear", "bicubic"), nullable=True)
     _begin("optimisation")
     epoch_size: int = _opt(30, "number of epochs", min=1)
-    lr_decay_mode: str = _opt("cosine", "learning-rate schedule",
-                              choices=("cosine", "steps", "poly", "linear"))
+    opt: str = _opt("momentum", "optimizer: momentum (MindSpore's Momentum, the ModelZoo's), nesterov, sgd "
+                    "(PyTorch's SGD with --momentum), rmsprop (PyTorch's: eps outside the square root), rmsproptf "
+                    "(TensorFlow's and timm's RMSpropTF: eps inside it), adam, adamw (decoupled weight decay, "
+                    "PyTorch's), lamb", choices=OPTIMIZERS)
+    momentum: float = _opt(0.9, "momentum of momentum, nesterov, sgd, rmsprop and rmsproptf", min=0.0, max=1.0)
+    nesterov: bool = _opt(False, "Nesterov momentum for sgd and momentum (--opt nesterov sets it)")
+    weight_decay: float = _opt(4e-5, "weight decay (L2 added to the gradient; adamw and lamb decouple it)", min=0.0)
+    filter_bias_and_bn: bool = _opt(True, "no weight decay on BatchNorm parameters and biases (mindcv's and timm's "
+                                    "default; False decays every parameter)")
+    eps: float | None = _opt(None, "optimizer epsilon (default: the optimizer's own: rmsprop, adam, adamw 1e-8, "
+                             "rmsproptf 1e-10, lamb 1e-6)", min=0.0, max=10.0, nullable=True)
+    rmsprop_alpha: float = _opt(0.9, "smoothing constant of the mean square in rmsprop and rmsproptf (torchvision's "
+                                "and timm's MobileNetV3 recipes use 0.9; torch.optim's default is 0.99)",
+                                min=0.0, max=0.999999)
+    beta1: float = _opt(0.9, "adam, adamw and lamb: decay of the first moment", min=0.0, max=0.999999)
+    beta2: float = _opt(0.999, "adam, adamw and lamb: decay of the second moment", min=0.0, max=0.999999)
+    lr_decay_mode: str = _opt("cosine", "learning-rate schedule after warmup: cosine (with --num_cycles restarts), "
+                              "steps (x0.1 at 30/60/80% of training, the ModelZoo's), poly, linear, step (x lr_gamma "
+                              "every lr_step_size epochs), multistep (x lr_gamma at each of lr_milestones), "
+                              "exponential (x lr_gamma per epoch)", choices=LR_SCHEDULES)
     lr_init: float = _opt(0.0, "learning rate at the start of warmup", min=0.0)
     lr_max: float = _opt(0.1, "peak learning rate (after warmup)", min=0.0)
     lr_end: float = _opt(0.0, "final learning rate (cosine, linear)", min=0.0)
     warmup_epochs: float = _opt(0.0, "epochs of linear warmup from lr_init to lr_max", min=0.0)
-    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
-    weight_decay: float = _opt(4e-5, "weight decay (not applied to BatchNorm and biases)", min=0.0)
+    lr_step_size: float = _opt(30.0, "step: epochs between decays, a fraction allowed (timm's 2.4; torchvision's "
+                               "MobileNetV3 recipe uses 2)", min=1e-3)
+    lr_gamma: float = _opt(0.1, "step, multistep and exponential: the decay factor", min=0.0, max=1.0)
+    lr_milestones: str | None = _opt(None, "multistep: the epochs at which the LR is multiplied by lr_gamma, "
+                                     "counted after warmup, e.g. 30,60,90", nullable=True)
+    lr_step_per_epoch: bool = _opt(True, "step, multistep, exponential: the LR changes at epoch boundaries (torch's "
+                                   "schedulers stepped per epoch, timm's default); False: at every optimizer step, "
+                                   "from the fractional epoch")
+    num_cycles: int = _opt(1, "cosine: cycles of the cosine, each restarting at the peak LR (mindcv's; torch's "
+                           "CosineAnnealingWarmRestarts with equal cycles)", min=1)
+    cycle_decay: float = _opt(1.0, "cosine with num_cycles > 1: the peak LR of each cycle is the previous one's "
+                              "times this", min=0.0, max=1.0)
     label_smooth: float = _opt(0.1, "label smoothing factor", min=0.0, max=0.99)
+    drop_path_rate: float = _opt(0.0, "stochastic depth: the largest probability of skipping a residual block, "
+                                 "rising linearly with depth as timm's (MobileNetV2/V3, ResNet; off in eval and "
+                                 "export; timm's MobileNetV3 recipe uses 0.2)", min=0.0, max=0.9)
     ema: bool = _opt(False, "keep an exponential moving average of the weights (every parameter, BatchNorm statistics "
                      "included, as mindcv) updated in the train step; evaluation during training, best.ckpt and "
                      "eval/export/fine-tuning from the run's checkpoints use it")
@@ -201,6 +242,8 @@ class Config:
                                  "output_path)", nullable=True)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str) and self.model not in MODEL_NAMES and canonical_name(self.model):
+            object.__setattr__(self, "model", canonical_name(self.model))  # torchvision's, mindcv's or timm's name
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
         if self.lr_init > self.lr_max and self.warmup_epochs > 0:
@@ -209,6 +252,9 @@ class Config:
         card = model_card(self.model)
         if not card.width_multiplier and self.width != 1.0:
             raise UserError(f"width applies to the MobileNets only (drop --width for {self.model})")
+        if self.drop_path_rate > 0 and not card.drop_path:
+            raise UserError(f"drop_path_rate applies to nets with stochastic depth, not {self.model} (drop "
+                            "--drop_path_rate)")
         if self.freeze_layer == "backbone" and not (self.pretrain_ckpt or self.resume_ckpt):
             raise UserError("--freeze_layer backbone needs --pretrain_ckpt (a frozen random backbone learns nothing; "
                             "pass the checkpoint to fine-tune from)")
@@ -228,6 +274,21 @@ class Config:
         if self.fingerprint_data and self.dataset_sink_mode and self.platform != "CPU":
             raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
                             "(use --dataset_sink_mode False for that run)")
+        if self.lr_decay_mode == "multistep" and self.lr_milestones is None:
+            raise UserError("--lr_decay_mode multistep needs --lr_milestones, the epochs of each decay (e.g. "
+                            "--lr_milestones 30,60,90)")
+        if self.lr_milestones is not None:
+            if self.lr_decay_mode != "multistep":
+                raise UserError(f"--lr_milestones applies to --lr_decay_mode multistep, not {self.lr_decay_mode} "
+                                "(add --lr_decay_mode multistep, or drop --lr_milestones)")
+            object.__setattr__(self, "lr_milestones", ",".join(map(str, milestones(self.lr_milestones))))
+        if self.num_cycles > 1 and self.lr_decay_mode != "cosine":
+            raise UserError(f"--num_cycles applies to --lr_decay_mode cosine, not {self.lr_decay_mode} "
+                            "(use --lr_decay_mode cosine, or drop --num_cycles)")
+        if (self.nesterov or self.opt == "nesterov") and self.opt in ("sgd", "momentum", "nesterov") and \
+                self.momentum == 0:
+            raise UserError("--nesterov True needs --momentum above 0 (Nesterov momentum without momentum is "
+                            "plain SGD)")
         if self.image_size < card.min_image_size:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least "
                             f"{card.min_image_size})")
@@ -268,6 +329,18 @@ def channel_values(text: str, key: str) -> list[float]:
     if len(values) != 3 or not all(low <= v <= 1 for v in values):
         raise UserError(f"--{key} got {text!r} (give three numbers in 0..1 units for R,G,B, e.g. "
                         f"{'0.485,0.456,0.406' if key == 'mean' else '0.229,0.224,0.225'})")
+    return values
+
+
+def milestones(text: str) -> list[int]:
+    """Increasing positive epochs from '30,60,90' (or '[30, 60, 90]'); UserError otherwise."""
+    parts = [p for p in text.strip("[]() ").replace(",", " ").split() if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or values[0] < 1 or any(b <= a for a, b in zip(values, values[1:])):
+        raise UserError(f"--lr_milestones got {text!r} (give increasing whole epochs above 0, e.g. 30,60,90)")
     return values
 
 
@@ -436,7 +509,14 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
         if section not in groups:
             groups[section] = parser.add_argument_group(section)
         groups[section].add_argument(*flags, dest=name, default=_NOT_GIVEN, type=str, metavar=_base_type(f).upper(),
-                                     help=f"{f.metadata['help']}{choices} (default: {default})", **extra)
+                                     help=f"{f.metadata['help']}{choices} (default: {default})".replace("%", "%%"), **extra)
+    seed = parser.add_argument_group("the PyTorch MobileNetV3 seed's flags (beside the aliases above)")
+    seed.add_argument("--apex", dest="_apex", nargs="?", const="True", default=_NOT_GIVEN, metavar="BOOL",
+                      help=f"mixed precision as the seed's apex: sets amp_level to --apex-opt-level (default "
+                      f"{APEX_DEFAULT_LEVEL})")
+    seed.add_argument("--apex-opt-level", dest="_apex_opt_level", default=_NOT_GIVEN, metavar="LEVEL",
+                      choices=("O0", "O1", "O2", "O3"), help="apex's level with --apex: O1, O2 (float16 with float32 "
+                      "BatchNorm) or O3; the same levels as amp_level")
     own = set(vars(parser.parse_args([])))
     if add_arguments:
         add_arguments(parser)
@@ -449,12 +529,35 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
             raise UserError(f"unexpected argument '{flag}' (options are written --key value)")
         raise _unknown(flag.lstrip("-").split("=")[0], "flag")
     kwargs = {name: _convert(f, _value(parsed, name, values, f)) for name, f in FIELDS.items()}
-    cfg = Config(**kwargs)
     given = {name for name in FIELDS if getattr(parsed, name, None) is not _NOT_GIVEN} - set(same_as)
     given |= {other for key, other in same_as.items() if getattr(parsed, other, None) is not _NOT_GIVEN}
+    given |= _seed_flags(parsed, kwargs, given)
+    cfg = Config(**kwargs)
     object.__setattr__(cfg, "_given", frozenset(given))
     show_tracebacks(cfg.debug)
     return cfg, argparse.Namespace(**{k: v for k, v in vars(parsed).items() if k not in own})
+
+
+def _seed_flags(parsed: argparse.Namespace, kwargs: dict[str, Any], given: set[str]) -> set[str]:
+    """The PyTorch seed's rules, applied to `kwargs`: --apex sets amp_level; a step size on the command line means
+    the step schedule (the seed's and torchvision's StepLR) unless --lr_decay_mode is given too. The keys set."""
+    apex, level = parsed._apex, parsed._apex_opt_level
+    on = apex is not _NOT_GIVEN and _convert(FIELDS["debug"], apex)
+    if level is not _NOT_GIVEN and not on:
+        raise UserError(f"--apex-opt-level {level} applies with --apex (the seed trains in float32 without it; add "
+                        f"--apex, or pass --amp_level {level})")
+    changed = set()
+    if on:
+        level = APEX_DEFAULT_LEVEL if level is _NOT_GIVEN else level
+        if "amp_level" in given and kwargs["amp_level"] != level:
+            raise UserError(f"--apex sets amp_level {level} but --amp_level {kwargs['amp_level']} is given too "
+                            "(pass one of them)")
+        kwargs["amp_level"] = level
+        changed.add("amp_level")
+    if "lr_step_size" in given and "lr_decay_mode" not in given:
+        kwargs["lr_decay_mode"] = "step"
+        changed.add("lr_decay_mode")
+    return changed
 
 
 def given_on_command_line(cfg: Config) -> frozenset[str]:

@@ -76,6 +76,9 @@ class EpochEnd(Callback):
         ms_epoch = run_context.original_args().cur_epoch_num
         if not self.steps.sinking.ends_epoch(ms_epoch):  # a sink inside the epoch
             return
+        if self.state.budget_spent and self.state.step < self.steps.sinking.steps_per_epoch:
+            self.bar.close()  # --max_steps stopped the run inside the epoch: nothing of it is recorded
+            return
         epoch = self.steps.sinking.data_epoch(ms_epoch)
         self.bar.close()
         bad = first_non_finite(self.net) if self.net is not None else None

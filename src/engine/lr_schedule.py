@@ -47,14 +47,60 @@ def _linear(i, total, warmup, lr_init, lr_max, lr_end):
     return lr_max - (lr_max - lr_end) * (i - warmup) / max(1, total - warmup)
 
 
+def _decayed(epoch: float, step_size: float, gamma: float, milestones: tuple[int, ...], mode: str) -> float:
+    """The factor on lr_max at `epoch` (counted after warmup) of the step, multistep and exponential modes."""
+    if mode == "step":  # torch's StepLR: gamma ** (epoch // step_size); timm's 2.4-epoch steps alike
+        return gamma ** math.floor(epoch / step_size + 1e-9)
+    if mode == "multistep":  # torch's MultiStepLR
+        return gamma ** sum(epoch + 1e-9 >= m for m in milestones)
+    return gamma ** epoch  # exponential: torch's ExponentialLR, gamma per epoch
+
+
 SCHEDULES = {"cosine": _cosine, "steps": _steps, "poly": _poly, "linear": _linear}
+DECAYS = ("step", "multistep", "exponential")
 
 
 def build_lr_schedule(mode: str, lr_init: float, lr_max: float, lr_end: float, warmup_epochs: float,
-                      total_epochs: int, steps_per_epoch: int) -> np.ndarray:
-    """float32 learning rate for every optimizer step of the run (`steps_per_epoch`: optimizer steps)."""
+                      total_epochs: int, steps_per_epoch: int, *, step_size: float = 30.0, gamma: float = 0.1,
+                      milestones: tuple[int, ...] = (), step_per_epoch: bool = True, num_cycles: int = 1,
+                      cycle_decay: float = 1.0) -> np.ndarray:
+    """float32 learning rate for every optimizer step of the run (`steps_per_epoch`: optimizer steps).
+
+    After the linear warmup, step/multistep/exponential decay lr_max by `gamma` as torch's StepLR, MultiStepLR and
+    ExponentialLR do, counting epochs from the warmup's end: at epoch boundaries (`step_per_epoch`, the schedulers
+    stepped once per epoch) or at every step from the fractional epoch. Cosine with `num_cycles` > 1 restarts at the
+    peak (times `cycle_decay` per cycle) after each equal cycle, as torch's CosineAnnealingWarmRestarts(T_0=cycle).
+    """
     total = total_epochs * steps_per_epoch
     warmup = int(warmup_epochs * steps_per_epoch)
-    fn = SCHEDULES[mode]
+    if mode in DECAYS:
+        def fn(i, total, warmup, lr_init, lr_max, lr_end):
+            if i < warmup:
+                return _warmup(i, warmup, lr_init, lr_max)
+            after = i - warmup
+            epoch = after // steps_per_epoch if step_per_epoch else after / steps_per_epoch
+            return lr_max * _decayed(epoch, step_size, gamma, tuple(milestones), mode)
+    elif mode == "cosine" and num_cycles > 1:
+        def fn(i, total, warmup, lr_init, lr_max, lr_end):
+            if i < warmup:
+                return _warmup(i, warmup, lr_init, lr_max)
+            cycle_len = (total - warmup) / num_cycles
+            cycle = min(int((i - warmup) / cycle_len), num_cycles - 1)
+            peak = lr_max * cycle_decay ** cycle
+            progress = (i - warmup - cycle * cycle_len) / cycle_len
+            return lr_end + (peak - lr_end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    else:
+        fn = SCHEDULES[mode]
     lr = [fn(i, total, warmup, lr_init, lr_max, lr_end) for i in range(total)]
     return np.asarray(lr, dtype=np.float32)
+
+
+def schedule_of(cfg, steps_per_epoch: int) -> np.ndarray:
+    """The per-step LR array of a config (config.Config) with `steps_per_epoch` optimizer steps per epoch."""
+    from src.config import milestones
+
+    return build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
+                             cfg.epoch_size, steps_per_epoch, step_size=cfg.lr_step_size, gamma=cfg.lr_gamma,
+                             milestones=tuple(milestones(cfg.lr_milestones)) if cfg.lr_milestones else (),
+                             step_per_epoch=cfg.lr_step_per_epoch, num_cycles=cfg.num_cycles,
+                             cycle_decay=cfg.cycle_decay)

@@ -38,6 +38,8 @@ class RunState:
     step: int = 0
     divergence: Divergence | None = None
     data_digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    budget: StepBudget | None = None  # --max_steps
+    budget_spent: bool = False  # --max_steps optimizer steps are done: the run stops (without error)
 
     def diverge(self, step: int, what: str, run_context) -> None:
         self.divergence = Divergence(self.epoch, step, what)
@@ -188,15 +190,51 @@ class StepLog:
                            loss=self.loss_sum / max(batches, 1), epoch_time_s=elapsed)
 
 
+class StepBudget:
+    """--max_steps, the PyTorch seed's performance mode: stop after N optimizer steps of this run and say the
+    throughput of the steps after the first few (compile and warm-up). With data sinking the stop comes at the end
+    of the sink that reaches N."""
+
+    def __init__(self, max_steps: int, groups: Accumulation, images_per_update: int, devices: int):
+        self.max_steps, self.groups = max_steps, groups
+        self.images_per_update, self.devices = images_per_update, devices
+        self.warmup = max(1, min(5, max_steps // 4))  # steps left out of the timing
+        self.done, self.ends = 0, []  # optimizer steps so far; (steps done, time) after each call
+
+    def after(self, state: RunState, steps: int, run_context) -> None:
+        """After `steps` batches that began at batch `state.step` of the epoch."""
+        if not self.max_steps:
+            return
+        groups = self.groups
+        self.done += groups.updates_done(state.step + steps - 1) - groups.updates_done(state.step - 1)
+        self.ends.append((self.done, time.perf_counter()))
+        if self.done >= self.max_steps:
+            state.budget_spent = True
+            run_context.request_stop()
+
+    def summary(self, state: RunState) -> str:
+        timed = [(n, t) for n, t in self.ends if n >= self.warmup]
+        first = timed[0] if len(timed) > 1 else self.ends[0]
+        steps, seconds = self.done - first[0], self.ends[-1][1] - first[1]
+        if steps <= 0 or seconds <= 0:
+            return f"max_steps {self.max_steps} reached at epoch {state.epoch} step {state.step}: too few steps to time"
+        images = steps * self.images_per_update * self.devices
+        where = f"on {self.devices} devices" if self.devices > 1 else "on 1 device"
+        return (f"max_steps {self.max_steps} reached at epoch {state.epoch} step {state.step}: {steps} optimizer steps "
+                f"after the first {first[0]} took {seconds:.2f} s, {seconds / steps:.4f} s/step, FPS "
+                f"{images / seconds:.2f} images/s {where}")
+
+
 class TrainMonitor(Callback):
     """Hands each step to its jobs: a held signal stops the run at the step's start; after it, the loss is read
     once (the one per-step host read) and a nan or inf (in any step of a sink) ends the run at once; the batch is
     hashed into the state's digest when `fingerprint_data`; then the log lines and the bar."""
 
-    def __init__(self, state: RunState, steps: StepLog, bar: ProgressBar, fingerprint_data: bool = False):
+    def __init__(self, state: RunState, steps: StepLog, bar: ProgressBar, fingerprint_data: bool = False,
+                 budget: StepBudget | None = None):
         super().__init__()
         self.state, self.steps, self.bar, self.fingerprint_data = state, steps, bar, fingerprint_data
-        self.sinking = steps.sinking
+        self.sinking, self.budget = steps.sinking, budget
 
     def on_train_epoch_begin(self, run_context):
         ms_epoch = run_context.original_args().cur_epoch_num
@@ -229,5 +267,7 @@ class TrainMonitor(Callback):
             self.state.diverge(self.state.step + steps, f"loss {loss}", run_context)
             return
         self.steps.step_ends(self.state, loss, window, run_context)
+        if self.budget is not None:
+            self.budget.after(self.state, steps, run_context)
         self.state.step += steps
         self.bar.update(steps, loss)

@@ -31,11 +31,11 @@ from src.engine.checkpoint import (
 )
 from src.engine.history import History, read_metrics
 from src.engine.layouts import Weights
-from src.engine.lr_schedule import build_lr_schedule
+from src.engine.lr_schedule import schedule_of
 from src.engine.metrics import accuracy_metrics
 from src.engine.outputs import epoch_outputs
 from src.engine.per_class import ConfusionCounts
-from src.engine.progress import Accumulation, ProgressBar, RunState, StepLog, TrainMonitor
+from src.engine.progress import Accumulation, ProgressBar, RunState, StepBudget, StepLog, TrainMonitor
 from src.engine.run_folder import RunFolder
 from src.engine.sinking import Sinking, sink_plan
 from src.engine.train_step import EMA_PREFIX, build_train_step, ema_in_place
@@ -64,6 +64,7 @@ class TrainResult:
     best_top1: float | None
     last_ckpt: Path | None
     elapsed_s: float
+    log_file: Path | None = None  # rank 0's; train.new.log when no epoch was written (an earlier run stays)
 
 
 class Resume(NamedTuple):
@@ -98,8 +99,7 @@ def train(cfg: Config) -> TrainResult:
         _warn_about_settings(cfg, ranks)
         net = _build_net(cfg, resume, pretrain)
         data = _build_data(cfg, source, net, ranks, resume)
-        lr = build_lr_schedule(cfg.lr_decay_mode, cfg.lr_init, cfg.lr_max, cfg.lr_end, cfg.warmup_epochs,
-                               cfg.epoch_size, data.updates)
+        lr = schedule_of(cfg, data.updates)
         train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches)
         initial_epoch = _restore_training_state(cfg, train_step, resume)
         _log_summary(cfg, source, data, net)
@@ -203,9 +203,11 @@ def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: 
     metrics = {**accuracy_metrics(), "per_class": ConfusionCounts(source.class_names)}
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
-    state = RunState()
     steps = StepLog(lr, cfg.batch_size, data.sinking, cfg.print_freq, train_step.stats,
                     accumulation=cfg.gradient_accumulation_steps)
+    budget = StepBudget(cfg.max_steps, steps.groups, cfg.batch_size * cfg.gradient_accumulation_steps,
+                        ranks.group_size) if cfg.max_steps else None
+    state = RunState(budget=budget)
     bar = ProgressBar(cfg.epoch_size, data.sinking.steps_per_epoch)
     evaluator = Evaluator(model, data.val, cfg.eval_interval, cfg.epoch_size, counter=metrics["acc"],
                           expected=(source.val.num_images, source.val.path) if ranks.group_size == 1 else None,
@@ -214,7 +216,7 @@ def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: 
     _log_recipe(cfg, ranks)
     outputs = epoch_outputs(cfg, folder, source, net, train_step, data.batches, resume is not None,
                              evaluator.write_per_class if evaluator else None) if folder else _nothing
-    callbacks = [TrainMonitor(state, steps, bar, cfg.fingerprint_data),
+    callbacks = [TrainMonitor(state, steps, bar, cfg.fingerprint_data, budget),
                  EpochEnd(state, steps, bar, history, evaluator, outputs, net)]
     try:
         stop_if_signalled()
@@ -261,6 +263,8 @@ def _outcome(cfg: Config, state: RunState, net: nn.Cell, ranks: RankInfo, folder
             + (f" or --loss_scale (now {cfg.loss_scale:g})" if cfg.loss_scale > 1 else "")
             + (f", or train in float32 with --amp_level O0 (now {cfg.amp_level}: float16 on CPU is slower and "
                "overflows easily)" if cfg.platform == "CPU" and cfg.amp_level != "O0" else "") + " and train again")
+    if state.budget_spent and ranks.is_main:
+        log.info("%s", state.budget.summary(state))
     if ranks.group_size > 1 or cfg.fingerprint_data:  # the weights digest is one pass over them, at the end
         data = f"trained on data sha256 {state.data_digest.hexdigest()[:16]}; " if cfg.fingerprint_data else ""
         log.info("rank %d of %d: %sfinal weights sha256 %s", ranks.rank, ranks.group_size, data,
@@ -269,7 +273,7 @@ def _outcome(cfg: Config, state: RunState, net: nn.Cell, ranks: RankInfo, folder
     best = out / "checkpoint" / "best.ckpt"
     best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if best.is_file() else None
     return TrainResult(out, best if best.is_file() else None, best_top1, _last_checkpoint_of_this_run(cfg, folder),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, folder.log_file if folder else None)
 
 
 def _last_checkpoint_of_this_run(cfg: Config, folder: RunFolder | None) -> Path | None:

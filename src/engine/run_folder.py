@@ -121,6 +121,11 @@ class RunFolder:
         save_config(self.cfg, self.path / "config.yaml")
         self._config_written = True
 
+    @property
+    def log_file(self) -> Path:
+        """This run's log: train.log once the run has committed (or resumes), train.new.log before."""
+        return self.path / ("train.log" if self.committed else STAGED_LOG)
+
     def settle(self, record: EpochRecord, history: History) -> None:
         """Epoch output, last in the list: the first epoch's files are all written, so the earlier run goes."""
         if self.settled:

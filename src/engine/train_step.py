@@ -281,7 +281,7 @@ def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, batches_per_epoc
     amp_net = inference_cell(net, cfg)
     loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
     scale_sense, check_overflow = loss_scale_sense(cfg)
-    optimizer = create_optimizer(net.trainable_params(), lr, cfg.momentum, cfg.weight_decay)
+    optimizer = create_optimizer(net.trainable_params(), lr, cfg)
     train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes,
                            ema_decay=cfg.ema_decay if cfg.ema else None,
                            clip_value=cfg.clip_value if cfg.clip_grad else None,

@@ -14,6 +14,7 @@ from src.config import Config, given_on_command_line
 from src.data.transforms import with_recorded_preprocessing
 from src.engine.checkpoint import (
     ARCH_KEYS,
+    MODE_KEYS,
     SCHEDULE_KEYS,
     SHAPE_HINT,
     CheckpointMeta,
@@ -163,15 +164,24 @@ def extend_hint(meta: CheckpointMeta, path: Path) -> str:
 
 def check_same_schedule(meta: CheckpointMeta, cfg: Config, path: Path) -> None:
     """A resumed run continues the checkpoint's learning-rate curve, so every key that shapes it must be the same
-    (the optimizer's global step indexes a curve built from them). Keys an older checkpoint lacks are not checked."""
+    (the optimizer's global step indexes a curve built from them), and its optimizer, whose moments it holds.
+    Keys an older checkpoint lacks are not checked."""
+    if meta.batch_size is not None and (meta.opt or "momentum") != cfg.opt:  # momentum: the only one before opt
+        have = meta.opt or "momentum"
+        raise UserError(f"resume_ckpt {path} was trained with --opt {have} but this run has {cfg.opt} (a resumed run "
+                        f"continues its optimizer's state: pass --opt {have}, or start a new run from its weights "
+                        f"with --pretrain_ckpt {path})")
+    mode_only = {key for keys in MODE_KEYS.values() for key in keys}
+    used = MODE_KEYS.get(meta.lr_decay_mode, ())
     for key in SCHEDULE_KEYS:
         have = getattr(meta, key)
         if key == "gradient_accumulation_steps" and have is None and meta.batch_size is not None:
             have = 1  # a checkpoint of this package from before accumulation existed
-        if key == "steps_per_epoch" or have is None:
+        if key == "steps_per_epoch" or have is None or (key in mode_only and key not in used):
             continue
         want = getattr(cfg, key)
-        same = have == want if isinstance(have, str) else math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-12)
+        same = have == want if isinstance(have, str) or want is None else \
+            math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-12)
         if same:
             continue
         shown, now = (v if isinstance(v, str) else f"{v:.6g}" for v in (have, want))

@@ -48,6 +48,34 @@ class Dropout(nn.Cell):
         return x * mask.astype(x.dtype) / self.keep
 
 
+class DropPath(nn.Cell):
+    """Stochastic depth (timm's drop_path): in training each sample's residual branch is zeroed with probability
+    `rate` and the kept ones scaled by 1 / (1 - rate); an identity in eval and export. `index` (the block's place in
+    the net) gives each block its own seeded draws, so blocks do not drop the same samples together."""
+
+    def __init__(self, rate: float, index: int):
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate {rate} is outside [0, 1)")
+        import mindspore as ms
+
+        self.keep = 1.0 - rate
+        self.uniform = ops.UniformReal(seed=ms.get_seed() or _SEED_WHEN_UNSET, seed2=1 + _rank() + 65536 * (index + 1))
+
+    def construct(self, x):
+        if not self.training or self.keep == 1.0:
+            return x
+        mask = self.uniform((x.shape[0],) + (1,) * (x.ndim - 1)) < self.keep
+        return x * mask.astype(x.dtype) / self.keep
+
+
+def drop_path_rates(rate: float, blocks: int, timm_resnet: bool = False) -> list[float]:
+    """Each block's rate, rising linearly with depth as timm's: block i of n gets rate * i / n (its EfficientNet
+    builder: MobileNetV2/V3), or rate * i / (n - 1) (its ResNet)."""
+    last = max(blocks - 1, 1) if timm_resnet else blocks
+    return [rate * i / last for i in range(blocks)]
+
+
 def _rank() -> int:
     """This process's rank as the launchers export it (msrun and scripts/run_train.sh set RANK_ID); 0 alone."""
     value = os.environ.get("RANK_ID", "0").strip()

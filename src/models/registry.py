@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ class PublishedWeights:
 @dataclass(frozen=True)
 class ModelCard:
     """What the package knows of one net. `build` is "module:function"; the function takes (num_classes, width,
-    dropout, bn_eps, padding) and returns a ClassifierNet."""
+    dropout, bn_eps, padding), and drop_path_rate when the card says `drop_path`, and returns a ClassifierNet."""
 
     name: str
     build: str
@@ -46,6 +47,7 @@ class ModelCard:
     dropout: float = 0.0  # the net's own dropout before the classifier
     bn_eps: float = 1e-5  # the net's own BatchNorm epsilon
     width_multiplier: bool = True  # whether --width applies
+    drop_path: bool = False  # whether the builder takes drop_path_rate (stochastic depth of its residual blocks)
     min_image_size: int = 16
     source_names: dict[str, str] = field(default_factory=dict)  # the net's name at a peer ("{w}": width x 100)
     published: tuple[PublishedWeights, ...] = ()
@@ -127,19 +129,33 @@ def published_weights() -> dict[str, PublishedWeights]:
     return {p.name: p for c in cards().values() for p in c.published}
 
 
+def canonical_name(name: str) -> str | None:
+    """This package's name for a net as a peer spells it (torchvision's mobilenet_v3_large, mindcv's
+    mobilenet_v3_large_100, timm's mobilenetv3_large_100, resnet50), or None. Widths other than 1.0 are not names
+    here (--width sets them)."""
+    if name in cards():
+        return name
+    key = re.sub(r"_100$", "", name.lower()).replace("_", "").replace("-", "")
+    return {own.replace("_", ""): own for own in cards()}.get(key)
+
+
 def create_model(name: str, num_classes: int = 1000, width: float = 1.0, dropout: float | None = None,
-                 bn_eps: float | None = None, padding: str = "symmetric") -> ClassifierNet:
+                 bn_eps: float | None = None, padding: str = "symmetric", drop_path_rate: float = 0.0) -> ClassifierNet:
     """The named net; dropout and bn_eps None keep the card's (the net's own); `padding` see config.Config.padding."""
     card = model_card(name)
     if width != 1.0 and not card.width_multiplier:
         raise ValueError(f"{name} has no width multiplier (got width={width}; use 1.0)")
+    if drop_path_rate and not card.drop_path:
+        raise ValueError(f"{name} has no stochastic depth (got drop_path_rate={drop_path_rate}; use 0)")
+    extra = {"drop_path_rate": drop_path_rate} if card.drop_path else {}
     return card.builder()(num_classes=num_classes, width=width, dropout=card.dropout if dropout is None else dropout,
-                          bn_eps=card.bn_eps if bn_eps is None else bn_eps, padding=padding)
+                          bn_eps=card.bn_eps if bn_eps is None else bn_eps, padding=padding, **extra)
 
 
 def net_from_config(cfg) -> ClassifierNet:
     """The configured net, made a PACT QAT net when cfg.pact_quant is set."""
-    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout, cfg.bn_eps, cfg.padding)
+    net = create_model(cfg.model, cfg.num_classes, cfg.width, cfg.dropout, cfg.bn_eps, cfg.padding,
+                       cfg.drop_path_rate if cfg.drop_path_rate and model_card(cfg.model).drop_path else 0.0)
     if cfg.pact_quant:
         from src.models.quant import quantize_net
 

@@ -2,7 +2,7 @@
 from src.models.registry import ModelCard, PublishedWeights, register_model
 
 register_model(ModelCard(
-    name="mobilenetv2", build="src.models.mobilenetv2.net:mobilenetv2", bn_eps=1e-5,
+    name="mobilenetv2", build="src.models.mobilenetv2.net:mobilenetv2", bn_eps=1e-5, drop_path=True,
     source_names={"mindcv": "mobilenet_v2_{w}", "torchvision/timm": "mobilenet_v2"},
     published=(
         # mindcv 0.3.0's default_cfgs (its file names carry no documented digest)

@@ -9,7 +9,15 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d, make_divisible
+from src.models.common import (
+    ClassifierNet,
+    Dropout,
+    DropPath,
+    GlobalAvgPooling,
+    conv2d,
+    drop_path_rates,
+    make_divisible,
+)
 
 # expansion t, output channels c, repeats n, first stride s
 INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -29,10 +37,12 @@ class ConvBNReLU(nn.Cell):
 
 
 class InvertedResidual(nn.Cell):
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, bn_eps: float = BN_EPS):
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int, bn_eps: float = BN_EPS,
+                 drop_path: DropPath | None = None):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = stride == 1 and inp == oup
+        self.drop_path = drop_path if self.use_res_connect else None
         layers = [ConvBNReLU(inp, hidden, kernel_size=1, bn_eps=bn_eps)] if expand_ratio != 1 else []
         layers += [ConvBNReLU(hidden, hidden, stride=stride, groups=hidden, bn_eps=bn_eps),
                    nn.Conv2d(hidden, oup, kernel_size=1, stride=1), nn.BatchNorm2d(oup, eps=bn_eps)]
@@ -40,20 +50,25 @@ class InvertedResidual(nn.Cell):
 
     def construct(self, x):
         if self.use_res_connect:
+            if self.drop_path is not None:
+                return x + self.drop_path(self.conv(x))
             return x + self.conv(x)
         return self.conv(x)
 
 
 class MobileNetV2Backbone(nn.Cell):
-    def __init__(self, width: float = 1.0, round_nearest: int = 8, bn_eps: float = BN_EPS):
+    def __init__(self, width: float = 1.0, round_nearest: int = 8, bn_eps: float = BN_EPS, drop_path_rate: float = 0.0):
         super().__init__()
         channels = make_divisible(32 * width, round_nearest)
         self.out_channels = make_divisible(1280 * max(1.0, width), round_nearest)
         features = [ConvBNReLU(3, channels, stride=2, bn_eps=bn_eps)]
+        rates = iter(enumerate(drop_path_rates(drop_path_rate, sum(n for _, _, n, _ in INVERTED_RESIDUAL_SETTING))))
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             out = make_divisible(c * width, round_nearest)
             for i in range(n):
-                features.append(InvertedResidual(channels, out, s if i == 0 else 1, t, bn_eps))
+                index, rate = next(rates)
+                drop = DropPath(rate, index) if rate > 0 else None
+                features.append(InvertedResidual(channels, out, s if i == 0 else 1, t, bn_eps, drop))
                 channels = out
         features.append(ConvBNReLU(channels, self.out_channels, kernel_size=1, bn_eps=bn_eps))
         self.features = nn.SequentialCell(features)
@@ -92,8 +107,8 @@ class MobileNetV2Head(nn.Cell):
 
 
 def mobilenetv2(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
-                padding: str = "symmetric") -> ClassifierNet:
+                padding: str = "symmetric", drop_path_rate: float = 0.0) -> ClassifierNet:
     """`padding` changes nothing here: every source pads MobileNetV2 symmetrically."""
-    backbone = MobileNetV2Backbone(width, bn_eps=BN_EPS if bn_eps is None else bn_eps)
+    backbone = MobileNetV2Backbone(width, bn_eps=BN_EPS if bn_eps is None else bn_eps, drop_path_rate=drop_path_rate)
     head = MobileNetV2Head(backbone.out_channels, num_classes, dropout)
     return ClassifierNet(backbone, head, head_prefixes=("head.",))

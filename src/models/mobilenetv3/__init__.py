@@ -5,7 +5,7 @@ from src.models.registry import ModelCard, PublishedWeights, register_model
 def _card(size: str, mindcv_file: str, torchvision_file: str) -> ModelCard:
     return ModelCard(
         name=f"mobilenetv3_{size}", build=f"src.models.mobilenetv3.net:mobilenetv3_{size}", family="mobilenetv3",
-        dropout=0.2, bn_eps=1e-3,
+        dropout=0.2, bn_eps=1e-3, drop_path=True,
         source_names={"mindcv": f"mobilenet_v3_{size}_{{w}}", "torchvision/timm": f"mobilenet_v3_{size}"},
         published=(
             PublishedWeights(f"mindcv:mobilenet_v3_{size}_100", "https://download.mindspore.cn/toolkits/mindcv/"

@@ -14,7 +14,17 @@ import math
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, HSigmoid, HSwish, conv2d, make_divisible
+from src.models.common import (
+    ClassifierNet,
+    Dropout,
+    DropPath,
+    GlobalAvgPooling,
+    HSigmoid,
+    HSwish,
+    conv2d,
+    drop_path_rates,
+    make_divisible,
+)
 
 # kernel, expanded channels, output channels, squeeze-excite, activation (RE = ReLU, HS = h-swish), stride
 LARGE = ((3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
@@ -60,9 +70,10 @@ class Bottleneck(nn.Cell):
     """Expand (1x1) -> depthwise (k x k) -> squeeze-excite -> project (1x1, linear), residual when shapes allow."""
 
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, kernel: int, stride: int, act: str, use_se: bool,
-                 bn_eps: float = BN_EPS, same: bool = False):
+                 bn_eps: float = BN_EPS, same: bool = False, drop_path: DropPath | None = None):
         super().__init__()
         self.use_res_connect = stride == 1 and in_ch == out_ch
+        self.drop_path = drop_path if self.use_res_connect else None
         layers = _conv_bn(in_ch, mid_ch, 1, bn_eps=bn_eps) + [_activation(act)] if mid_ch != in_ch else []
         layers += _conv_bn(mid_ch, mid_ch, kernel, stride, mid_ch, bn_eps, same) + [_activation(act)]
         if use_se:
@@ -72,19 +83,24 @@ class Bottleneck(nn.Cell):
 
     def construct(self, x):
         if self.use_res_connect:
+            if self.drop_path is not None:
+                return x + self.drop_path(self.layers(x))
             return x + self.layers(x)
         return self.layers(x)
 
 
 class MobileNetV3Backbone(nn.Cell):
-    def __init__(self, arch: str, width: float = 1.0, bn_eps: float = BN_EPS, same: bool = False):
+    def __init__(self, arch: str, width: float = 1.0, bn_eps: float = BN_EPS, same: bool = False,
+                 drop_path_rate: float = 0.0):
         super().__init__()
         settings, _ = ARCHS[arch]
         channels = make_divisible(16 * width)
         features = _conv_bn(3, channels, 3, stride=2, bn_eps=bn_eps) + [HSwish()]
-        for kernel, expanded, out, use_se, act, stride in settings:
+        rates = drop_path_rates(drop_path_rate, len(settings) + 1)  # timm counts the last 1x1 conv as a block
+        for i, (kernel, expanded, out, use_se, act, stride) in enumerate(settings):
             mid, out = make_divisible(expanded * width), make_divisible(out * width)
-            features.append(Bottleneck(channels, mid, out, kernel, stride, act, use_se, bn_eps, same))
+            drop = DropPath(rates[i], i) if rates[i] > 0 else None
+            features.append(Bottleneck(channels, mid, out, kernel, stride, act, use_se, bn_eps, same, drop))
             channels = out
         self.out_channels = 6 * channels
         features += _conv_bn(channels, self.out_channels, 1, bn_eps=bn_eps) + [HSwish()]
@@ -128,19 +144,20 @@ class MobileNetV3Head(nn.Cell):
 
 
 def _mobilenetv3(arch: str, num_classes: int, width: float, dropout: float, bn_eps: float | None,
-                 padding: str) -> ClassifierNet:
+                 padding: str, drop_path_rate: float) -> ClassifierNet:
     """`padding` "mindcv": the depthwise convolutions pad by MindSpore's "same" rule, as mindcv's."""
-    backbone = MobileNetV3Backbone(arch, width, BN_EPS if bn_eps is None else bn_eps, padding == "mindcv")
+    backbone = MobileNetV3Backbone(arch, width, BN_EPS if bn_eps is None else bn_eps, padding == "mindcv",
+                                   drop_path_rate)
     last = make_divisible(ARCHS[arch][1] * width)
     head = MobileNetV3Head(backbone.out_channels, last, num_classes, dropout)
     return ClassifierNet(backbone, head, head_prefixes=("classifier.3.",))
 
 
 def mobilenetv3_large(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2, bn_eps: float | None = None,
-                      padding: str = "symmetric") -> ClassifierNet:
-    return _mobilenetv3("large", num_classes, width, dropout, bn_eps, padding)
+                      padding: str = "symmetric", drop_path_rate: float = 0.0) -> ClassifierNet:
+    return _mobilenetv3("large", num_classes, width, dropout, bn_eps, padding, drop_path_rate)
 
 
 def mobilenetv3_small(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2, bn_eps: float | None = None,
-                      padding: str = "symmetric") -> ClassifierNet:
-    return _mobilenetv3("small", num_classes, width, dropout, bn_eps, padding)
+                      padding: str = "symmetric", drop_path_rate: float = 0.0) -> ClassifierNet:
+    return _mobilenetv3("small", num_classes, width, dropout, bn_eps, padding, drop_path_rate)

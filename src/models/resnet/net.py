@@ -8,7 +8,7 @@ from __future__ import annotations
 from mindspore import nn
 from mindspore.common.initializer import HeNormal
 
-from src.models.common import ClassifierNet, Dropout, GlobalAvgPooling, conv2d
+from src.models.common import ClassifierNet, Dropout, DropPath, GlobalAvgPooling, conv2d, drop_path_rates
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, same: bool = False) -> nn.Conv2d:
@@ -25,8 +25,10 @@ def _bn(channels: int, last: bool = False, eps: float = BN_EPS) -> nn.BatchNorm2
 class ResidualBlock(nn.Cell):
     expansion = 4
 
-    def __init__(self, in_channel: int, out_channel: int, stride: int = 1, bn_eps: float = BN_EPS, same: bool = False):
+    def __init__(self, in_channel: int, out_channel: int, stride: int = 1, bn_eps: float = BN_EPS, same: bool = False,
+                 drop_path: DropPath | None = None):
         super().__init__()
+        self.drop_path = drop_path
         channel = out_channel // self.expansion
         self.conv1, self.bn1 = _conv(in_channel, channel, 1), _bn(channel, eps=bn_eps)
         self.conv2, self.bn2 = _conv(channel, channel, 3, stride, same), _bn(channel, eps=bn_eps)
@@ -42,6 +44,8 @@ class ResidualBlock(nn.Cell):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        if self.drop_path is not None:  # timm's ResNet drops the branch of every block, downsampling ones too
+            out = self.drop_path(out)
         if self.down_sample:
             identity = self.down_sample_layer(x)
         return self.relu(out + identity)
@@ -74,7 +78,8 @@ class StemMaxPool(nn.Cell):
 
 
 class ResNetBackbone(nn.Cell):
-    def __init__(self, layer_nums: tuple[int, int, int, int], bn_eps: float = BN_EPS, padding: str = "symmetric"):
+    def __init__(self, layer_nums: tuple[int, int, int, int], bn_eps: float = BN_EPS, padding: str = "symmetric",
+                 drop_path_rate: float = 0.0):
         """`padding` "mindcv": the stem max pooling pads by MindSpore's "same" rule; "modelzoo": the strided
         convolutions too (as those layouts' nets)."""
         super().__init__()
@@ -84,9 +89,15 @@ class ResNetBackbone(nn.Cell):
         self.maxpool = StemMaxPool(same=padding in ("mindcv", "modelzoo"))
         in_channels, out_channels = (64, 256, 512, 1024), (256, 512, 1024, 2048)
         strides = (1, 2, 2, 2)
+        rates = drop_path_rates(drop_path_rate, sum(layer_nums), timm_resnet=True)
+        first = [sum(layer_nums[:i]) for i in range(4)]  # the net-wide index of each stage's first block
+
+        def drop(index: int) -> DropPath | None:
+            return DropPath(rates[index], index) if rates[index] > 0 else None
+
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             nn.SequentialCell([ResidualBlock(in_channels[i] if j == 0 else out_channels[i], out_channels[i],
-                                             strides[i] if j == 0 else 1, bn_eps, same_conv)
+                                             strides[i] if j == 0 else 1, bn_eps, same_conv, drop(first[i] + j))
                                 for j in range(layer_nums[i])])
             for i in range(4))
         self.out_channels = out_channels[-1]
@@ -114,20 +125,20 @@ class ResNetHead(nn.Cell):
 
 
 def _resnet(layer_nums, num_classes: int, width: float, dropout: float, bn_eps: float | None,
-            padding: str) -> ClassifierNet:
-    backbone = ResNetBackbone(layer_nums, BN_EPS if bn_eps is None else bn_eps, padding)
+            padding: str, drop_path_rate: float) -> ClassifierNet:
+    backbone = ResNetBackbone(layer_nums, BN_EPS if bn_eps is None else bn_eps, padding, drop_path_rate)
     return ClassifierNet(backbone, ResNetHead(backbone.out_channels, num_classes, dropout),
                          head_prefixes=("end_point.",))
 
 
 def resnet50(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
-             padding: str = "symmetric") -> ClassifierNet:
-    return _resnet((3, 4, 6, 3), num_classes, width, dropout, bn_eps, padding)
+             padding: str = "symmetric", drop_path_rate: float = 0.0) -> ClassifierNet:
+    return _resnet((3, 4, 6, 3), num_classes, width, dropout, bn_eps, padding, drop_path_rate)
 
 
 def resnet101(num_classes: int = 1000, width: float = 1.0, dropout: float = 0.0, bn_eps: float | None = None,
-              padding: str = "symmetric") -> ClassifierNet:
-    return _resnet((3, 4, 23, 3), num_classes, width, dropout, bn_eps, padding)
+              padding: str = "symmetric", drop_path_rate: float = 0.0) -> ClassifierNet:
+    return _resnet((3, 4, 23, 3), num_classes, width, dropout, bn_eps, padding, drop_path_rate)
 
 
 
