@@ -508,8 +508,9 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
         section = f.metadata["section"]
         if section not in groups:
             groups[section] = parser.add_argument_group(section)
+        text = f"{f.metadata['help']}{choices} (default: {default})".replace("%", "%%")  # argparse formats help
         groups[section].add_argument(*flags, dest=name, default=_NOT_GIVEN, type=str, metavar=_base_type(f).upper(),
-                                     help=f"{f.metadata['help']}{choices} (default: {default})".replace("%", "%%"), **extra)
+                                     help=text, **extra)
     seed = parser.add_argument_group("the PyTorch MobileNetV3 seed's flags (beside the aliases above)")
     seed.add_argument("--apex", dest="_apex", nargs="?", const="True", default=_NOT_GIVEN, metavar="BOOL",
                       help=f"mixed precision as the seed's apex: sets amp_level to --apex-opt-level (default "

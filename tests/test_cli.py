@@ -161,3 +161,19 @@ def test_batch_larger_than_the_training_set(tmp_path):
     assert line == ("error: --mixup/--cutmix pair each image with the one at the mirrored batch position, so "
                     "batch_size must be even (got 3; as timm and mindcv)")
     assert not (tmp_path / "o").exists()
+
+
+def test_max_steps_stops_after_n_optimizer_steps_and_prints_the_throughput(tmp_path):
+    """The PyTorch seed's performance mode: 4 steps with 3 per epoch finish epoch 1 (its files written) and stop one
+    step into epoch 2, which records nothing; the run ends 0 with the FPS line."""
+    data, out = make_imagefolder(tmp_path / "data"), tmp_path / "out"
+    proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), "--epoch_size", "3",
+                   "--max_steps", "4", "--save_checkpoint_epochs", "1", *TINY_TRAIN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = re.search(r"^max_steps 4 reached at epoch 2 step 1: (\d) optimizer steps after the first (\d) took "
+                     r"\d+\.\d\d s, \d+\.\d{4} s/step, FPS (\d+\.\d\d) images/s on 1 device$", proc.stdout, re.M)
+    assert line, proc.stdout[-3000:]
+    assert int(line.group(1)) + int(line.group(2)) == 4 and float(line.group(3)) > 0
+    assert [r["epoch"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1"]
+    assert sorted(p.name for p in (out / "checkpoint").glob("*.ckpt")) == ["best.ckpt", "mobilenetv2-1_3.ckpt"]
+    assert "[Epoch 2] val top1" not in proc.stdout and (out / "train.log").is_file()

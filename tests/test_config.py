@@ -170,3 +170,63 @@ def test_yaml_nan_and_duplicate_keys_and_encoding_are_refused(tmp_path: Path):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         with pytest.raises(UserError, match=message):
             load_config(["--config_path", str(path)])
+
+
+SEED_COMMAND = ("--arch mobilenet_v3_large --data /data/imagenet --batch_size 128 --learning-rate 0.064 "
+                "--print-freq 10 --epochs 600 --apex --apex-opt-level O2 --lr-step-size 2 --lr-gamma 0.973 "
+                "--wd 0.00001 --device_id 3 --workers 16 --max_steps 100 --opt rmsprop --momentum 0.9")
+NATIVE_COMMAND = ("--model mobilenetv3_large --dataset_path /data/imagenet --batch_size 128 --lr_max 0.064 "
+                  "--print_freq 10 --epoch_size 600 --amp_level O2 --lr_decay_mode step --lr_step_size 2 "
+                  "--lr_gamma 0.973 --weight_decay 0.00001 --device_id 3 --num_parallel_workers 16 --max_steps 100 "
+                  "--opt rmsprop --momentum 0.9")
+
+
+@pytest.mark.parametrize("tool", ["train", "eval", "benchmark"])
+def test_the_pytorch_seeds_command_line_is_the_native_one(tool):
+    """pytorch_ascend_mobilenetv3.md's flags (its 公共参数 list) on every entry point: the same Config as the native
+    keys, and the same keys counted as given on the command line."""
+    from src.config import given_on_command_line
+
+    seed, native = load_config(SEED_COMMAND.split(), tool), load_config(NATIVE_COMMAND.split(), tool)
+    assert seed == native
+    assert given_on_command_line(seed) == given_on_command_line(native)
+    assert (seed.model, seed.amp_level, seed.lr_decay_mode, seed.lr_step_size) == ("mobilenetv3_large", "O2", "step",
+                                                                                    2.0)
+
+
+def test_peer_names_of_the_nets_and_the_seed_rules():
+    for name, own in (("mobilenet_v3_small", "mobilenetv3_small"), ("mobilenetv3_large_100", "mobilenetv3_large"),
+                      ("mobilenet_v3_large_100", "mobilenetv3_large"), ("mobilenet_v2", "mobilenetv2"),
+                      ("resnet101", "resnet101")):
+        assert load_config(["--arch", name]).model == own
+    with pytest.raises(UserError, match="--model got 'mobilenet_v3_huge' \\(choose from mobilenetv2, "):
+        load_config(["--arch", "mobilenet_v3_huge"])
+    assert load_config(["--apex"]).amp_level == "O1"  # apex's own default level
+    assert load_config(["--apex", "False", "--amp_level", "O3"]).amp_level == "O3"
+    with pytest.raises(UserError, match=r"^--apex-opt-level O2 applies with --apex \(the seed trains in float32 "):
+        load_config(["--apex-opt-level", "O2"])
+    with pytest.raises(UserError, match="--apex sets amp_level O1 but --amp_level O3 is given too"):
+        load_config(["--apex", "--amp_level", "O3"])
+    # a step size on the command line means the step schedule, unless the schedule is given too
+    assert load_config(["--lr_step_size", "3"]).lr_decay_mode == "step"
+    assert load_config(["--lr-step-size", "3", "--lr_decay_mode", "cosine"]).lr_decay_mode == "cosine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr_decay_mode", "multistep"], "--lr_decay_mode multistep needs --lr_milestones"),
+    (["--lr_decay_mode", "multistep", "--lr_milestones", "30,20"], "--lr_milestones got '30,20' (give increasing"),
+    (["--lr_milestones", "3,6"], "--lr_milestones applies to --lr_decay_mode multistep, not cosine"),
+    (["--num_cycles", "3", "--lr_decay_mode", "step"], "--num_cycles applies to --lr_decay_mode cosine, not step"),
+    (["--opt", "nesterov", "--momentum", "0"], "--nesterov True needs --momentum above 0"),
+    (["--opt", "adamax"], "--opt got 'adamax' (choose from sgd, momentum, nesterov, rmsprop, rmsproptf, adam, adamw, "
+                          "lamb)"),
+    (["--eps", "-1"], "--eps got -1.0 (must be at least 0.0)"),
+])
+def test_recipe_keys_refuse_what_cannot_work(args, message):
+    with pytest.raises(UserError) as err:
+        load_config(args)
+    assert str(err.value).startswith(message)
+
+
+def test_milestones_are_kept_in_one_spelling():
+    assert load_config(["--lr_decay_mode", "multistep", "--lr_milestones", "[30, 60 ,90]"]).lr_milestones == "30,60,90"

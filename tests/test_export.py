@@ -274,3 +274,19 @@ def test_eval_onnx_and_predict_refuse_a_model_with_another_class_count(trained, 
             f"error: {foreign} outputs 1000 class scores but num_classes is 2 (pass --num_classes 1000 with data of "
             "that many classes, or export the model trained on this data)"], proc.stderr[-2000:]
         assert "result:" not in proc.stdout
+
+
+def test_drop_path_changes_no_exported_output(trained, tmp_path):
+    """Stochastic depth is training-only: the same checkpoint exported with --drop_path_rate 0.5 gives the ONNX
+    model of the net without it, output for output."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    outputs = []
+    for rate in (0.0, 0.5):
+        name = tmp_path / f"dp{rate}"
+        proc = run_cli("export.py", "--output_path", str(trained.out), "--file_format", "ONNX", "--file_name",
+                       str(name), "--drop_path_rate", str(rate), *TINY_NET)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(ort.InferenceSession(f"{name}.onnx").run(None, {"image": x})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])

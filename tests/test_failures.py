@@ -296,6 +296,29 @@ def test_resume_refuses_a_changed_schedule_naming_the_key_and_the_checkpoints_va
                             ckpt)
 
 
+def test_resume_refuses_another_optimizer_and_compares_only_the_keys_of_its_schedule(trained):
+    """The checkpoint holds its optimizer's moments: another --opt is refused in one line (a checkpoint from before
+    --opt existed was trained with momentum); keys of other schedules than the checkpoint's do not matter."""
+    import dataclasses
+
+    from src.config import load_config
+    from src.engine.weights import check_same_schedule
+    from src.errors import UserError
+
+    ckpt = trained.out / "checkpoint" / "mobilenetv2-1_3.ckpt"
+    meta = read_checkpoint(ckpt)[1]
+    assert meta.opt == "momentum"
+    for checkpoint_meta in (meta, dataclasses.replace(meta, opt=None)):
+        with pytest.raises(UserError) as err:
+            check_same_schedule(checkpoint_meta, load_config(with_flags(TINY_TRAIN, epoch_size=2, opt="adamw")), ckpt)
+        assert str(err.value) == (f"resume_ckpt {ckpt} was trained with --opt momentum but this run has adamw (a "
+                                  "resumed run continues its optimizer's state: pass --opt momentum, or start a new "
+                                  f"run from its weights with --pretrain_ckpt {ckpt})")
+    check_same_schedule(meta, load_config(with_flags(TINY_TRAIN, epoch_size=2, lr_gamma=0.5)), ckpt)  # cosine's
+    with pytest.raises(UserError, match="was trained with --num_cycles 1 but this run has 2"):
+        check_same_schedule(meta, load_config(with_flags(TINY_TRAIN, epoch_size=2, num_cycles=2)), ckpt)
+
+
 def test_a_run_is_extended_by_a_new_run_from_its_weights_at_its_last_lr(trained, earlier_run, tmp_path):
     out, before = earlier_run
     ckpt = out / "checkpoint" / "mobilenetv2-1_3.ckpt"

@@ -205,3 +205,37 @@ def test_every_net_uses_the_seeded_dropout(name):
     net = create_model(name, 3, 0.25 if name.startswith("mobilenet") else 1.0, dropout=0.2)
     cells = [type(cell) for _, cell in net.cells_and_names()]
     assert Dropout in cells and nn.Dropout not in cells
+
+
+def test_drop_path_rises_linearly_with_depth_as_timm():
+    """timm's rules: MobileNetV3 block i of n (the last 1x1 conv counted, n = 16 for Large) gets rate * i / n, on the
+    blocks with a skip; ResNet's block i of n gets rate * i / (n - 1), on every block. 0 builds no DropPath."""
+    from src.models.common import DropPath
+
+    def rates(net, block_type):
+        blocks = [c for _, c in net.cells_and_names() if type(c).__name__ == block_type]
+        return [None if b.drop_path is None else round(1 - b.drop_path.keep, 6) for b in blocks]
+
+    large = rates(create_model("mobilenetv3_large", 10, drop_path_rate=0.2), "Bottleneck")
+    skip = (2, 4, 5, 7, 8, 9, 11, 13, 14)  # stride 1, channels in = out (block 0's rate is 0)
+    assert large == [round(0.2 * i / 16, 6) if i in skip else None for i in range(15)]
+    resnet = rates(create_model("resnet50", 10, drop_path_rate=0.1), "ResidualBlock")
+    assert resnet == [None] + [round(0.1 * i / 15, 6) for i in range(1, 16)]
+    assert not [c for _, c in create_model("mobilenetv2", 10).cells_and_names() if isinstance(c, DropPath)]
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    from src.models.common import DropPath
+
+    x = ms.Tensor(np.ones((4000, 3, 2, 2), np.float32))
+    first, second = DropPath(0.3, 0), DropPath(0.3, 1)
+    first.set_train(True)
+    second.set_train(True)
+    out = first(x).asnumpy()
+    per_sample = out.reshape(4000, -1)
+    np.testing.assert_allclose(np.unique(per_sample), [0.0, 1 / 0.7], rtol=1e-6)
+    assert (per_sample.min(1) == per_sample.max(1)).all()  # a sample's branch is dropped or kept whole
+    assert abs((per_sample[:, 0] == 0).mean() - 0.3) < 0.03
+    assert not np.array_equal(out, second(x).asnumpy())  # each block draws its own samples
+    first.set_train(False)
+    assert np.array_equal(first(x).asnumpy(), x.asnumpy())

@@ -242,3 +242,43 @@ def test_an_epochs_last_short_group_steps_with_its_own_mean():
     assert steps_seen == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6]
     for name, value in _weights(ref_net).items():
         np.testing.assert_allclose(_weights(net)[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("opt", ["rmsprop", "adamw", "sgd"])
+def test_a_resumed_optimizer_continues_on_the_same_curve(opt, tmp_path):
+    """Steps 1-4 uninterrupted, against steps 1-2, a periodic checkpoint written and read as the run does, and
+    steps 3-4 in a rebuilt train step: the same weights and moments after each step (the moments and the global
+    step, which indexes the per-step LR, come back from the file; a step LR that halves every step shows a wrong
+    index at once)."""
+    from src.engine.checkpoint import NOT_RESTORED, load_into, read_checkpoint, save_checkpoint
+    from src.engine.lr_schedule import build_lr_schedule
+
+    cfg = Config(opt=opt, weight_decay=1e-3, momentum=0.9, num_classes=3, label_smooth=0.0)
+    lr = build_lr_schedule("step", 0.0, 0.05, 0.0, 0, 4, 1, step_size=1, gamma=0.5)
+    x, y = _batch()
+
+    def fresh():
+        step, _ = build_train_step(TinyNet(), cfg, lr, batches_per_epoch=1)
+        return step
+
+    step = fresh()
+    after = []
+    for _ in range(4):
+        step(x, y)
+        after.append(_all_params(step))
+        if len(after) == 2:
+            ckpt = tmp_path / f"tiny-2_{opt}.ckpt"
+            save_checkpoint([{"name": p.name, "data": p} for p in step.get_parameters()
+                             if not p.name.startswith("train_stats.")], ckpt, {"epoch_num": 2, "opt": opt})
+    params, meta = read_checkpoint(ckpt)
+    assert meta.opt == opt and any(n.startswith(("mean_square.", "adam_m.", "accum.")) for n in params)
+    resumed = fresh()
+    load_into(resumed, params, ckpt, skip=NOT_RESTORED)
+    assert int(resumed.optimizer.global_step.asnumpy().reshape(-1)[0]) == 2
+    for expected in after[2:]:
+        resumed(x, y)
+        got = _all_params(resumed)
+        for name, value in expected.items():
+            if not name.startswith("train_stats."):
+                np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7, err_msg=f"{opt}: {name}")
+    assert not np.allclose(after[2]["fc.weight"], after[3]["fc.weight"])  # the steps moved the weights

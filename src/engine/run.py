@@ -297,19 +297,6 @@ def _check_batch_size(cfg: Config, source: DataSource, ranks: RankInfo) -> None:
                         f"(lower --batch_size to at most {per_rank})")
 
 
-def _datasets(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, first_epoch: int = 0):
-    """(train_ds, val_ds, trainable): `trainable` is the net itself, or only its head on cached features.
-
-    Eval during training runs on rank 0 over the whole val set; the other ranks wait at the next step.
-    """
-    evaluates = cfg.run_eval and ranks.is_main
-    if cfg.freeze_layer == "backbone":
-        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard)
-        return train_ds, val_ds if evaluates else None, HeadOnFeatures(net)
-    train_ds = create_dataset(cfg, source, training=True, first_epoch=first_epoch, **ranks.shard)
-    return train_ds, create_dataset(cfg, source, training=False) if evaluates else None, net
-
-
 def weights_digest(net: nn.Cell) -> str:
     """sha256 of every parameter: equal on all ranks after synchronous data-parallel training."""
     digest = hashlib.sha256()
