@@ -27,15 +27,19 @@ from src.policy import parse_policy
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 MODEL_NAMES = tuple(cards())  # every registered net (src/models/*/__init__.py), read without loading MindSpore
-# other spellings users bring from the PaddleClas / torchvision / timm / Ascend ModelZoo seeds, e.g.
+# other spellings users bring from the PaddleClas / torchvision / timm / Ascend ModelZoo seeds and recipes, e.g.
 # `--data-path=./ILSVRC2012 --lr=0.001 --batch-size=64 --epochs=10 --pretrained=x.ckpt --pact_quant`, and the
 # PyTorch MobileNetV3 seed's `--arch mobilenet_v3_large --data /imagenet --lr-step-size 2 --lr-gamma 0.973 --apex`
 ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",),
            "dataset_path": ("data-path", "data_path", "data"), "model": ("arch",),
            "batch_size": ("batch-size",), "pretrain_ckpt": ("pretrained",), "num_parallel_workers": ("workers",),
            "print_freq": ("print-freq",), "weight_decay": ("wd", "weight-decay"),
-           "lr_step_size": ("lr-step-size",), "lr_gamma": ("lr-gamma",), "max_steps": ("max-steps",),
-           "label_smooth": ("label-smoothing",), "drop_path_rate": ("drop-path",), "eps": ("opt-eps",),
+           "lr_step_size": ("lr-step-size", "decay-epochs"), "lr_gamma": ("lr-gamma", "decay-rate"),
+           "max_steps": ("max-steps",), "label_smooth": ("label-smoothing", "smoothing"),
+           "drop_path_rate": ("drop-path",), "eps": ("opt-eps",), "dropout": ("drop",),
+           "re_prob": ("random-erase", "reprob"), "auto_augment": ("auto-augment", "aa"),
+           "warmup_epochs": ("warmup-epochs", "lr-warmup-epochs"), "lr_init": ("warmup-lr",),
+           "ema": ("model-ema",), "ema_decay": ("model-ema-decay",), "lr_decay_mode": ("sched",),
            "mixup_prob": ("cutmix_prob",)}  # mindcv's name for the probability of mixing a batch
 # the seed's mixed precision: --apex [--apex-opt-level O1|O2|O3] (apex's levels; O1 its default) sets amp_level
 APEX_DEFAULT_LEVEL = "O1"

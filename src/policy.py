@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 from src.errors import UserError
 
-GRAMMAR = ("autoaug (ImageNet AutoAugment), randaug-mM[-nN][-mstdS][-inc1] (RandAugment: magnitude M 0..10, N ops "
-           "(default 2), magnitude noise std S, e.g. randaug-m9-mstd0.5-inc1), or trivialaugwide")
+GRAMMAR = ("autoaug (ImageNet AutoAugment; torchvision's imagenet), randaug-mM[-nN][-mstdS][-inc1] (RandAugment: "
+           "magnitude M 0..10, N ops (default 2), magnitude noise std S, e.g. randaug-m9-mstd0.5-inc1; timm's rand-... "
+           "too), or trivialaugwide (torchvision's ta_wide)")
 LEVELS = 10  # timm's magnitude scale: 0..10
-_RANDAUG = re.compile(r"randaug((?:-[a-z]+[0-9.]+)*)")
+_RANDAUG = re.compile(r"(?:randaug|rand)((?:-[a-z]+[0-9.]+)*)")  # timm writes rand-m9-mstd0.5
+# torchvision's --auto-augment names of the same policies
+TORCHVISION_NAMES = {"imagenet": "autoaug", "ta_wide": "trivialaugwide"}
 _PART = re.compile(r"-([a-z]+)([0-9]+(?:\.[0-9]+)?)")
 
 
@@ -25,6 +28,7 @@ class Policy:
 def parse_policy(text: str) -> Policy:
     """A policy string, checked; UserError naming the grammar otherwise."""
     text = text.strip().lower()
+    text = TORCHVISION_NAMES.get(text, text)
     if text in ("autoaug", "trivialaugwide"):
         return Policy(text)
     found = _RANDAUG.fullmatch(text)

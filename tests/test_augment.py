@@ -17,6 +17,9 @@ from src.errors import UserError
     ("randaug-m9", Policy("randaug", 9, 2, 0.0)),
     ("randaug-m9-mstd0.5-inc1", Policy("randaug", 9, 2, 0.5)),
     ("RandAug-m7-n3-mstd1", Policy("randaug", 7, 3, 1.0)),
+    ("rand-m9-mstd0.5", Policy("randaug", 9, 2, 0.5)),  # timm's spelling
+    ("imagenet", Policy("autoaug")),  # torchvision's --auto-augment names
+    ("ta_wide", Policy("trivialaugwide")),
 ])
 def test_policy_strings_parse(text, policy):
     assert parse_policy(text) == policy
@@ -28,7 +31,8 @@ def test_policy_strings_parse(text, policy):
     ("randaug-m9-x3", "'x' is not a part"),
     ("randaug-m9-m7", "'m' is repeated"),
     ("randaug-m9-inc0", "inc0 (timm's non-increasing posterize/solarize) is not what MindSpore's RandAugment does"),
-    ("rand-m9-mstd0.5", "use autoaug (ImageNet AutoAugment), randaug-mM[-nN][-mstdS][-inc1]"),
+    ("randaug-n2", "use autoaug (ImageNet AutoAugment; torchvision's imagenet), randaug-mM[-nN][-mstdS][-inc1]"),
+    ("ra", "use autoaug"),  # torchvision's RandAugment counts magnitude in 31 bins: not timm's 0..10
     ("augmix", "use autoaug"),
 ])
 def test_malformed_policies_are_refused_naming_the_grammar(text, message):

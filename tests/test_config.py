@@ -230,3 +230,50 @@ def test_recipe_keys_refuse_what_cannot_work(args, message):
 
 def test_milestones_are_kept_in_one_spelling():
     assert load_config(["--lr_decay_mode", "multistep", "--lr_milestones", "[30, 60 ,90]"]).lr_milestones == "30,60,90"
+
+
+# the published commands (torchvision references/classification/README.md; timm's README at c16f25ce), in the
+# spellings this package reads; -b, -j, --amp, --lr-noise, --remode and --warmup-epochs' old default are in the yamls
+TORCHVISION_MOBILENETV3 = ("--model mobilenet_v3_large --epochs 600 --opt rmsprop --batch-size 128 --lr 0.064 "
+                           "--wd 0.00001 --lr-step-size 2 --lr-gamma 0.973 --auto-augment imagenet --random-erase 0.2")
+TIMM_MOBILENETV3 = ("--model mobilenetv3_large_100 --sched step --epochs 600 --decay-epochs 2.4 --decay-rate .973 "
+                    "--opt rmsproptf --opt-eps .001 --warmup-lr 1e-6 --weight-decay 1e-5 --drop 0.2 --drop-path 0.2 "
+                    "--model-ema --model-ema-decay 0.9999 --aa rand-m9-mstd0.5 --reprob 0.2 --lr .064")
+
+
+@pytest.mark.parametrize("name, command, defaults", [
+    ("mobilenetv3_large_imagenet_torchvision.yaml", TORCHVISION_MOBILENETV3,
+     {"momentum": 0.9, "eps": 0.0316, "rmsprop_alpha": 0.9, "label_smooth": 0.0, "warmup_epochs": 0.0,
+      "filter_bias_and_bn": False, "lr_step_per_epoch": True, "ema": False, "amp_level": "O0", "dropout": 0.2,
+      "bn_eps": 1e-3, "interpolation": "bilinear", "crop_pct": 0.875}),
+    ("mobilenetv3_large_imagenet_timm.yaml", TIMM_MOBILENETV3,
+     {"momentum": 0.9, "rmsprop_alpha": 0.9, "label_smooth": 0.1, "warmup_epochs": 3.0, "filter_bias_and_bn": True,
+      "lr_step_per_epoch": True, "amp_level": "O1", "bn_eps": 1e-5, "interpolation": "bicubic", "crop_pct": 0.875}),
+])
+def test_the_peers_mobilenetv3_recipes_are_their_published_commands(name, command, defaults):
+    """Each key the published command sets has its value in the config; the rest are the source's defaults."""
+    from src.config import given_on_command_line
+
+    published = load_config(command.split())
+    recipe = load_config(["--config_path", f"configs/{name}"])
+    keys = given_on_command_line(published) - {"auto_augment"}
+    assert {k: getattr(recipe, k) for k in keys} == {k: getattr(published, k) for k in keys}
+    from src.policy import parse_policy
+
+    assert parse_policy(recipe.auto_augment) == parse_policy(published.auto_augment)
+    assert {k: getattr(recipe, k) for k in defaults} == defaults
+    assert len(keys) >= 10 and "not reproduced here" in (ROOT / "configs" / name).read_text()
+
+
+def test_the_paddle_seeds_recipe():
+    """PaddlePaddle/models tutorials/mobilenetv3_prod/Step6 (shell/train_dist.sh, train.py): MobileNetV3-Small,
+    8 x 256, lr 0.8, x0.1 every 30 of 120 epochs, momentum 0.9, weight decay 1e-4 on every parameter."""
+    cfg = load_config(["--config_path", "configs/mobilenetv3_small_imagenet_paddle.yaml"])
+    assert (cfg.model, cfg.batch_size, cfg.lr_max, cfg.epoch_size, cfg.lr_decay_mode, cfg.lr_step_size,
+            cfg.lr_gamma) == ("mobilenetv3_small", 256, 0.8, 120, "step", 30.0, 0.1)
+    assert (cfg.opt, cfg.momentum, cfg.weight_decay, cfg.filter_bias_and_bn, cfg.warmup_epochs,
+            cfg.label_smooth) == ("momentum", 0.9, 1e-4, False, 0.0, 0.0)
+    from src.engine.lr_schedule import schedule_of
+
+    lr = schedule_of(cfg, 1)
+    assert [lr[e] for e in (0, 29, 30, 59, 60, 90, 119)] == pytest.approx([0.8, 0.8, 0.08, 0.08, 0.008, 8e-4, 8e-4])
