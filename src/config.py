@@ -289,8 +289,11 @@ class Config:
         if self.num_cycles > 1 and self.lr_decay_mode != "cosine":
             raise UserError(f"--num_cycles applies to --lr_decay_mode cosine, not {self.lr_decay_mode} "
                             "(use --lr_decay_mode cosine, or drop --num_cycles)")
-        if (self.nesterov or self.opt == "nesterov") and self.opt in ("sgd", "momentum", "nesterov") and \
-                self.momentum == 0:
+        if self.nesterov and self.opt not in ("sgd", "momentum", "nesterov"):
+            raise UserError(f"--nesterov applies to --opt sgd and momentum, not {self.opt} (drop --nesterov)")
+        if self.eps is not None and self.opt in ("sgd", "momentum", "nesterov"):
+            raise UserError(f"--eps applies to rmsprop, rmsproptf, adam, adamw and lamb, not {self.opt} (drop --eps)")
+        if (self.nesterov or self.opt == "nesterov") and self.momentum == 0:
             raise UserError("--nesterov True needs --momentum above 0 (Nesterov momentum without momentum is "
                             "plain SGD)")
         if self.image_size < card.min_image_size:

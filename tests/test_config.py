@@ -221,6 +221,8 @@ def test_peer_names_of_the_nets_and_the_seed_rules():
     (["--opt", "adamax"], "--opt got 'adamax' (choose from sgd, momentum, nesterov, rmsprop, rmsproptf, adam, adamw, "
                           "lamb)"),
     (["--eps", "-1"], "--eps got -1.0 (must be at least 0.0)"),
+    (["--eps", "1e-3"], "--eps applies to rmsprop, rmsproptf, adam, adamw and lamb, not momentum (drop --eps)"),
+    (["--opt", "adam", "--nesterov", "True"], "--nesterov applies to --opt sgd and momentum, not adam"),
 ])
 def test_recipe_keys_refuse_what_cannot_work(args, message):
     with pytest.raises(UserError) as err:

@@ -215,3 +215,16 @@ def test_a_resumed_schedule_continues_the_same_curve():
     assert np.array_equal(first, again) and len(first) == EPOCHS * STEPS
     assert first[STEPS * 4 - 1] == pytest.approx(cfg.lr_max) and first[STEPS * 4] == pytest.approx(cfg.lr_max * 0.3)
     assert math.isclose(first[-1], cfg.lr_max * 0.09, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_every_optimizer_state_is_recognised_as_optimizer_state(opt):
+    """Fine-tuning from a periodic checkpoint of any optimizer leaves its state out (checkpoint.OPTIMIZER_NAMES) and
+    a resume finds it: every parameter the optimizer adds is an optimizer entry, none is a net weight."""
+    from src.engine.checkpoint import OPTIMIZER_NAMES
+
+    params = [Parameter(Tensor(np.zeros(shape, np.float32)), name=name) for name, shape in SHAPES.items()]
+    optimizer = create_optimizer(params, LR, Config(opt=opt))
+    state = [p.name for p in optimizer.get_parameters() if p.name not in SHAPES]
+    assert len(state) >= len(SHAPES) + 1 and "global_step" in state
+    assert [name for name in state if not OPTIMIZER_NAMES.fullmatch(name)] == []

@@ -31,8 +31,8 @@ EMA_PREFIX = "ema."  # the EMA copy of parameter X is saved as ema.X
 OPTIMIZER_MARKERS = ("moments.", "global_step")  # this package's optimizer state (Momentum) and step counter
 # optimizer state and step counters of any MindSpore training checkpoint (the ModelZoo's keep them; Momentum, Adam(W),
 # RMSProp, Lamb, FTRL, mindcv's Lion/NAdam, EMA copies), left out when its weights are read
-OPTIMIZER_NAMES = re.compile(r"(moments|moment[123]?|accum|adam_[mv]|mean_square|mean_grad|lamb_[mv]|linear|lion_m|"
-                             rf"nadam_[mv]|prev_gradient|vhat|{re.escape(EMA_PREFIX[:-1])}|swap)\..*|learning_rate|"
+OPTIMIZER_NAMES = re.compile(r"(moments|moment[123]?|accum|stat|adam_[mv]|mean_square|mean_grad|lamb_[mv]|linear|"
+                             rf"lion_m|nadam_[mv]|prev_gradient|vhat|{re.escape(EMA_PREFIX[:-1])}|swap)\..*|learning_rate|"
                              r"global_step|momentum|beta[12]_power|scale_sense|current_iterator_step|"
                              r"last_overflow_iterator_step|epoch_num|step_num|loss_scale")
 NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume

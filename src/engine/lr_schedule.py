@@ -95,6 +95,24 @@ def build_lr_schedule(mode: str, lr_init: float, lr_max: float, lr_end: float, w
     return np.asarray(lr, dtype=np.float32)
 
 
+def describe(cfg) -> str:
+    """One phrase for the log: the schedule after warmup, and the warmup."""
+    mode = cfg.lr_decay_mode
+    when = "" if cfg.lr_step_per_epoch else ", per step"
+    shape = {
+        "cosine": f"cosine from {cfg.lr_max:g} to {cfg.lr_end:g}" + (
+            f" in {cfg.num_cycles} cycles (each peak x{cfg.cycle_decay:g})" if cfg.num_cycles > 1 else ""),
+        "steps": f"steps: {cfg.lr_max:g}, x0.1 at 30%, 60% and 80% of the run",
+        "poly": f"poly from {cfg.lr_max:g}",
+        "linear": f"linear from {cfg.lr_max:g} to {cfg.lr_end:g}",
+        "step": f"step: {cfg.lr_max:g}, x{cfg.lr_gamma:g} every {cfg.lr_step_size:g} epochs{when}",
+        "multistep": f"multistep: {cfg.lr_max:g}, x{cfg.lr_gamma:g} at epochs {cfg.lr_milestones}{when}",
+        "exponential": f"exponential: {cfg.lr_max:g}, x{cfg.lr_gamma:g} per epoch{when}",
+    }[mode]
+    warmup = f" after {cfg.warmup_epochs:g} warmup epochs from {cfg.lr_init:g}" if cfg.warmup_epochs else ""
+    return f"{shape}{warmup}"
+
+
 def schedule_of(cfg, steps_per_epoch: int) -> np.ndarray:
     """The per-step LR array of a config (config.Config) with `steps_per_epoch` optimizer steps per epoch."""
     from src.config import milestones

@@ -67,6 +67,25 @@ def create_optimizer(params: list[Parameter], lr: np.ndarray | float, cfg) -> nn
     raise ValueError(f"unknown optimizer {name!r} (one of {', '.join(OPTIMIZERS)})")
 
 
+def describe(cfg) -> str:
+    """One phrase for the log: the optimizer and the settings it uses."""
+    name = "nesterov" if cfg.opt in ("sgd", "momentum") and cfg.nesterov else cfg.opt
+    eps = DEFAULT_EPS.get(cfg.opt) if cfg.eps is None else cfg.eps
+    parts = []
+    if cfg.opt in ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf"):
+        parts.append(f"momentum {cfg.momentum:g}")
+    if cfg.opt in ("rmsprop", "rmsproptf"):
+        parts.append(f"alpha {cfg.rmsprop_alpha:g}")
+    if cfg.opt in ("adam", "adamw", "lamb"):
+        parts.append(f"betas {cfg.beta1:g}, {cfg.beta2:g}")
+    if eps is not None:
+        parts.append(f"eps {eps:g}")
+    decay = "decoupled " if cfg.opt in ("adamw", "lamb") else ""
+    where = ", not on BatchNorm and biases" if cfg.filter_bias_and_bn else " on every parameter"
+    parts.append(f"{decay}weight decay {cfg.weight_decay:g}{where if cfg.weight_decay else ''}")
+    return f"{name} ({', '.join(parts)})"
+
+
 class _PerParameter(nn.Optimizer):
     """An optimizer over a plain parameter list with one weight decay per parameter (applied by the subclass)."""
 

@@ -242,6 +242,11 @@ def _nothing(record, history) -> None:
 
 
 def _log_recipe(cfg: Config, ranks: RankInfo) -> None:
+    if ranks.is_main:
+        from src.engine import lr_schedule, optimizer
+
+        log.info("optimizer %s; LR %s%s", optimizer.describe(cfg), lr_schedule.describe(cfg),
+                 f"; stochastic depth up to {cfg.drop_path_rate:g}" if cfg.drop_path_rate else "")
     if cfg.ema and ranks.is_main:
         log.info("EMA of the weights (decay %g, warmed up over the first few thousand steps as mindcv): evaluation, "
                  "best.ckpt, and eval/export/fine-tuning from this run's checkpoints use it", cfg.ema_decay)
