@@ -163,7 +163,7 @@ class Config:
     filter_bias_and_bn: bool = _opt(True, "no weight decay on BatchNorm parameters and biases (mindcv's and timm's "
                                     "default; False decays every parameter)")
     eps: float | None = _opt(None, "optimizer epsilon (default: the optimizer's own: rmsprop, adam, adamw 1e-8, "
-                             "rmsproptf 1e-10, lamb 1e-6)", min=0.0, max=10.0, nullable=True)
+                             "rmsproptf 1e-10, lamb 1e-6)", min=1e-12, max=10.0, nullable=True)
     rmsprop_alpha: float = _opt(0.9, "smoothing constant of the mean square in rmsprop and rmsproptf (torchvision's "
                                 "and timm's MobileNetV3 recipes use 0.9; torch.optim's default is 0.99)",
                                 min=0.0, max=0.999999)
@@ -299,6 +299,11 @@ class Config:
         if self.image_size < card.min_image_size:
             raise UserError(f"image_size {self.image_size} is too small for {self.model} (use at least "
                             f"{card.min_image_size})")
+
+    @property
+    def optimizer_kind(self) -> str:
+        """The optimizer that runs, by its state: momentum or sgd with --nesterov True is nesterov's (nn.SGD's)."""
+        return "nesterov" if self.opt in ("sgd", "momentum") and self.nesterov else self.opt
 
     @property
     def mixes(self) -> bool:

@@ -228,3 +228,24 @@ def test_every_optimizer_state_is_recognised_as_optimizer_state(opt):
     state = [p.name for p in optimizer.get_parameters() if p.name not in SHAPES]
     assert len(state) >= len(SHAPES) + 1 and "global_step" in state
     assert [name for name in state if not OPTIMIZER_NAMES.fullmatch(name)] == []
+
+
+def test_a_resume_compares_the_optimizer_that_runs():
+    """momentum or sgd with --nesterov True run nn.SGD(nesterov=True), whose state is not nn.Momentum's: resuming a
+    momentum checkpoint with it is refused, a nesterov one is not; sgd and momentum keep different states too."""
+    from pathlib import Path
+
+    from src.engine.checkpoint import CheckpointMeta
+    from src.engine.weights import check_same_schedule
+    from src.errors import UserError
+
+    def check(have: str, **keys):
+        meta = CheckpointMeta(batch_size=32, opt=have)
+        check_same_schedule(meta, Config(**keys), Path("m-1_3.ckpt"))
+
+    check("nesterov", opt="momentum", nesterov=True)
+    check("nesterov", opt="sgd", nesterov=True)
+    for have, keys in (("momentum", {"nesterov": True}), ("momentum", {"opt": "sgd"}),
+                       ("rmsprop", {"opt": "rmsproptf"})):
+        with pytest.raises(UserError, match=f"was trained with --opt {have} but this run has "):
+            check(have, **keys)

@@ -282,3 +282,22 @@ def test_a_resumed_optimizer_continues_on_the_same_curve(opt, tmp_path):
             if not name.startswith("train_stats."):
                 np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7, err_msg=f"{opt}: {name}")
     assert not np.allclose(after[2]["fc.weight"], after[3]["fc.weight"])  # the steps moved the weights
+
+
+def test_a_resume_without_the_optimizers_state_is_refused(tmp_path):
+    """Defence behind the --opt check: a checkpoint whose optimizer entries are not this optimizer's would leave its
+    moments at zero, so the run refuses it naming the first missing entry."""
+    from src.engine.checkpoint import CheckpointMeta
+    from src.engine.run import Resume, _restore_training_state
+    from src.errors import UserError
+
+    lr = np.full(4, 0.01, np.float32)
+    momentum, _ = build_train_step(TinyNet(), Config(num_classes=3), lr, batches_per_epoch=1)
+    params = {p.name: p for p in momentum.get_parameters() if not p.name.startswith("train_stats.")}
+    resume = Resume(params, CheckpointMeta(epoch_num=1), tmp_path / "m-1_1.ckpt")
+    rmsprop, _ = build_train_step(TinyNet(), Config(num_classes=3, opt="rmsprop"), lr, batches_per_epoch=1)
+    with pytest.raises(UserError, match=r"m-1_1.ckpt holds no mean_square.conv.weight \(10 optimizer entries of "
+                                        r"--opt rmsprop are missing; resume with the optimizer it was trained with"):
+        _restore_training_state(Config(num_classes=3, opt="rmsprop", resume_ckpt=str(resume.path)), rmsprop, resume)
+    assert _restore_training_state(Config(num_classes=3, resume_ckpt=str(resume.path)),
+                                   build_train_step(TinyNet(), Config(num_classes=3), lr, 1)[0], resume) == 1

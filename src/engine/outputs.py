@@ -141,7 +141,7 @@ def epoch_outputs(cfg: Config, folder: RunFolder, source: DataSource, net: nn.Ce
             "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant, "ema": cfg.ema,
             **arch_meta(cfg), "preprocess": preprocessing(cfg, source.kind).to_json(),
             **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
-            "steps_per_epoch": batches_per_epoch, "opt": cfg.opt}
+            "steps_per_epoch": batches_per_epoch, "opt": cfg.optimizer_kind}
     return EpochOutputs(
         commit=folder.commit,
         alarm=LossAlarm(cfg.num_classes, f"lower --lr_max, now {cfg.lr_max:g}, and train again"),

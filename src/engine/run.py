@@ -173,7 +173,14 @@ def _restore_training_state(cfg: Config, train_step: nn.Cell, resume: Resume | N
     """The optimizer state, step counter and EMA of a resumed run; the epoch it goes on from (0 for a new run)."""
     if not resume:
         return 0
-    load_into(train_step, resume.params, resume.path, skip=NOT_RESTORED)
+    missing = load_into(train_step, resume.params, resume.path, skip=NOT_RESTORED)
+    weights = {p.name for p in train_step.optimizer.parameters}
+    state = {p.name for p in train_step.optimizer.get_parameters()} - weights  # its moments and step count
+    lacking = [n for n in missing if n in state]
+    if lacking:  # its optimizer would start from zero moments: not the run it continues
+        raise UserError(f"resume_ckpt {resume.path} holds no {lacking[0]} ({len(lacking)} optimizer entries of "
+                        f"--opt {cfg.optimizer_kind} are missing; resume with the optimizer it was trained with, or "
+                        f"start a new run from its weights with --pretrain_ckpt {resume.path})")
     if cfg.ema and not any(name.startswith(EMA_PREFIX) for name in resume.params):
         # the EMA was cloned from the net, which holds the resumed weights already (loaded above)
         log.warning("resume_ckpt %s holds no EMA (its run had --ema False): the EMA starts from its weights",

@@ -166,11 +166,11 @@ def check_same_schedule(meta: CheckpointMeta, cfg: Config, path: Path) -> None:
     """A resumed run continues the checkpoint's learning-rate curve, so every key that shapes it must be the same
     (the optimizer's global step indexes a curve built from them), and its optimizer, whose moments it holds.
     Keys an older checkpoint lacks are not checked."""
-    if meta.batch_size is not None and (meta.opt or "momentum") != cfg.opt:  # momentum: the only one before opt
+    if meta.batch_size is not None and (meta.opt or "momentum") != cfg.optimizer_kind:  # momentum: before opt
         have = meta.opt or "momentum"
-        raise UserError(f"resume_ckpt {path} was trained with --opt {have} but this run has {cfg.opt} (a resumed run "
-                        f"continues its optimizer's state: pass --opt {have}, or start a new run from its weights "
-                        f"with --pretrain_ckpt {path})")
+        raise UserError(f"resume_ckpt {path} was trained with --opt {have} but this run has {cfg.optimizer_kind} (a "
+                        f"resumed run continues its optimizer's state: pass --opt {have}, or start a new run from "
+                        f"its weights with --pretrain_ckpt {path})")
     mode_only = {key for keys in MODE_KEYS.values() for key in keys}
     used = MODE_KEYS.get(meta.lr_decay_mode, ())
     for key in SCHEDULE_KEYS:
