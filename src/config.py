@@ -40,9 +40,13 @@ ALIASES = {"lr_max": ("lr", "learning-rate"), "epoch_size": ("epochs",),
            "re_prob": ("random-erase", "reprob"), "auto_augment": ("auto-augment", "aa"),
            "warmup_epochs": ("warmup-epochs", "lr-warmup-epochs"), "lr_init": ("warmup-lr",),
            "ema": ("model-ema",), "ema_decay": ("model-ema-decay",), "lr_decay_mode": ("sched",),
+           "lr_milestones": ("decay-milestones",),
            "mixup_prob": ("cutmix_prob",)}  # mindcv's name for the probability of mixing a batch
-# the seed's mixed precision: --apex [--apex-opt-level O1|O2|O3] (apex's levels; O1 its default) sets amp_level
+# the seed's mixed precision: --apex [--apex-opt-level O1|O2|O3] (apex's levels; O1 its default) sets amp_level and,
+# on GPU/Ascend, apex's dynamic loss scaling
 APEX_DEFAULT_LEVEL = "O1"
+APEX_LOSS_SCALE = 2.0 ** 16  # apex's dynamic loss scale starts there (amp's LossScaler init_scale)
+AMP_LEVELS = ("O0", "O1", "O2", "O3")
 # One file per tool, three spellings in the peers' scripts: on each tool the flags of the first key set the
 # second (eval.py reads its checkpoint from --pretrain_ckpt as in the ModelZoo, export.py and predict.py from
 # --ckpt_file; each takes the other spelling too). The first key keeps its YAML value.
@@ -206,7 +210,7 @@ class Config:
                                             "checkpoints count optimizer steps; BatchNorm still sees batches of "
                                             "batch_size)", min=1, max=1024)
     _begin("mixed precision and quantization")
-    amp_level: str = _opt("O0", "mixed precision level", choices=("O0", "O1", "O2", "O3"))
+    amp_level: str = _opt("O0", "mixed precision level", choices=AMP_LEVELS)
     pact_quant: bool = _opt(False, "PACT quantization-aware training: int8 fake-quantized weights (per channel) and "
                             "activations (PACT clip + moving-average scale); for train, eval and export")
     keep_batchnorm_fp32: bool = _opt(True, "keep BatchNorm in float32 at O2/O3")
@@ -286,6 +290,12 @@ class Config:
                 raise UserError(f"--lr_milestones applies to --lr_decay_mode multistep, not {self.lr_decay_mode} "
                                 "(add --lr_decay_mode multistep, or drop --lr_milestones)")
             object.__setattr__(self, "lr_milestones", ",".join(map(str, milestones(self.lr_milestones))))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, modes in (("lr_gamma", ("step", "multistep", "exponential")), ("lr_step_size", ("step",)),
+                           ("lr_step_per_epoch", ("step", "multistep", "exponential")), ("cycle_decay", ("cosine",))):
+            if getattr(self, key) != defaults[key] and self.lr_decay_mode not in modes:
+                raise UserError(f"--{key} applies to --lr_decay_mode {' and '.join(modes)}, not {self.lr_decay_mode} "
+                                f"(use one of those, or drop --{key})")
         if self.num_cycles > 1 and self.lr_decay_mode != "cosine":
             raise UserError(f"--num_cycles applies to --lr_decay_mode cosine, not {self.lr_decay_mode} "
                             "(use --lr_decay_mode cosine, or drop --num_cycles)")
@@ -526,10 +536,11 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
     seed = parser.add_argument_group("the PyTorch MobileNetV3 seed's flags (beside the aliases above)")
     seed.add_argument("--apex", dest="_apex", nargs="?", const="True", default=_NOT_GIVEN, metavar="BOOL",
                       help=f"mixed precision as the seed's apex: sets amp_level to --apex-opt-level (default "
-                      f"{APEX_DEFAULT_LEVEL})")
+                      f"{APEX_DEFAULT_LEVEL}) and, on GPU/Ascend, apex's dynamic loss scale from 65536 unless "
+                      "--loss_scale_type or --loss_scale is given")
     seed.add_argument("--apex-opt-level", dest="_apex_opt_level", default=_NOT_GIVEN, metavar="LEVEL",
-                      choices=("O0", "O1", "O2", "O3"), help="apex's level with --apex: O1, O2 (float16 with float32 "
-                      "BatchNorm) or O3; the same levels as amp_level")
+                      choices=AMP_LEVELS, help="apex's level with --apex: O1, O2 (float16 with float32 BatchNorm) or "
+                      "O3; the same levels as amp_level")
     own = set(vars(parser.parse_args([])))
     if add_arguments:
         add_arguments(parser)
@@ -552,10 +563,15 @@ def parse_command_line(argv: Sequence[str], tool: str, description: str = "",
 
 
 def _seed_flags(parsed: argparse.Namespace, kwargs: dict[str, Any], given: set[str]) -> set[str]:
-    """The PyTorch seed's rules, applied to `kwargs`: --apex sets amp_level; a step size on the command line means
-    the step schedule (the seed's and torchvision's StepLR) unless --lr_decay_mode is given too. The keys set."""
+    """The PyTorch seed's rules, applied to `kwargs`: --apex sets amp_level (and, off CPU, apex's dynamic loss scale
+    from 2**16 unless the loss scale keys are given); a step size on the command line means the step schedule (the
+    seed's and torchvision's StepLR) unless --lr_decay_mode is given too. Returns the keys set."""
     apex, level = parsed._apex, parsed._apex_opt_level
-    on = apex is not _NOT_GIVEN and _convert(FIELDS["debug"], apex)
+    if apex is not _NOT_GIVEN and apex in AMP_LEVELS:  # --apex O2: the level given with the flag
+        apex, level = "True", apex if level is _NOT_GIVEN else level
+    if apex is not _NOT_GIVEN and apex not in TRUE_WORDS + FALSE_WORDS:
+        raise UserError(f"--apex got {apex!r} (use --apex alone, --apex False, or --apex --apex-opt-level O1|O2|O3)")
+    on = apex is not _NOT_GIVEN and apex in TRUE_WORDS
     if level is not _NOT_GIVEN and not on:
         raise UserError(f"--apex-opt-level {level} applies with --apex (the seed trains in float32 without it; add "
                         f"--apex, or pass --amp_level {level})")
@@ -567,6 +583,9 @@ def _seed_flags(parsed: argparse.Namespace, kwargs: dict[str, Any], given: set[s
                             "(pass one of them)")
         kwargs["amp_level"] = level
         changed.add("amp_level")
+        if level != "O0" and kwargs["platform"] != "CPU" and not {"loss_scale_type", "loss_scale"} & given:
+            kwargs["loss_scale_type"], kwargs["loss_scale"] = "dynamic", APEX_LOSS_SCALE
+            changed |= {"loss_scale_type", "loss_scale"}
     if "lr_step_size" in given and "lr_decay_mode" not in given:
         kwargs["lr_decay_mode"] = "step"
         changed.add("lr_decay_mode")

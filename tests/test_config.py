@@ -209,7 +209,12 @@ def test_peer_names_of_the_nets_and_the_seed_rules():
         load_config(["--apex", "--amp_level", "O3"])
     # a step size on the command line means the step schedule, unless the schedule is given too
     assert load_config(["--lr_step_size", "3"]).lr_decay_mode == "step"
-    assert load_config(["--lr-step-size", "3", "--lr_decay_mode", "cosine"]).lr_decay_mode == "cosine"
+    assert load_config(["--lr-step-size", "3", "--lr_decay_mode", "step"]).lr_decay_mode == "step"
+    # apex's dynamic loss scale from 2**16 off CPU (CPU has none), unless a loss scale is given
+    gpu = load_config(["--apex", "O2", "--platform", "GPU"])
+    assert (gpu.amp_level, gpu.loss_scale_type, gpu.loss_scale) == ("O2", "dynamic", 65536.0)
+    assert load_config(["--apex", "--platform", "GPU", "--loss_scale", "128"]).loss_scale_type == "fixed"
+    assert load_config(["--apex"]).loss_scale_type == "fixed"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -220,7 +225,10 @@ def test_peer_names_of_the_nets_and_the_seed_rules():
     (["--opt", "nesterov", "--momentum", "0"], "--nesterov True needs --momentum above 0"),
     (["--opt", "adamax"], "--opt got 'adamax' (choose from sgd, momentum, nesterov, rmsprop, rmsproptf, adam, adamw, "
                           "lamb)"),
-    (["--eps", "-1"], "--eps got -1.0 (must be at least 0.0)"),
+    (["--eps", "0"], "--eps got 0.0 (must be at least 1e-12)"),
+    (["--lr_gamma", "0.5"], "--lr_gamma applies to --lr_decay_mode step and multistep and exponential, not cosine"),
+    (["--lr_step_size", "3", "--lr_decay_mode", "poly"], "--lr_step_size applies to --lr_decay_mode step, not poly"),
+    (["--apex", "fast"], "--apex got 'fast' (use --apex alone, --apex False, or --apex --apex-opt-level O1|O2|O3)"),
     (["--eps", "1e-3"], "--eps applies to rmsprop, rmsproptf, adam, adamw and lamb, not momentum (drop --eps)"),
     (["--opt", "adam", "--nesterov", "True"], "--nesterov applies to --opt sgd and momentum, not adam"),
 ])

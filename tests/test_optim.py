@@ -88,7 +88,7 @@ def _rmsprop_tf(momentum: float, alpha: float, eps: float) -> list[dict]:
 
 def _lamb(beta1: float, beta2: float, eps: float) -> list[dict]:
     """The LAMB update, Algorithm 2 of You et al. 2019 (arXiv:1904.00962): bias-corrected Adam ratio plus decoupled
-    decay, scaled per layer by ||w|| / ||r + decay * w||."""
+    decay, scaled per layer by ||w|| / ||r + decay * w||; layers without decay unscaled (timm's always_adapt=False)."""
     weights, grads = _start()
     m = {n: np.zeros_like(w) for n, w in weights.items()}
     v = {n: np.zeros_like(w) for n, w in weights.items()}
@@ -100,7 +100,7 @@ def _lamb(beta1: float, beta2: float, eps: float) -> list[dict]:
             r = (m[n] / (1 - beta1 ** t)) / (np.sqrt(v[n] / (1 - beta2 ** t)) + eps)
             update = r + (WD * w if n in DECAYED else 0)
             w_norm, u_norm = np.linalg.norm(w), np.linalg.norm(update)
-            ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 and n in DECAYED else 1.0
             weights[n] = w - lr * ratio * update
         out.append({n: w.copy() for n, w in weights.items()})
     return out
@@ -207,9 +207,9 @@ def test_warmup_then_step_decay_as_torchvision_sequential_lr():
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
 
-def test_a_resumed_schedule_continues_the_same_curve():
-    """A resumed run rebuilds the array from the same keys and its optimizer indexes it from the saved global step:
-    the rebuilt curve is the same array, so the slice after the resume continues it."""
+def test_a_config_rebuilds_the_same_multistep_curve_after_warmup():
+    """A resumed run rebuilds the array from the same keys (and its optimizer indexes it from the saved global step,
+    test_trainer.py): the config gives the same array each time, decays counted after the warmup epoch."""
     cfg = Config(lr_decay_mode="multistep", lr_milestones="3,7", lr_gamma=0.3, warmup_epochs=1, epoch_size=EPOCHS)
     first, again = schedule_of(cfg, STEPS), schedule_of(cfg.replace(), STEPS)
     assert np.array_equal(first, again) and len(first) == EPOCHS * STEPS

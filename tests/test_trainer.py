@@ -244,7 +244,7 @@ def test_an_epochs_last_short_group_steps_with_its_own_mean():
         np.testing.assert_allclose(_weights(net)[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.parametrize("opt", ["rmsprop", "adamw", "sgd"])
+@pytest.mark.parametrize("opt", ["momentum", "sgd", "rmsprop", "rmsproptf", "adam", "adamw", "lamb"])
 def test_a_resumed_optimizer_continues_on_the_same_curve(opt, tmp_path):
     """Steps 1-4 uninterrupted, against steps 1-2, a periodic checkpoint written and read as the run does, and
     steps 3-4 in a rebuilt train step: the same weights and moments after each step (the moments and the global
@@ -271,7 +271,8 @@ def test_a_resumed_optimizer_continues_on_the_same_curve(opt, tmp_path):
             save_checkpoint([{"name": p.name, "data": p} for p in step.get_parameters()
                              if not p.name.startswith("train_stats.")], ckpt, {"epoch_num": 2, "opt": opt})
     params, meta = read_checkpoint(ckpt)
-    assert meta.opt == opt and any(n.startswith(("mean_square.", "adam_m.", "accum.")) for n in params)
+    prefixes = ("moments.", "accum.", "mean_square.", "moment1.", "adam_m.", "lamb_m.")
+    assert meta.opt == opt and any(n.startswith(prefixes) for n in params)
     resumed = fresh()
     load_into(resumed, params, ckpt, skip=NOT_RESTORED)
     assert int(resumed.optimizer.global_step.asnumpy().reshape(-1)[0]) == 2

@@ -22,13 +22,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.config import MODEL_NAMES, Config  # noqa: E402
 from src.errors import UserError, run_cli  # noqa: E402
 from src.logs import quiet_mindspore, setup_console_logging  # noqa: E402
+from src.models.registry import canonical_name  # noqa: E402
+
+
+def _model_name(text: str) -> str:
+    name = canonical_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r} (choose from {', '.join(MODEL_NAMES)})")
+    return name
 
 
 def main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint file, URL or short name (mindcv:NAME, torchvision:NAME)")
     parser.add_argument("dst", help="the checkpoint to write (.ckpt)")
-    parser.add_argument("--model", choices=MODEL_NAMES, help="the net (default: the short name's)")
+    parser.add_argument("--model", type=_model_name, help=f"the net, one of {', '.join(MODEL_NAMES)} or a peer's name "
+                        "of one (default: the short name's)")
     parser.add_argument("--width", type=float, default=1.0, help="MobileNet width multiplier (default 1.0)")
     args = parser.parse_args(argv)
     setup_console_logging()

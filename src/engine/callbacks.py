@@ -73,11 +73,11 @@ class EpochEnd(Callback):
     def on_train_epoch_end(self, run_context):
         if self.state.divergence:  # MindSpore still ends the epoch after a stop request: nothing is recorded
             return
-        ms_epoch = run_context.original_args().cur_epoch_num
-        if not self.steps.sinking.ends_epoch(ms_epoch):  # a sink inside the epoch
-            return
         if self.state.budget_spent and self.state.step < self.steps.sinking.steps_per_epoch:
             self.bar.close()  # --max_steps stopped the run inside the epoch: nothing of it is recorded
+            return
+        ms_epoch = run_context.original_args().cur_epoch_num
+        if not self.steps.sinking.ends_epoch(ms_epoch):  # a sink inside the epoch
             return
         epoch = self.steps.sinking.data_epoch(ms_epoch)
         self.bar.close()

@@ -35,7 +35,9 @@ OPTIMIZER_NAMES = re.compile(r"(moments|moment[123]?|accum|stat|adam_[mv]|mean_s
                              rf"lion_m|nadam_[mv]|prev_gradient|vhat|{re.escape(EMA_PREFIX[:-1])}|swap)\..*|learning_rate|"
                              r"global_step|momentum|beta[12]_power|scale_sense|current_iterator_step|"
                              r"last_overflow_iterator_step|epoch_num|step_num|loss_scale")
-NOT_RESTORED = ("learning_rate",)  # rebuilt from the config on resume
+# rebuilt from the config on resume: the LR array, and nn.Momentum's and nn.SGD's momentum (the other optimizers take
+# theirs from the config too)
+NOT_RESTORED = ("learning_rate", "momentum")
 
 
 @dataclass

@@ -13,7 +13,8 @@ Five are written here because MindSpore's differ from the update that recipes ar
 - adam: nn.Adam adds eps to the bias-uncorrected root (TensorFlow's "epsilon hat"), PyTorch to the corrected one;
 - adamw: nn.AdamWeightDecay has no bias correction (BERT's), PyTorch's AdamW has;
 - lamb: nn.Lamb's kernel does not exist on CPU; this is the LAMB paper's update (bias-corrected Adam ratio plus
-  decoupled decay, scaled per tensor by ||w|| / ||update||).
+  decoupled decay, scaled per tensor by ||w|| / ||update||), on the tensors that decay; those that do not (BatchNorm,
+  biases) take the unscaled step, as timm's Lamb (always_adapt=False) and NVIDIA's.
 Weight decay stays off BatchNorm and biases unless `filter_bias_and_bn` is False. A checkpoint holds every
 optimizer's moments (the train step's parameters), so --resume_ckpt continues them.
 """
@@ -150,10 +151,11 @@ def _adam_update(beta1, beta2, eps, kind, correction1, correction2, lr, decay, p
     v_new = beta2 * v + (1 - beta2) * grad * grad
     ops.assign(m, m_new)
     ops.assign(v, v_new)
-    if kind == 2:  # LAMB: r = m_hat / (sqrt(v_hat) + eps) + wd*w, scaled by ||w|| / ||r||
+    if kind == 2:  # LAMB: r = m_hat / (sqrt(v_hat) + eps) + wd*w, scaled by ||w|| / ||r|| where wd > 0
         update = (m_new / correction1) / (ops.sqrt(v_new / correction2) + eps) + decay * param
         w_norm, u_norm = ops.norm(param), ops.norm(update)
-        ratio = ops.select(ops.logical_and(w_norm > 0, u_norm > 0), w_norm / u_norm, ops.ones_like(w_norm))
+        adapt = ops.logical_and(ops.logical_and(w_norm > 0, u_norm > 0), decay > 0)
+        ratio = ops.select(adapt, w_norm / u_norm, ops.ones_like(w_norm))
         return ops.assign(param, param - lr * ratio * update)
     start = param * (1 - lr * decay) if kind == 1 else param  # AdamW: w *= 1 - lr*wd before the step
     denom = ops.sqrt(v_new) / ops.sqrt(correction2) + eps
@@ -162,7 +164,7 @@ def _adam_update(beta1, beta2, eps, kind, correction1, correction2, lr, decay, p
 
 class Adam(_PerParameter):
     """torch.optim.Adam / AdamW (amsgrad=False): bias-corrected moments, eps added to sqrt(v / (1 - b2^t)); LAMB
-    (You et al. 2019, Algorithm 2) on the same moments."""
+    (You et al. 2019, Algorithm 2; the trust ratio on decayed tensors only, as timm's) on the same moments."""
 
     COUPLED, DECOUPLED, LAMB = 0, 1, 2
     PREFIXES = {COUPLED: ("moment1", "moment2"), DECOUPLED: ("adam_m", "adam_v"), LAMB: ("lamb_m", "lamb_v")}

@@ -192,37 +192,43 @@ class StepLog:
 
 class StepBudget:
     """--max_steps, the PyTorch seed's performance mode: stop after N optimizer steps of this run and say the
-    throughput of the steps after the first few (compile and warm-up). With data sinking the stop comes at the end
-    of the sink that reaches N."""
+    throughput of the steps after the first few (compile and warm-up). The time between epochs (evaluation,
+    checkpoints, the data set's restart) is not counted. With data sinking the stop comes at the end of the sink
+    that reaches N."""
 
     def __init__(self, max_steps: int, groups: Accumulation, images_per_update: int, devices: int):
         self.max_steps, self.groups = max_steps, groups
         self.images_per_update, self.devices = images_per_update, devices
         self.warmup = max(1, min(5, max_steps // 4))  # steps left out of the timing
-        self.done, self.ends = 0, []  # optimizer steps so far; (steps done, time) after each call
+        self.done, self.timed_steps, self.seconds = 0, 0, 0.0  # optimizer steps so far; those timed and their time
+        self.mark = time.perf_counter()
+
+    def begin(self, now: float) -> None:
+        """An epoch (or sink) begins: its first step is timed from here."""
+        self.mark = now
 
     def after(self, state: RunState, steps: int, run_context) -> None:
         """After `steps` batches that began at batch `state.step` of the epoch."""
-        if not self.max_steps:
-            return
-        groups = self.groups
-        self.done += groups.updates_done(state.step + steps - 1) - groups.updates_done(state.step - 1)
-        self.ends.append((self.done, time.perf_counter()))
+        groups, now = self.groups, time.perf_counter()
+        updates = groups.updates_done(state.step + steps - 1) - groups.updates_done(state.step - 1)
+        if self.done >= self.warmup:
+            self.timed_steps += updates
+            self.seconds += now - self.mark
+        self.done += updates
+        self.mark = now
         if self.done >= self.max_steps:
             state.budget_spent = True
             run_context.request_stop()
 
     def summary(self, state: RunState) -> str:
-        timed = [(n, t) for n, t in self.ends if n >= self.warmup]
-        first = timed[0] if len(timed) > 1 else self.ends[0]
-        steps, seconds = self.done - first[0], self.ends[-1][1] - first[1]
-        if steps <= 0 or seconds <= 0:
-            return f"max_steps {self.max_steps} reached at epoch {state.epoch} step {state.step}: too few steps to time"
-        images = steps * self.images_per_update * self.devices
+        head = f"max_steps {self.max_steps} reached at epoch {state.epoch} step {state.step}"
+        if not self.timed_steps or self.seconds <= 0:
+            return f"{head}: too few steps to time (raise --max_steps above {self.warmup})"
+        images = self.timed_steps * self.images_per_update * self.devices
         where = f"on {self.devices} devices" if self.devices > 1 else "on 1 device"
-        return (f"max_steps {self.max_steps} reached at epoch {state.epoch} step {state.step}: {steps} optimizer steps "
-                f"after the first {first[0]} took {seconds:.2f} s, {seconds / steps:.4f} s/step, FPS "
-                f"{images / seconds:.2f} images/s {where}")
+        return (f"{head}: {self.timed_steps} optimizer steps after the first {self.done - self.timed_steps} took "
+                f"{self.seconds:.2f} s, {self.seconds / self.timed_steps:.4f} s/step, FPS {images / self.seconds:.2f} "
+                f"images/s {where}")
 
 
 class TrainMonitor(Callback):
@@ -242,6 +248,8 @@ class TrainMonitor(Callback):
             self.steps.first_ms_epoch = ms_epoch
         now = time.perf_counter()
         self.steps.begin_window(now)
+        if self.budget is not None:
+            self.budget.begin(now)
         if not self.sinking.begins_epoch(ms_epoch):  # the next sink of the same data epoch
             return
         self.state.epoch, self.state.step = self.sinking.data_epoch(ms_epoch), 0
@@ -267,7 +275,7 @@ class TrainMonitor(Callback):
             self.state.diverge(self.state.step + steps, f"loss {loss}", run_context)
             return
         self.steps.step_ends(self.state, loss, window, run_context)
-        if self.budget is not None:
+        if self.budget is not None and self.budget.max_steps:
             self.budget.after(self.state, steps, run_context)
         self.state.step += steps
         self.bar.update(steps, loss)

@@ -283,8 +283,10 @@ def _outcome(cfg: Config, state: RunState, net: nn.Cell, ranks: RankInfo, folder
                  weights_digest(net)[:16])
     out = Path(cfg.output_path)
     best = out / "checkpoint" / "best.ckpt"
-    best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if best.is_file() else None
-    return TrainResult(out, best if best.is_file() else None, best_top1, _last_checkpoint_of_this_run(cfg, folder),
+    # a run --max_steps stopped in its first epoch has no best.ckpt: the one there is an earlier run's
+    ours = best.is_file() and (folder is None or folder.settled)
+    best_top1 = read_checkpoint(best, "best.ckpt")[1].val_top1 if ours else None
+    return TrainResult(out, best if ours else None, best_top1, _last_checkpoint_of_this_run(cfg, folder),
                        time.perf_counter() - start, folder.log_file if folder else None)
 
 

@@ -162,6 +162,10 @@ def extend_hint(meta: CheckpointMeta, path: Path) -> str:
             "--warmup_epochs 0 --epoch_size <more epochs> --output_path <another folder>")
 
 
+# what a checkpoint of this package that lacks a key was trained with (the key did not exist yet)
+BEFORE_THE_KEY = {"gradient_accumulation_steps": 1, "num_cycles": 1, "cycle_decay": 1.0}
+
+
 def check_same_schedule(meta: CheckpointMeta, cfg: Config, path: Path) -> None:
     """A resumed run continues the checkpoint's learning-rate curve, so every key that shapes it must be the same
     (the optimizer's global step indexes a curve built from them), and its optimizer, whose moments it holds.
@@ -175,8 +179,8 @@ def check_same_schedule(meta: CheckpointMeta, cfg: Config, path: Path) -> None:
     used = MODE_KEYS.get(meta.lr_decay_mode, ())
     for key in SCHEDULE_KEYS:
         have = getattr(meta, key)
-        if key == "gradient_accumulation_steps" and have is None and meta.batch_size is not None:
-            have = 1  # a checkpoint of this package from before accumulation existed
+        if have is None and meta.batch_size is not None:  # a checkpoint of this package from before the key existed
+            have = BEFORE_THE_KEY.get(key)
         if key == "steps_per_epoch" or have is None or (key in mode_only and key not in used):
             continue
         want = getattr(cfg, key)
