@@ -264,3 +264,16 @@ def test_stem_max_pooling_equals_mindspores(shape, same):
     assert got[0].shape == want[0].shape == (shape[0], shape[1], (shape[2] + 1) // 2, (shape[3] + 1) // 2)
     for name, w, g in zip(["output", "loss", "d input"], want, got):
         np.testing.assert_array_equal(g, w, err_msg=name)  # a max and a routed gradient: exact
+
+
+def test_the_optimizer_kernels_follow_the_switch(monkeypatch):
+    """optim.cc's updates run unless CLS_CPU_KERNELS says mindspore or lists kernels without "optim"."""
+    from src.models.kernels.cpu import optimizer_kernels
+
+    monkeypatch.delenv(kernels.SWITCH, raising=False)
+    assert sorted(optimizer_kernels()) == ["adam", "rmsprop"]
+    for switch, on in (("mindspore", False), ("depthwise,batchnorm", False), ("depthwise, optim", True)):
+        monkeypatch.setenv(kernels.SWITCH, switch)
+        assert (optimizer_kernels() is not None) == on, switch
+    monkeypatch.setenv(kernels.SWITCH, "optim")
+    assert "ignored" not in (kernels.fast_cpu_kernels(_depthwise(4, 3, 1)) or "")

@@ -15,6 +15,8 @@ Five are written here because MindSpore's differ from the update that recipes ar
 - lamb: nn.Lamb's kernel does not exist on CPU; this is the LAMB paper's update (bias-corrected Adam ratio plus
   decoupled decay, scaled per tensor by ||w|| / ||update||), on the tensors that decay; those that do not (BatchNorm,
   biases) take the unscaled step, as timm's Lamb (always_adapt=False) and NVIDIA's.
+On CPU those five run each parameter's update as one C++ pass (src/models/kernels/optim.cc, the same arithmetic)
+instead of 10-15 element-wise MindSpore ops; CLS_CPU_KERNELS=mindspore keeps the ops.
 Weight decay stays off BatchNorm and biases unless `filter_bias_and_bn` is False. A checkpoint holds every
 optimizer's moments (the train step's parameters), so --resume_ckpt continues them.
 """
@@ -59,12 +61,14 @@ def create_optimizer(params: list[Parameter], lr: np.ndarray | float, cfg) -> nn
         return nn.SGD(groups, learning_rate=learning_rate, momentum=cfg.momentum,
                       nesterov=name == "nesterov" or cfg.nesterov)
     per_param = decays(params, wd, keep)
+    fused = _cpu_kernels() if cfg.platform == "CPU" and all(p.dtype == ms.float32 for p in params) else None
     if name in ("rmsprop", "rmsproptf"):
         return RMSprop(params, learning_rate, per_param, alpha=cfg.rmsprop_alpha, eps=eps, momentum=cfg.momentum,
-                       tensorflow=name == "rmsproptf")
+                       tensorflow=name == "rmsproptf", kernel=fused and fused["rmsprop"])
     if name in ("adam", "adamw", "lamb"):
         return Adam(params, learning_rate, per_param, beta1=cfg.beta1, beta2=cfg.beta2, eps=eps,
-                    kind={"adam": Adam.COUPLED, "adamw": Adam.DECOUPLED, "lamb": Adam.LAMB}[name])
+                    kind={"adam": Adam.COUPLED, "adamw": Adam.DECOUPLED, "lamb": Adam.LAMB}[name],
+                    kernel=fused and fused["adam"])
     raise ValueError(f"unknown optimizer {name!r} (one of {', '.join(OPTIMIZERS)})")
 
 
@@ -87,13 +91,34 @@ def describe(cfg) -> str:
     return f"{name} ({', '.join(parts)})"
 
 
-class _PerParameter(nn.Optimizer):
-    """An optimizer over a plain parameter list with one weight decay per parameter (applied by the subclass)."""
+def _cpu_kernels():
+    from src.models.kernels.cpu import optimizer_kernels
 
-    def __init__(self, params, learning_rate, weight_decays: tuple[float, ...]):
+    return optimizer_kernels()
+
+
+_fused = ops.MultitypeFuncGraph("fused")
+
+
+@_fused.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _fused_update(kernel, hyper, decay, param, grad, state1, state2):
+    """One C++ pass computes the new parameter and states (optim.cc); they are written back here."""
+    new_param, new1, new2 = kernel(param, grad, state1, state2, hyper, decay)
+    ops.assign(state1, new1)
+    ops.assign(state2, new2)
+    return ops.assign(param, new_param)
+
+
+class _PerParameter(nn.Optimizer):
+    """An optimizer over a plain parameter list with one weight decay per parameter (applied by the subclass);
+    `kernel`: the C++ update of the subclass's formula (CPU), or None for MindSpore's ops."""
+
+    def __init__(self, params, learning_rate, weight_decays: tuple[float, ...], kernel=None):
         super().__init__(learning_rate, list(params), weight_decay=0.0)
         self.decays = tuple(Tensor(d, ms.float32) for d in weight_decays)
         self.hyper_map = ops.HyperMap()
+        self.kernel = kernel
+        self.zero = Tensor(0.0, ms.float32)
 
     def step_lr(self):
         """The LR of this step; counts the step (global_step then is the 1-based number of updates made)."""
@@ -126,8 +151,9 @@ class RMSprop(_PerParameter):
     timm's RMSpropTF: the square starts at 1; buf = m*buf + lr*g/sqrt(square + eps); w -= buf."""
 
     def __init__(self, params, learning_rate, weight_decays, alpha: float, eps: float, momentum: float,
-                 tensorflow: bool):
-        super().__init__(params, learning_rate, weight_decays)
+                 tensorflow: bool, kernel=None):
+        super().__init__(params, learning_rate, weight_decays, kernel)
+        self.tf_flag = Tensor(float(tensorflow), ms.float32)
         self.alpha, self.eps = Tensor(alpha, ms.float32), Tensor(eps, ms.float32)
         self.momentum, self.tensorflow = Tensor(momentum, ms.float32), tensorflow
         self.mean_square = self._parameters.clone(prefix="mean_square", init="ones" if tensorflow else "zeros")
@@ -135,6 +161,11 @@ class RMSprop(_PerParameter):
 
     def construct(self, gradients):
         lr = self.step_lr()
+        if self.kernel is not None:
+            z = self.zero
+            hyper = ops.stack([ops.cast(lr, ms.float32), self.alpha, self.eps, self.momentum, self.tf_flag, z, z, z])
+            return self.hyper_map(ops.partial(_fused, self.kernel, hyper), self.decays, self._parameters, gradients,
+                                  self.mean_square, self.moment)
         return self.hyper_map(ops.partial(_rmsprop, self.alpha, self.eps, self.momentum, self.tensorflow, lr),
                               self.decays, self._parameters, gradients, self.mean_square, self.moment)
 
@@ -169,8 +200,10 @@ class Adam(_PerParameter):
     COUPLED, DECOUPLED, LAMB = 0, 1, 2
     PREFIXES = {COUPLED: ("moment1", "moment2"), DECOUPLED: ("adam_m", "adam_v"), LAMB: ("lamb_m", "lamb_v")}
 
-    def __init__(self, params, learning_rate, weight_decays, beta1: float, beta2: float, eps: float, kind: int):
-        super().__init__(params, learning_rate, weight_decays)
+    def __init__(self, params, learning_rate, weight_decays, beta1: float, beta2: float, eps: float, kind: int,
+                 kernel=None):
+        super().__init__(params, learning_rate, weight_decays, kernel)
+        self.kind_value = Tensor(float(kind), ms.float32)
         self.beta1, self.beta2 = Tensor(beta1, ms.float32), Tensor(beta2, ms.float32)
         self.eps, self.kind = Tensor(eps, ms.float32), kind
         first, second = self.PREFIXES[kind]
@@ -182,6 +215,11 @@ class Adam(_PerParameter):
         t = ops.cast(self.global_step.reshape(()), ms.float32)
         correction1 = 1 - ops.pow(self.beta1, t)
         correction2 = 1 - ops.pow(self.beta2, t)
+        if self.kernel is not None:
+            hyper = ops.stack([ops.cast(lr, ms.float32), self.beta1, self.beta2, self.eps, correction1, correction2,
+                               self.kind_value, self.zero])
+            return self.hyper_map(ops.partial(_fused, self.kernel, hyper), self.decays, self._parameters, gradients,
+                                  self.moment1, self.moment2)
         return self.hyper_map(ops.partial(_adam, self.beta1, self.beta2, self.eps, self.kind, correction1,
                                           correction2, lr), self.decays, self._parameters, gradients,
                               self.moment1, self.moment2)

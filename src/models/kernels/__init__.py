@@ -11,8 +11,9 @@ running statistics updated as MindSpore does.
 The library is compiled on first use with the system C++ compiler (g++ -O3 -march=native -fopenmp, ~3 s) into
 ~/.cache/mindspore-classification/ keyed by the sources, the compiler and the CPU, and reused afterwards. Without
 a compiler the net keeps MindSpore's kernels and one line says how to get the fast path. Export, evaluation-mode
-BatchNorm and GPU/Ascend never use it. CLS_CPU_KERNELS=mindspore turns it off; CLS_CPU_KERNELS=depthwise,pooling
-(any subset of KINDS) keeps only those.
+BatchNorm and GPU/Ascend never use it. optim.cc holds one-pass updates for the optimizers src/engine/optimizer.py
+writes itself (rmsprop, rmsproptf, adam, adamw, lamb), which use them on CPU. CLS_CPU_KERNELS=mindspore turns all of
+it off; CLS_CPU_KERNELS=depthwise,pooling (any subset of KINDS and "optim") keeps only those.
 """
 from src.models.kernels.build import KernelUnavailable, build_library
 from src.models.kernels.cpu import KINDS, SWITCH, fast_cpu_kernels, kernel_threads, use_fast_kernels

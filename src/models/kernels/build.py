@@ -9,7 +9,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("depthwise.cc", "batchnorm.cc", "pooling.cc", "maxpool.cc"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("depthwise.cc", "batchnorm.cc", "pooling.cc", "maxpool.cc", "optim.cc"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
 
 

@@ -140,10 +140,10 @@ def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None
     switch, ignored = os.environ.get(SWITCH, "").strip().lower(), ""
     if switch and switch != "mindspore":
         wanted = {kind.strip() for kind in switch.split(",")}
-        if wanted <= set(KINDS):
+        if wanted <= {*KINDS, OPTIMIZER_KIND}:
             kinds = tuple(kind for kind in kinds if kind in wanted)
         else:
-            ignored = f"; {SWITCH}={switch} ignored: use mindspore, or some of {','.join(KINDS)}"
+            ignored = f"; {SWITCH}={switch} ignored: use mindspore, or some of {','.join((*KINDS, OPTIMIZER_KIND))}"
     cells = [cell for _, cell in net.cells_and_names()]
     if switch == "mindspore" and any(match(cell) for cell in cells for match in _MATCHES.values()):
         return f"CPU: MindSpore's own kernels ({SWITCH}=mindspore)"
@@ -173,6 +173,27 @@ def fast_cpu_kernels(net: nn.Cell, kinds: tuple[str, ...] = KINDS) -> str | None
             cell.kernel = pools[cell.same]
     counts = ", ".join(f"{len(found.get(kind, []))} {_NAMES[kind]}" for kind in KINDS)
     return f"CPU: fast kernels for {counts} ({library.name}{ignored})"
+
+
+OPTIMIZER_KIND = "optim"  # CLS_CPU_KERNELS names it beside KINDS: the optimizers' updates (optim.cc)
+
+
+def optimizer_kernels() -> dict[str, ops.Custom] | None:
+    """The one-pass updates of optim.cc ({"rmsprop", "adam"} -> primitive), or None where MindSpore's ops run them:
+    CLS_CPU_KERNELS=mindspore, a CLS_CPU_KERNELS list without "optim", or no compiler (the net's line says why)."""
+    switch = os.environ.get(SWITCH, "").strip().lower()
+    if switch == "mindspore" or (switch and OPTIMIZER_KIND not in {k.strip() for k in switch.split(",")}):
+        return None
+    try:
+        library = build_library()
+    except KernelUnavailable:
+        return None
+
+    def update(name: str) -> ops.Custom:
+        return ops.Custom(f"{library}:{name}Update", out_shape=lambda p, g, a, b, h, d: (p, p, p),
+                          out_dtype=lambda p, g, a, b, h, d: (p, p, p), func_type="aot")
+
+    return {"rmsprop": update("RMSprop"), "adam": update("Adam")}
 
 
 def kernel_threads() -> int | None:
