@@ -103,7 +103,7 @@ _fused = ops.MultitypeFuncGraph("fused")
 @_fused.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _fused_update(kernel, hyper, decay, param, grad, state1, state2):
     """One C++ pass computes the new parameter and states (optim.cc); they are written back here."""
-    new_param, new1, new2 = kernel(param, grad, state1, state2, hyper, decay)
+    new_param, new1, new2 = kernel(param, ops.cast(grad, ms.float32), state1, state2, hyper, decay)
     ops.assign(state1, new1)
     ops.assign(state2, new2)
     return ops.assign(param, new_param)
