@@ -74,7 +74,7 @@ def create_optimizer(params: list[Parameter], lr: np.ndarray | float, cfg) -> nn
 
 def describe(cfg) -> str:
     """One phrase for the log: the optimizer and the settings it uses."""
-    name = "nesterov" if cfg.opt in ("sgd", "momentum") and cfg.nesterov else cfg.opt
+    name = cfg.optimizer_kind
     eps = DEFAULT_EPS.get(cfg.opt) if cfg.eps is None else cfg.eps
     parts = []
     if cfg.opt in ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf"):
