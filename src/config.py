@@ -63,8 +63,16 @@ TOOL_DEFAULTS = {
     "export": {"batch_size": 1},
     "benchmark": {"num_classes": 1000, "image_size": 224, "batch_size": 32, "dataset_path": "", "amp_level": "O0"},
 }
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf", "adam", "adamw", "lamb")  # engine/optimizer.py
+# the optimizers (engine/optimizer.py) by family: SGD's (MindSpore's nn.Momentum / nn.SGD), RMSProp's, Adam's
+SGD_FAMILY, RMSPROP_FAMILY, ADAM_FAMILY = ("sgd", "momentum", "nesterov"), ("rmsprop", "rmsproptf"), \
+    ("adam", "adamw", "lamb")
+OPTIMIZERS = (*SGD_FAMILY, *RMSPROP_FAMILY, *ADAM_FAMILY)
+DEFAULT_EPS = {"rmsprop": 1e-8, "rmsproptf": 1e-10, "adam": 1e-8, "adamw": 1e-8, "lamb": 1e-6}  # each source's
 LR_SCHEDULES = ("cosine", "steps", "poly", "linear", "step", "multistep", "exponential")  # engine/lr_schedule.py
+# the schedule keys that shape only some modes' curves: refused with the others, not compared on resume by them
+MODE_KEYS = {"step": ("lr_step_size", "lr_gamma", "lr_step_per_epoch"),
+             "multistep": ("lr_milestones", "lr_gamma", "lr_step_per_epoch"),
+             "exponential": ("lr_gamma", "lr_step_per_epoch"), "cosine": ("num_cycles", "cycle_decay")}
 TRUE_WORDS = ("True", "true", "1")
 _NOT_GIVEN = object()  # argparse default: tells a flag on the command line from a YAML value
 FALSE_WORDS = ("False", "false", "0")
@@ -166,8 +174,8 @@ class Config:
     weight_decay: float = _opt(4e-5, "weight decay (L2 added to the gradient; adamw and lamb decouple it)", min=0.0)
     filter_bias_and_bn: bool = _opt(True, "no weight decay on BatchNorm parameters and biases (mindcv's and timm's "
                                     "default; False decays every parameter)")
-    eps: float | None = _opt(None, "optimizer epsilon (default: the optimizer's own: rmsprop, adam, adamw 1e-8, "
-                             "rmsproptf 1e-10, lamb 1e-6)", min=1e-12, max=10.0, nullable=True)
+    eps: float | None = _opt(None, "optimizer epsilon (default: the optimizer's own: " + ", ".join(
+        f"{name} {value:g}" for name, value in DEFAULT_EPS.items()) + ")", min=1e-12, max=10.0, nullable=True)
     rmsprop_alpha: float = _opt(0.9, "smoothing constant of the mean square in rmsprop and rmsproptf (torchvision's "
                                 "and timm's MobileNetV3 recipes use 0.9; torch.optim's default is 0.99)",
                                 min=0.0, max=0.999999)
@@ -285,24 +293,19 @@ class Config:
         if self.lr_decay_mode == "multistep" and self.lr_milestones is None:
             raise UserError("--lr_decay_mode multistep needs --lr_milestones, the epochs of each decay (e.g. "
                             "--lr_milestones 30,60,90)")
-        if self.lr_milestones is not None:
-            if self.lr_decay_mode != "multistep":
-                raise UserError(f"--lr_milestones applies to --lr_decay_mode multistep, not {self.lr_decay_mode} "
-                                "(add --lr_decay_mode multistep, or drop --lr_milestones)")
-            object.__setattr__(self, "lr_milestones", ",".join(map(str, milestones(self.lr_milestones))))
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, modes in (("lr_gamma", ("step", "multistep", "exponential")), ("lr_step_size", ("step",)),
-                           ("lr_step_per_epoch", ("step", "multistep", "exponential")), ("cycle_decay", ("cosine",))):
-            if getattr(self, key) != defaults[key] and self.lr_decay_mode not in modes:
+        for key in {key: None for keys in MODE_KEYS.values() for key in keys}:  # each once, in MODE_KEYS' order
+            modes = [mode for mode, keys in MODE_KEYS.items() if key in keys]
+            if getattr(self, key) != FIELDS[key].default and self.lr_decay_mode not in modes:
+                how = f"use --lr_decay_mode {modes[0]}" if len(modes) == 1 else "use one of those"
                 raise UserError(f"--{key} applies to --lr_decay_mode {' and '.join(modes)}, not {self.lr_decay_mode} "
-                                f"(use one of those, or drop --{key})")
-        if self.num_cycles > 1 and self.lr_decay_mode != "cosine":
-            raise UserError(f"--num_cycles applies to --lr_decay_mode cosine, not {self.lr_decay_mode} "
-                            "(use --lr_decay_mode cosine, or drop --num_cycles)")
-        if self.nesterov and self.opt not in ("sgd", "momentum", "nesterov"):
+                                f"({how}, or drop --{key})")
+        if self.lr_milestones is not None:
+            object.__setattr__(self, "lr_milestones", ",".join(map(str, milestones(self.lr_milestones))))
+        if self.nesterov and self.opt not in SGD_FAMILY:
             raise UserError(f"--nesterov applies to --opt sgd and momentum, not {self.opt} (drop --nesterov)")
-        if self.eps is not None and self.opt in ("sgd", "momentum", "nesterov"):
-            raise UserError(f"--eps applies to rmsprop, rmsproptf, adam, adamw and lamb, not {self.opt} (drop --eps)")
+        if self.eps is not None and self.opt in SGD_FAMILY:
+            *others, last = DEFAULT_EPS
+            raise UserError(f"--eps applies to {', '.join(others)} and {last}, not {self.opt} (drop --eps)")
         if (self.nesterov or self.opt == "nesterov") and self.momentum == 0:
             raise UserError("--nesterov True needs --momentum above 0 (Nesterov momentum without momentum is "
                             "plain SGD)")
@@ -313,7 +316,7 @@ class Config:
     @property
     def optimizer_kind(self) -> str:
         """The optimizer that runs, by its state: momentum or sgd with --nesterov True is nesterov's (nn.SGD's)."""
-        return "nesterov" if self.opt in ("sgd", "momentum") and self.nesterov else self.opt
+        return "nesterov" if self.opt in SGD_FAMILY and self.nesterov else self.opt
 
     @property
     def mixes(self) -> bool:
@@ -340,9 +343,14 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+def _items(text: str) -> list[str]:
+    """The items of a list written '1,2,3', '1 2 3' or '[1, 2, 3]' (a YAML list reaches here as its text)."""
+    return [p for p in text.strip("[]() ").replace(",", " ").split() if p]
+
+
 def channel_values(text: str, key: str) -> list[float]:
     """Three numbers, 0..1 units, from '0.485,0.456,0.406' (or '[0.485, 0.456, 0.406]'); UserError otherwise."""
-    parts = [p for p in text.strip("[]() ").replace(",", " ").split() if p]
+    parts = _items(text)
     try:
         values = [float(p) for p in parts]
     except ValueError:
@@ -356,7 +364,7 @@ def channel_values(text: str, key: str) -> list[float]:
 
 def milestones(text: str) -> list[int]:
     """Increasing positive epochs from '30,60,90' (or '[30, 60, 90]'); UserError otherwise."""
-    parts = [p for p in text.strip("[]() ").replace(",", " ").split() if p]
+    parts = _items(text)
     try:
         values = [int(p) for p in parts]
     except ValueError:

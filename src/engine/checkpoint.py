@@ -20,10 +20,6 @@ from src.files import write_atomically
 SCHEDULE_KEYS = ("batch_size", "gradient_accumulation_steps", "epoch_size", "lr_decay_mode", "lr_init", "lr_max",
                  "lr_end", "warmup_epochs", "steps_per_epoch", "lr_step_size", "lr_gamma", "lr_milestones",
                  "lr_step_per_epoch", "num_cycles", "cycle_decay")
-# the schedule keys that shape only some modes' curves (the others are not compared on resume)
-MODE_KEYS = {"step": ("lr_step_size", "lr_gamma", "lr_step_per_epoch"),
-             "multistep": ("lr_milestones", "lr_gamma", "lr_step_per_epoch"),
-             "exponential": ("lr_gamma", "lr_step_per_epoch"), "cosine": ("num_cycles", "cycle_decay")}
 # the net's shape beyond model/width/num_classes: a checkpoint made from published weights keeps their convention
 ARCH_KEYS = ("bn_eps", "padding")
 OWN_META_KEYS = ("model", "image_size", "class_names", "pact_quant", "steps_per_epoch")  # not written by others

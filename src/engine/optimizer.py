@@ -26,10 +26,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from src.config import OPTIMIZERS
+from src.config import ADAM_FAMILY, DEFAULT_EPS, OPTIMIZERS, RMSPROP_FAMILY, SGD_FAMILY
 
 NO_DECAY_SUFFIXES = ("gamma", "beta", "bias")  # BatchNorm scale/shift and biases
-DEFAULT_EPS = {"rmsprop": 1e-8, "rmsproptf": 1e-10, "adam": 1e-8, "adamw": 1e-8, "lamb": 1e-6}  # each source's
 
 
 def param_groups(params: list[Parameter], weight_decay: float, filter_bias_and_bn: bool = True) -> list[dict]:
@@ -57,15 +56,15 @@ def create_optimizer(params: list[Parameter], lr: np.ndarray | float, cfg) -> nn
     groups = param_groups(params, wd, keep)
     if name == "momentum" and not cfg.nesterov:
         return nn.Momentum(groups, learning_rate=learning_rate, momentum=cfg.momentum)
-    if name in ("sgd", "momentum", "nesterov"):
+    if name in SGD_FAMILY:
         return nn.SGD(groups, learning_rate=learning_rate, momentum=cfg.momentum,
                       nesterov=name == "nesterov" or cfg.nesterov)
     per_param = decays(params, wd, keep)
     fused = _cpu_kernels() if cfg.platform == "CPU" and all(p.dtype == ms.float32 for p in params) else None
-    if name in ("rmsprop", "rmsproptf"):
+    if name in RMSPROP_FAMILY:
         return RMSprop(params, learning_rate, per_param, alpha=cfg.rmsprop_alpha, eps=eps, momentum=cfg.momentum,
                        tensorflow=name == "rmsproptf", kernel=fused and fused["rmsprop"])
-    if name in ("adam", "adamw", "lamb"):
+    if name in ADAM_FAMILY:
         return Adam(params, learning_rate, per_param, beta1=cfg.beta1, beta2=cfg.beta2, eps=eps,
                     kind={"adam": Adam.COUPLED, "adamw": Adam.DECOUPLED, "lamb": Adam.LAMB}[name],
                     kernel=fused and fused["adam"])
@@ -77,11 +76,11 @@ def describe(cfg) -> str:
     name = cfg.optimizer_kind
     eps = DEFAULT_EPS.get(cfg.opt) if cfg.eps is None else cfg.eps
     parts = []
-    if cfg.opt in ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf"):
+    if cfg.opt in SGD_FAMILY + RMSPROP_FAMILY:
         parts.append(f"momentum {cfg.momentum:g}")
-    if cfg.opt in ("rmsprop", "rmsproptf"):
+    if cfg.opt in RMSPROP_FAMILY:
         parts.append(f"alpha {cfg.rmsprop_alpha:g}")
-    if cfg.opt in ("adam", "adamw", "lamb"):
+    if cfg.opt in ADAM_FAMILY:
         parts.append(f"betas {cfg.beta1:g}, {cfg.beta2:g}")
     if eps is not None:
         parts.append(f"eps {eps:g}")

@@ -10,11 +10,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.config import Config, given_on_command_line
+from src.config import MODE_KEYS, Config, given_on_command_line
 from src.data.transforms import with_recorded_preprocessing
 from src.engine.checkpoint import (
     ARCH_KEYS,
-    MODE_KEYS,
     SCHEDULE_KEYS,
     SHAPE_HINT,
     CheckpointMeta,
