@@ -1,6 +1,7 @@
 """Augmentation policies (auto_augment) and random erasing (re_prob), with mindcv's key names and timm's grammar.
 
-Random erasing runs in the batch op (`erase_batch`, called by src/data/batch_augment.py's BatchAugment), seeded per batch.
+Random erasing runs in the batch op (`erase_batch`, called by src/data/batch_augment.py's BatchAugment), seeded per
+batch.
 
 The policies are MindSpore's own C++ operations (mindspore.dataset.vision AutoAugment, RandAugment and
 TrivialAugmentWide, torchvision's op sets), configured as timm configures its own: bilinear resampling and the
@@ -12,12 +13,9 @@ with the magnitude, which is timm's `inc1` variant; `mstdS` draws each image's m
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from src.errors import UserError
 from src.policy import GRAMMAR, LEVELS, Policy, parse_policy  # noqa: F401 - the grammar is a config value's
 
 FILL = (124, 116, 104)  # the ImageNet mean pixel, timm's fill for geometric ops

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import numpy as np
 from src.config import Config
 from src.data.checks import DataSource
 from src.data.pipeline import create_dataset
+from src.data.transforms import preprocessing
 from src.errors import stop_if_signalled
 from src.files import write_atomically
-from src.data.transforms import preprocessing
 from src.models.common import ClassifierNet, PooledFeatures
 
 log = logging.getLogger("train")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from src.config import Config
-from src.data.checks import CIFAR_RECORD, DataSource
 from src.data.batch_augment import BatchAugment
+from src.data.checks import CIFAR_RECORD, DataSource
 from src.data.mixup import MixSettings
 from src.data.transforms import image_transforms
 

@@ -1,7 +1,6 @@
 """Train and eval preprocessing on mindspore.dataset.vision (ImageNet-style crops for image files, CIFAR crops)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 
