@@ -57,12 +57,17 @@ TOOL_FLAGS = {
     "predict": {"pretrain_ckpt": "ckpt_file"},
     "eval_onnx": {"file_name": "onnx_file"},
     "benchmark": {},
+    "convert": {},
 }
 # values a tool uses unless the command line says otherwise (over the YAML's)
 TOOL_DEFAULTS = {
     "export": {"batch_size": 1},
     "benchmark": {"num_classes": 1000, "image_size": 224, "batch_size": 32, "dataset_path": "", "amp_level": "O0"},
 }
+DATASETS = ("imagefolder", "cifar10", "list", "csv", "mindrecord")  # the readers of src/data/checks.py
+# the keys of some data set formats only: refused with the others
+DATASET_KEYS = {"list": ("train_list", "val_list", "class_names"),
+                "csv": ("train_csv", "val_csv", "csv_image_column", "csv_label_column", "class_names")}
 # the optimizers (engine/optimizer.py) by family: SGD's (MindSpore's nn.Momentum / nn.SGD), RMSProp's, Adam's
 SGD_FAMILY, RMSPROP_FAMILY, ADAM_FAMILY = ("sgd", "momentum", "nesterov"), ("rmsprop", "rmsproptf"), \
     ("adam", "adamw", "lamb")
@@ -99,10 +104,23 @@ class Config:
 
     _begin("model and data")
     model: str = _opt("mobilenetv2", "network", choices=MODEL_NAMES)
-    dataset: str = _opt("imagefolder", "dataset format: imagefolder (train/ and val/ class folders) "
-                        "or cifar10 (binary batches)", choices=("imagefolder", "cifar10"))
+    dataset: str = _opt("imagefolder", "dataset format: imagefolder (train/ and val/ class folders), cifar10 "
+                        "(binary batches), list (PaddleClas label lists: 'path label' lines), csv (a file name and a "
+                        "label column) or mindrecord (shards of tools/convert_to_mindrecord.py)", choices=DATASETS)
     dataset_path: str = _opt("", "dataset root; relative paths that do not exist from the current folder "
                              "are looked up in the package folder (the demo's data/digits)")
+    train_list: str = _opt("train_list.txt", "list: the train label list, lines 'relative/path.jpg label' (integer "
+                           "labels from 0; paths relative to dataset_path; the file itself in dataset_path or given "
+                           "by its path)")
+    val_list: str = _opt("val_list.txt", "list: the val label list (as train_list)")
+    train_csv: str = _opt("train.csv", "csv: the train labels, a header line naming csv_image_column and "
+                          "csv_label_column; image paths relative to the CSV's folder (Hugging Face's metadata.csv)")
+    val_csv: str = _opt("val.csv", "csv: the val labels (as train_csv)")
+    csv_image_column: str = _opt("file_name", "csv: the column of image paths")
+    csv_label_column: str = _opt("label", "csv: the column of labels: class names, or integers from 0")
+    class_names: str | None = _opt(None, "list, csv: a file of the class names in label order, one per line (or "
+                                   "PaddleClas's 'id name' lines); default: the sorted names of a csv's labels, "
+                                   "else the label numbers", nullable=True)
     num_classes: int = _opt(10, "number of classes (must equal the class folders found)", min=2)
     image_size: int = _opt(32, "network input size in pixels", min=16, max=1024)
     width: float = _opt(1.0, "MobileNet width multiplier (channels rounded to multiples of 8)", min=0.1, max=4.0)
@@ -137,6 +155,9 @@ class Config:
     _begin("data pipeline and augmentation")
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
     num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)
+    sampler: str = _opt("shuffle", "training order: shuffle (every image once per epoch) or balanced (each epoch draws "
+                        "classes equally, with replacement, as many images as the split holds; deterministic per "
+                        "seed, epoch and rank)", choices=("shuffle", "balanced"))
     crop_scale_min: float = _opt(0.08, "smallest area fraction of the random resized crop", min=0.01, max=1.0)
     random_flip: float = _opt(0.5, "probability of a horizontal flip (0 disables)", min=0.0, max=1.0)
     color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength (0 disables)",
@@ -202,6 +223,9 @@ class Config:
     cycle_decay: float = _opt(1.0, "cosine with num_cycles > 1: the peak LR of each cycle is the previous one's "
                               "times this", min=0.0, max=1.0)
     label_smooth: float = _opt(0.1, "label smoothing factor", min=0.0, max=0.99)
+    class_weights: str = _opt("none", "per-class loss weights: none, balanced (n_images / (n_classes x the class's "
+                              "train images), scikit-learn's), a comma list of num_classes numbers, or a file of "
+                              "them (one per line, or 'name weight' lines)")
     drop_path_rate: float = _opt(0.0, "stochastic depth: the largest probability of skipping a residual block, "
                                  "rising linearly with depth as timm's (MobileNetV2/V3, ResNet; off in eval and "
                                  "export; timm's MobileNetV3 recipe uses 0.2)", min=0.0, max=0.9)
@@ -290,15 +314,15 @@ class Config:
         if self.fingerprint_data and self.dataset_sink_mode and self.platform != "CPU":
             raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
                             "(use --dataset_sink_mode False for that run)")
+        _refuse_other_keys(self, "dataset", DATASET_KEYS)
+        if self.sampler == "balanced" and self.dataset == "mindrecord":
+            raise UserError("--sampler balanced draws any image at any time, which MindSpore's MindRecord reader "
+                            "cannot (it takes only its own samplers): use --class_weights balanced with mindrecord, "
+                            "or the list/csv/imagefolder data it was converted from")
         if self.lr_decay_mode == "multistep" and self.lr_milestones is None:
             raise UserError("--lr_decay_mode multistep needs --lr_milestones, the epochs of each decay (e.g. "
                             "--lr_milestones 30,60,90)")
-        for key in {key: None for keys in MODE_KEYS.values() for key in keys}:  # each once, in MODE_KEYS' order
-            modes = [mode for mode, keys in MODE_KEYS.items() if key in keys]
-            if getattr(self, key) != FIELDS[key].default and self.lr_decay_mode not in modes:
-                how = f"use --lr_decay_mode {modes[0]}" if len(modes) == 1 else "use one of those"
-                raise UserError(f"--{key} applies to --lr_decay_mode {' and '.join(modes)}, not {self.lr_decay_mode} "
-                                f"({how}, or drop --{key})")
+        _refuse_other_keys(self, "lr_decay_mode", MODE_KEYS)
         if self.lr_milestones is not None:
             object.__setattr__(self, "lr_milestones", ",".join(map(str, milestones(self.lr_milestones))))
         if self.nesterov and self.opt not in SGD_FAMILY:
@@ -341,6 +365,17 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _refuse_other_keys(cfg: Config, selector: str, table: dict[str, tuple[str, ...]]) -> None:
+    """UserError for a key of `table` set (off its default) while `selector` (e.g. lr_decay_mode) is none of the
+    values whose keys it is."""
+    for key in {key: None for keys in table.values() for key in keys}:  # each once, in the table's order
+        values = [value for value, keys in table.items() if key in keys]
+        if getattr(cfg, key) != FIELDS[key].default and getattr(cfg, selector) not in values:
+            how = f"use --{selector} {values[0]}" if len(values) == 1 else "use one of those"
+            raise UserError(f"--{key} applies to --{selector} {' and '.join(values)}, not {getattr(cfg, selector)} "
+                            f"({how}, or drop --{key})")
 
 
 def _items(text: str) -> list[str]:

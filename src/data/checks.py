@@ -15,11 +15,11 @@ from pathlib import Path
 
 from src.config import Config
 from src.data.image_check import check_images
+from src.data.label_files import IMAGE_EXTENSIONS, LabelFile, find_label_file, read_class_names, read_csv, read_list
 from src.errors import UserError, not_a_file
 
 log = logging.getLogger("train")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _MAGIC = {".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",), ".png": (b"\x89PNG\r\n\x1a\n",),
           ".bmp": (b"BM",)}
 VAL_FOLDERS = ("val", "validation_preprocess")
@@ -39,6 +39,9 @@ class Split:
     extensions: set[str] = field(default_factory=set)
     fingerprint: str = ""  # hash of every file's name, size and mtime: changes when the data changes
     cifar_files: tuple[tuple[Path, int], ...] = ()  # CIFAR-format binary files and their record counts
+    samples: tuple[tuple[Path, int], ...] = ()  # a label file's (image, label) pairs, in its order
+    class_counts: tuple[int, ...] = ()  # images per class, where known without reading the data
+    shards: tuple[Path, ...] = ()  # MindRecord shard files
 
     @property
     def standard_cifar(self) -> bool:
@@ -54,6 +57,7 @@ class DataSource:
     class_names: list[str]
     train: Split | None
     val: Split | None
+    named: bool = True  # False: class_names are the label numbers (a label list without a class_names file)
 
 
 def image_problem(path: Path) -> str | None:
@@ -125,14 +129,26 @@ def _scan_split(split_dir: Path, class_names: list[str] | None, decode: bool = T
         if count == 0 and class_names is None:
             raise UserError(f"class folder {split_dir / name} has no images (add .jpg/.jpeg/.png/.bmp files "
                             "or remove the folder)")
+    _check_image_files(split_dir, by_class, decode, dangling)
+    if ignored:
+        log.warning("%s: ignored %d files without an image extension (%s)", split_dir, ignored,
+                    "/".join(IMAGE_EXTENSIONS))
+    counts = tuple(len(by_class[name]) for name in classes)
+    return classes, Split(split_dir, len(images), exts, digest.hexdigest(), class_counts=counts)
+
+
+def _check_image_files(where: Path, by_folder: dict[str, list[Path]], decode: bool,
+                       dangling: list[tuple[Path, str]] = (), identity: str = "") -> None:
+    """Every file's signature and end marker, then (with `decode`) every image decoded (folders unchanged since an
+    earlier check are skipped); UserError naming the first damaged file, the others listed on stdout."""
     problems = list(dangling)
-    if not problems:  # every file's signature and end marker, then (with `decode`) every image decoded; class
-        checked = check_images(split_dir, by_class, image_problem, decode)  # folders unchanged since are skipped
+    if not problems:
+        checked = check_images(where, by_folder, image_problem, decode, identity)
         problems = checked.errors
         if checked.warnings:
             path, why = checked.warnings[0]
             log.warning("%s: %d images are slightly damaged but decode, and train as decoded (e.g. %s: %s)",
-                        split_dir, len(checked.warnings), path, why)
+                        identity or where, len(checked.warnings), path, why)
     if problems:
         path, why = problems[0]
         more = ""
@@ -142,12 +158,8 @@ def _scan_split(split_dir: Path, class_names: list[str] | None, decode: bool = T
             more = f" and {len(problems) - 1} more (listed above{', the first 1000' if len(problems) > 1000 else ''})"
         if path.name.startswith("._"):
             raise UserError(f"{path} {why}{more} (a macOS metadata file: delete them with "
-                            f"find {split_dir} -name '._*' -delete)")
+                            f"find {where} -name '._*' -delete)")
         raise UserError(f"{path} {why}{more} (delete or re-encode the file)")
-    if ignored:
-        log.warning("%s: ignored %d files without an image extension (%s)", split_dir, ignored,
-                    "/".join(IMAGE_EXTENSIONS))
-    return classes, Split(split_dir, len(images), exts, digest.hexdigest())
 
 
 def _check_root(root: Path, what: str) -> None:
@@ -242,11 +254,95 @@ def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool
     return DataSource("cifar10", list(CIFAR_CLASSES), splits[0], splits[1])
 
 
+def _label_file_split(root: Path, label_file: LabelFile, decode: bool, num_classes: int) -> Split:
+    """A split of a label list or CSV: its images checked as a class folder's are, grouped by their folders."""
+    by_folder: dict[str, list[Path]] = {}
+    digest = hashlib.sha256(label_file.path.read_bytes())
+    for path, _ in label_file.samples:
+        by_folder.setdefault(os.path.relpath(path.parent, root), []).append(path)
+    _check_image_files(root, by_folder, decode, identity=str(label_file.path.resolve()))
+    for path, _ in label_file.samples:  # after the check: a file it found missing is named there
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    counts = [0] * num_classes
+    for _, label in label_file.samples:
+        counts[label] += 1
+    return Split(label_file.path, len(label_file.samples), {p.suffix for p, _ in label_file.samples},
+                 digest.hexdigest(), samples=label_file.samples, class_counts=tuple(counts))
+
+
+def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool) -> DataSource:
+    """A label-list (PaddleClas) or CSV data set: the label files, their images, the class names and count."""
+    if not root.is_dir():
+        raise UserError(f"dataset_path {root} does not exist (pass the folder the {cfg.dataset} files' image "
+                        "paths start from with --dataset_path)")
+    kind = cfg.dataset
+    names = read_class_names(find_label_file(root, cfg.class_names, "class_names", "class_names")) \
+        if cfg.class_names else None
+    if names is not None and len(names) != cfg.num_classes:
+        raise UserError(f"the class_names file lists {len(names)} classes but num_classes is {cfg.num_classes} "
+                        f"(pass --num_classes {len(names)})")
+    splits: dict[str, Split | None] = {}
+    for split, needed in (("train", need_train), ("val", need_val)):
+        key = f"{split}_{'list' if kind == 'list' else 'csv'}"
+        given = getattr(cfg, key)
+        if not needed and not (split == "train" and names is None and kind == "csv"):
+            splits[split] = None  # (a CSV's train labels name the classes when no class_names file does)
+            continue
+        try:
+            path = find_label_file(root, given, key, f"{split} {kind}")
+        except UserError:
+            if needed:
+                raise
+            splits[split] = None
+            continue
+        if kind == "list":
+            label_file = read_list(path, root, cfg.num_classes)
+        else:
+            label_file = read_csv(path, cfg.csv_image_column, cfg.csv_label_column, cfg.num_classes, names)
+            if names is None and label_file.names is not None:
+                names = label_file.names
+                if len(names) != cfg.num_classes:
+                    raise UserError(f"{path} has {len(names)} classes ({', '.join(names[:5])}"
+                                    f"{', ...' if len(names) > 5 else ''}) but num_classes is {cfg.num_classes} "
+                                    f"(pass --num_classes {len(names)})")
+        splits[split] = _label_file_split(root, label_file, needed, cfg.num_classes)
+    train = splits["train"]
+    if train is not None and need_train:
+        empty = [i for i, n in enumerate(train.class_counts) if n == 0]
+        if empty:
+            shown = ", ".join(str(names[i]) if names else str(i) for i in empty[:10])
+            log.warning("%s: %d of %d classes have no train images (%s%s)", train.path, len(empty),
+                        cfg.num_classes, shown, ", ..." if len(empty) > 10 else "")
+    return DataSource(kind, names or [str(i) for i in range(cfg.num_classes)], train if need_train else None,
+                      splits["val"], named=names is not None)
+
+
+def train_class_counts(source: DataSource) -> tuple[int, ...]:
+    """Train images per class (CIFAR-10: the label bytes are read)."""
+    split = source.train
+    if split.class_counts:
+        return split.class_counts
+    import numpy as np
+
+    labels = np.concatenate([np.fromfile(path, dtype=np.uint8).reshape(n, CIFAR_RECORD)[:, 0]
+                             for path, n in split.cifar_files])
+    return tuple(int(n) for n in np.bincount(labels, minlength=len(source.class_names)))
+
+
 def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -> DataSource:
     """Check the dataset layout against the config; raises UserError with the fix."""
     if not cfg.dataset_path:
-        raise UserError(f"dataset_path is not set (pass --dataset_path, the folder with your "
-                        f"{'CIFAR-10 binary files' if cfg.dataset == 'cifar10' else 'train/ and val/ folders'})")
+        what = {"cifar10": "CIFAR-10 binary files", "imagefolder": "train/ and val/ folders",
+                "mindrecord": "train/ and val/ MindRecord shards"}.get(cfg.dataset, f"{cfg.dataset} files and images")
+        raise UserError(f"dataset_path is not set (pass --dataset_path, the folder with your {what})")
     root = cfg.resolved_dataset_path()
+    if cfg.dataset in ("list", "csv"):
+        _check_root(root, f"the {cfg.dataset} files and images")
+        return _check_label_files(cfg, root, need_train, need_val)
+    if cfg.dataset == "mindrecord":
+        from src.data.mindrecord import check_mindrecord
+
+        return check_mindrecord(root, cfg.num_classes, need_train, need_val)
     check = check_cifar10 if cfg.dataset == "cifar10" else check_imagefolder
     return check(root, cfg.num_classes, need_train, need_val)

@@ -110,8 +110,8 @@ def folder_digest(images: list[Path]) -> str:
 class ImageCheckCache:
     """Per split folder: for each class folder that passed, its digest and its warnings."""
 
-    def __init__(self, split_dir: Path, decoded: bool = True):
-        key = hashlib.sha256(str(split_dir.resolve()).encode()).hexdigest()[:20]
+    def __init__(self, split_dir: Path, decoded: bool = True, identity: str = ""):
+        key = hashlib.sha256((str(split_dir.resolve()) + identity).encode()).hexdigest()[:20]
         # a split checked without decoding (eval reads train/ only for its class names) has its own record
         self.path = cache_root() / "image_checks" / f"{key}{'' if decoded else '-precheck'}.json"
         self.split_dir = split_dir
@@ -140,10 +140,13 @@ class ImageCheckCache:
 
 
 def check_images(split_dir: Path, by_class: dict[str, list[Path]], precheck: Callable[[Path], str | None],
-                 decode: bool = True) -> FolderCheck:
+                 decode: bool = True, identity: str = "") -> FolderCheck:
     """Check every image of a split (class folder -> images): `precheck` (a cheap look at the file's signature and
-    end marker), then, with `decode`, a full decode. Class folders that passed before, unchanged, are skipped."""
-    cache = ImageCheckCache(split_dir, decode)
+    end marker), then, with `decode`, a full decode. Class folders that passed before, unchanged, are skipped.
+
+    A label file's images are grouped by their folder below `split_dir` instead; `identity` (the label file) keeps
+    two label files that list images of the same folders from sharing one cache record."""
+    cache = ImageCheckCache(split_dir, decode, identity)
     result, todo, digests = FolderCheck(), [], {}
     for name, images in by_class.items():
         digests[name] = folder_digest(images)

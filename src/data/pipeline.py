@@ -1,4 +1,5 @@
-"""The batched mindspore.dataset pipeline: reader (ImageFolder or CIFAR-10 binary) -> transforms -> batches."""
+"""The batched mindspore.dataset pipeline: reader (image folders, label files, CIFAR-10 binaries, MindRecord) ->
+transforms -> batches."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ import numpy as np
 
 from src.config import Config
 from src.data.batch_augment import BatchAugment
-from src.data.checks import CIFAR_RECORD, DataSource
+from src.data.checks import CIFAR_RECORD, DataSource, Split
 from src.data.mixup import MixSettings
+from src.data.sampler import BalancedSampler
 from src.data.transforms import image_transforms
 
 
@@ -27,6 +29,43 @@ class CifarRecords:
     def __getitem__(self, index: int):
         record = self.records[index]
         return record[1:].reshape(3, 32, 32).transpose(1, 2, 0).copy(), np.uint32(record[0])
+
+    def labels(self) -> np.ndarray:
+        return self.records[:, 0].astype(np.int64)
+
+
+class ImageFiles:
+    """Random access to (encoded image bytes, label) of a label file's images, as ImageFolderDataset yields them
+    with decode=False."""
+
+    def __init__(self, samples: tuple[tuple[Path, int], ...]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return np.fromfile(path, dtype=np.uint8), np.int32(label)
+
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self.samples], dtype=np.int64)
+
+
+def random_access(source: DataSource, split: Split) -> ImageFiles | CifarRecords:
+    """The split as a random-access source (GeneratorDataset's): a label file's or a class folder's images in the
+    order ImageFolderDataset reads them (class by class, files by name), or the CIFAR records."""
+    if source.kind == "cifar10":
+        return CifarRecords(split.cifar_files)
+    if split.samples:
+        return ImageFiles(split.samples)
+    samples = []
+    for label, name in enumerate(source.class_names):
+        folder = split.path / name
+        if folder.is_dir():
+            samples += [(folder / entry.name, label) for entry in sorted(os.scandir(folder), key=lambda e: e.name)
+                        if entry.is_file() and os.path.splitext(entry.name)[1] in split.extensions]
+    return ImageFiles(tuple(samples))
 
 
 def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
@@ -48,11 +87,19 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
     common = {"num_parallel_workers": workers, "shuffle": training, "num_shards": num_shards,
               "shard_id": shard_id}
-    if source.kind == "cifar10" and split.standard_cifar:
+    balanced = training and cfg.sampler == "balanced"
+    if balanced:  # the package's own sampler picks the images and shards them: MindSpore takes one or the other
+        records = random_access(source, split)
+        common = {"num_parallel_workers": workers,
+                  "sampler": BalancedSampler(records.labels(), cfg.seed, shard_id or 0, num_shards or 1, first_epoch)}
+        data = ds.GeneratorDataset(records, column_names=["image", "label"], python_multiprocessing=False, **common)
+    elif source.kind == "cifar10" and split.standard_cifar:
         data = ds.Cifar10Dataset(str(split.path), usage="train" if split_name == "train" else "test", **common)
-    elif source.kind == "cifar10":  # files of other sizes, which MindSpore's CIFAR-10 reader refuses
-        data = ds.GeneratorDataset(CifarRecords(split.cifar_files), column_names=["image", "label"],
+    elif source.kind in ("cifar10", "list", "csv"):  # CIFAR: files of other sizes, which Cifar10Dataset refuses
+        data = ds.GeneratorDataset(random_access(source, split), column_names=["image", "label"],
                                    python_multiprocessing=False, **common)
+    elif source.kind == "mindrecord":
+        data = ds.MindDataset([str(p) for p in split.shards], columns_list=["image", "label"], **common)
     else:
         class_indexing = {name: i for i, name in enumerate(source.class_names)}
         data = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions),

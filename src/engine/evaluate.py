@@ -44,9 +44,8 @@ def evaluate(cfg: Config) -> EvalResult:
     cfg, weights = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
     ckpt, meta = weights.path, weights.meta
     source = check_dataset(cfg, need_train=False, need_val=True)
-    if meta.class_names and source.class_names != meta.class_names:
-        log.warning("the val class folders differ from the classes %s was trained on; labels may not match",
-                    ckpt)
+    if meta.class_names and source.named and source.class_names != meta.class_names:
+        log.warning("the val classes differ from the classes %s was trained on; labels may not match", ckpt)
     setup_device(cfg)
     if cfg.platform == "CPU":
         log.info("CPU: onnxruntime is the faster path for inference here: python export.py --file_format ONNX, "

@@ -1,23 +1,96 @@
-"""Cross-entropy with label smoothing as in the ModelZoo: on-value 1-s, off-value s/(C-1).
+"""Cross-entropy with label smoothing as in the ModelZoo: on-value 1-s, off-value s/(C-1), and class weights.
 
 Int labels are smoothed here; soft targets (batch x classes, from mixup/cutmix, smoothed when they were mixed)
-are taken as they are."""
+are taken as they are. With class weights w the loss of a sample with target t is -sum_c w_c t_c log p_c, averaged
+over the batch: PyTorch's cross_entropy(weight=w) with probability targets, and Keras's class_weight (a sample of
+class c counts w_c times; the batch mean is not renormalised by the weights, so balanced weights keep the loss's
+scale: their mean over the training images is 1)."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
+
+from src.errors import UserError
+
+log = logging.getLogger("train")
 
 
 class CrossEntropySmooth(nn.Cell):
-    def __init__(self, num_classes: int, smooth_factor: float = 0.0):
+    def __init__(self, num_classes: int, smooth_factor: float = 0.0, weights: np.ndarray | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.on_value = Tensor(1.0 - smooth_factor, ms.float32)
         self.off_value = Tensor(smooth_factor / (num_classes - 1), ms.float32)
         self.ce = nn.SoftmaxCrossEntropyWithLogits(reduction="mean")
+        # the fused op's gradient (softmax - target) holds for targets that sum to 1 only: weighted targets do not
+        self.weights = None if weights is None else Tensor(np.asarray(weights, np.float32).reshape(1, -1))
 
     def construct(self, logits, label):
         if label.ndim == 2:  # soft targets
-            return self.ce(logits, ops.cast(label, ms.float32))
-        one_hot = ops.one_hot(label, self.num_classes, self.on_value, self.off_value)
-        return self.ce(logits, one_hot)
+            target = ops.cast(label, ms.float32)
+        else:
+            target = ops.one_hot(label, self.num_classes, self.on_value, self.off_value)
+        if self.weights is None:
+            return self.ce(logits, target)
+        log_p = ops.log_softmax(ops.cast(logits, ms.float32), -1)
+        return -ops.mean(ops.sum(target * self.weights * log_p, -1))
+
+
+def class_weights(text: str, counts: list[int] | tuple[int, ...], names: list[str]) -> np.ndarray | None:
+    """The `class_weights` key's weights: None (none), scikit-learn's balanced n / (C x n_c) from the train split's
+    class counts, a comma list, or a file (one number per line, or 'name weight' lines in any order)."""
+    if text == "none":
+        return None
+    if text == "balanced":
+        counts = np.asarray(counts, np.float64)
+        if (counts == 0).any():
+            empty = [names[i] for i in np.flatnonzero(counts == 0)[:5]]
+            raise UserError(f"--class_weights balanced: classes {', '.join(empty)} have no train images, so no "
+                            "weight (give the weights as a list or a file, or add images)")
+        return (counts.sum() / (len(counts) * counts)).astype(np.float32)
+    path = Path(text).expanduser()
+    if path.is_file():
+        values = _weights_file(path, names)
+    elif any(sep in text for sep in ",[ ") or _number(text) is not None:
+        values = [_number(part) for part in text.strip("[]() ").replace(",", " ").split()]
+        if None in values:
+            raise UserError(f"--class_weights got {text!r} (use none, balanced, a comma list of {len(names)} "
+                            "numbers, or a file of them)")
+    else:
+        raise UserError(f"--class_weights {text}: no such file (use none, balanced, a comma list of {len(names)} "
+                        "numbers, or a file of them, one per line)")
+    if len(values) != len(names):
+        raise UserError(f"--class_weights has {len(values)} weights for {len(names)} classes (one per class, in "
+                        "label order)")
+    if any(v < 0 for v in values) or not any(v > 0 for v in values):
+        raise UserError("--class_weights must be numbers of at least 0, not all 0")
+    return np.asarray(values, np.float32)
+
+
+def _weights_file(path: Path, names: list[str]) -> list[float]:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if all(_number(line) is not None for line in lines):
+        return [_number(line) for line in lines]
+    by_name = {}
+    for number, line in enumerate(lines, 1):
+        name, _, value = line.rpartition(" ")
+        if _number(value) is None or name.strip() not in names:
+            raise UserError(f"{path} line {number}: {line[:80]!r} is not 'class_name weight' for one of the classes "
+                            f"(or write one number per line, in label order)")
+        by_name[name.strip()] = _number(value)
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise UserError(f"{path} has no weight for {', '.join(missing[:5])} (one line per class)")
+    return [by_name[name] for name in names]
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None

@@ -17,7 +17,7 @@ from mindspore import nn
 from mindspore.train import Model
 
 from src.config import Config
-from src.data.checks import DataSource, check_dataset
+from src.data.checks import DataSource, check_dataset, train_class_counts
 from src.data.feature_cache import cached_features, feature_datasets
 from src.data.pipeline import create_dataset, pipeline_error
 from src.device import ISA_VAR, RankInfo, amp_speed_warning, setup_device
@@ -31,6 +31,7 @@ from src.engine.checkpoint import (
 )
 from src.engine.history import History, read_metrics
 from src.engine.layouts import Weights
+from src.engine.loss import class_weights
 from src.engine.lr_schedule import schedule_of
 from src.engine.metrics import accuracy_metrics
 from src.engine.outputs import epoch_outputs
@@ -87,6 +88,8 @@ class Data(NamedTuple):
 def train(cfg: Config) -> TrainResult:
     start = time.perf_counter()
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
+    counts = train_class_counts(source)
+    loss_weights = class_weights(cfg.class_weights, counts, source.class_names)
     cfg, resume, pretrain = _start_weights(cfg, source)
     stop_if_signalled()  # the safe points before training: a signal during the checks or the imports stops here
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
@@ -100,9 +103,11 @@ def train(cfg: Config) -> TrainResult:
         net = _build_net(cfg, resume, pretrain)
         data = _build_data(cfg, source, net, ranks, resume)
         lr = schedule_of(cfg, data.updates)
-        train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches)
+        train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches, loss_weights)
         initial_epoch = _restore_training_state(cfg, train_step, resume)
         _log_summary(cfg, source, data, net)
+        if ranks.is_main:
+            _log_classes(cfg, source, counts, loss_weights)
         state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch)
         return _outcome(cfg, state, net, ranks, folder, start)
     except BaseException:
@@ -124,7 +129,8 @@ def _start_weights(cfg: Config, source: DataSource) -> tuple[Config, Resume | No
         return cfg, resume, None
     if cfg.pretrain_ckpt:
         cfg, pretrain = read_pretrained(cfg)
-        warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)
+        if source.named:  # (a label list without class names has only the label numbers to compare)
+            warn_if_other_classes(pretrain.meta, source.class_names, pretrain.path, cfg)
         return cfg, None, pretrain
     return cfg, None, None
 
@@ -155,7 +161,8 @@ def _build_data(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, 
     at the next step), and what trains: the net itself, or only its head on cached backbone features."""
     evaluates = cfg.run_eval and ranks.is_main
     if cfg.freeze_layer == "backbone":
-        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard)
+        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard,
+                                            first_epoch=resume.meta.epoch_num if resume else 0)
         val_ds, trainable = val_ds if evaluates else None, HeadOnFeatures(net)
     else:
         train_ds = create_dataset(cfg, source, training=True, first_epoch=resume.meta.epoch_num if resume else 0,
@@ -201,6 +208,22 @@ def _log_summary(cfg: Config, source: DataSource, data: Data, net: nn.Cell) -> N
              "head only, on cached backbone features", source.train.num_images, cfg.num_classes, data.updates,
              accumulated, cfg.epoch_size, cfg.batch_size, cfg.image_size, cfg.amp_level, isa,
              ", PACT quantization-aware training (int8 weights and activations)" if cfg.pact_quant else "")
+
+
+def _log_classes(cfg: Config, source: DataSource, counts: tuple[int, ...], weights) -> None:
+    """The train images per class, naming the rarest, and what counters an imbalance."""
+    names = source.class_names
+    order = sorted(range(len(counts)), key=lambda i: (counts[i], i))
+    low, high = counts[order[0]], counts[order[-1]]
+    rarest = ", ".join(f"{names[i]} {counts[i]}" for i in order[:5])
+    counter = []
+    if weights is not None:
+        counter.append(f"class weights {cfg.class_weights} ({min(weights):.3g}..{max(weights):.3g})")
+    if cfg.sampler == "balanced":
+        counter.append("balanced sampling")
+    hint = f"; countered by {' and '.join(counter)}" if counter else \
+        " (imbalanced: --class_weights balanced or --sampler balanced counter it)" if high >= 3 * max(low, 1) else ""
+    log.info("train images per class: %d..%d, rarest %s%s", low, high, rarest, hint)
 
 
 def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: nn.Cell, eval_net: nn.Cell, lr,

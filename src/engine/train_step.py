@@ -273,13 +273,15 @@ def eval_cell(net: nn.Cell, cfg: Config) -> EvalNet:
     return EvalNet(inference_cell(net, cfg))
 
 
-def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, batches_per_epoch: int) -> tuple[TrainStep, EvalNet]:
+def build_train_step(net: nn.Cell, cfg: Config, lr: np.ndarray, batches_per_epoch: int,
+                     class_weights: np.ndarray | None = None) -> tuple[TrainStep, EvalNet]:
     """(train step, eval cell) sharing one AMP net, with loss scaling and the optimizer applied.
 
     `lr` has one value per optimizer step; `batches_per_epoch` counts the data batches (micro-batches when
-    gradient_accumulation_steps > 1: the optimizer also steps after an epoch's last batch)."""
+    gradient_accumulation_steps > 1: the optimizer also steps after an epoch's last batch); `class_weights`
+    weigh the loss per class."""
     amp_net = inference_cell(net, cfg)
-    loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth)
+    loss_fn = CrossEntropySmooth(cfg.num_classes, cfg.label_smooth, class_weights)
     scale_sense, check_overflow = loss_scale_sense(cfg)
     optimizer = create_optimizer(net.trainable_params(), lr, cfg)
     train_step = TrainStep(LossAndLogits(amp_net, loss_fn), optimizer, scale_sense, check_overflow, cfg.num_classes,

@@ -1,0 +1,200 @@
+"""MindRecord shards: written by tools/convert_to_mindrecord.py, read by `--dataset mindrecord` (MindDataset).
+
+Layout: DATASET_PATH/train/ and DATASET_PATH/val/, each one shard set (`<split>.mindrecord0..N-1`, each with the
+SQLite index `.db` MindSpore writes beside it). A record holds the encoded image (bytes, as in the source file),
+its label (int32) and its source path. The schema's description (in every shard's header) holds this package's
+facts about the split: the class names, the images per class and their sum, so a reader needs nothing else.
+
+A shard's header is the first 8 bytes (its length, little-endian) and a JSON document: its pages, their sizes, the
+other shards of the set. The check reads only headers: a missing shard or index, a truncated shard (shorter than its
+pages) or a set from another converter is one line naming the file, before anything compiles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+
+from src.errors import UserError
+
+log = logging.getLogger("train")
+FORMAT = "mindspore_cls/mindrecord"
+VERSION = 1
+SPLITS = {"train": ("train",), "val": ("val", "validation_preprocess")}
+SCHEMA = {"image": {"type": "bytes"}, "label": {"type": "int32"}, "file": {"type": "string"}}
+MAX_SHARDS = 1000  # MindSpore's FileWriter limit
+MiB = 1 << 20
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a MindRecord shard; UserError naming the file if it has none."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 0 < size < 256 * MiB:
+                raise ValueError("no header")
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict) or "page" not in header or "schema" not in header:
+            raise ValueError("not a MindRecord header")
+        return header
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError, struct.error):
+        raise UserError(f"{path} is not a MindRecord shard (no header; convert the data with "
+                        "tools/convert_to_mindrecord.py)") from None
+
+
+def split_facts(header: dict, path: Path) -> dict:
+    """This package's facts about a split (classes, counts) from a shard header's schema description."""
+    try:
+        facts = json.loads(header["schema"][0]["desc"])
+        if facts.get("format") != FORMAT:
+            raise ValueError
+        return facts
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise UserError(f"{path} is a MindRecord shard but not one of tools/convert_to_mindrecord.py (no class "
+                        "names in its header; convert the data with it)") from None
+
+
+def _shortest_size(header: dict) -> int:
+    """The bytes a shard holds at least: its header, then each page at page_id x page_size, the last one as used."""
+    end = header["header_size"]
+    for page in header["page"]:
+        end = max(end, header["header_size"] + page["page_id"] * header["page_size"] + page["page_size"])
+    return end
+
+
+def shard_files(split_dir: Path) -> list[Path]:
+    """The shard files of one split folder (every file but the .db indexes), named by the set's header."""
+    candidates = sorted(p for p in split_dir.iterdir() if p.is_file() and not p.name.endswith(".db")
+                        and not p.name.startswith("."))
+    if not candidates:
+        raise UserError(f"{split_dir} holds no MindRecord shards (convert the data with "
+                        "tools/convert_to_mindrecord.py --output_dir <this folder's parent>)")
+    header = read_header(candidates[0])
+    return [split_dir / name for name in header.get("shard_addresses", [candidates[0].name])]
+
+
+def check_split(split_dir: Path) -> tuple[dict, list[Path], str]:
+    """(facts, shards, fingerprint) of one split's shard set, every shard's header and size checked."""
+    shards = shard_files(split_dir)
+    digest = hashlib.sha256()
+    facts = None
+    for shard in shards:
+        if not shard.is_file():
+            raise UserError(f"{shard} is missing: the shard set of {split_dir} has {len(shards)} files (copy all of "
+                            "them, or convert again)")
+        index = shard.with_name(shard.name + ".db")
+        if not index.is_file():
+            raise UserError(f"{index} is missing (MindSpore reads each shard with the .db index written beside it: "
+                            "copy both, or convert again)")
+        header = read_header(shard)
+        shortest, size = _shortest_size(header), shard.stat().st_size
+        if size < shortest:
+            raise UserError(f"{shard} is truncated ({size} bytes, its header says {shortest}): copy it again, or "
+                            "convert again")
+        facts = facts or split_facts(header, shard)
+        stat_db = index.stat()
+        digest.update(f"{shard.name}\0{size}\0{shard.stat().st_mtime_ns}\0{stat_db.st_size}\n".encode())
+    return facts, shards, digest.hexdigest()
+
+
+def check_mindrecord(root: Path, num_classes: int, need_train: bool, need_val: bool):
+    """The DataSource of a converted data set: DATASET_PATH/train/ and val/ shard sets."""
+    from src.data.checks import DataSource, Split
+
+    if not root.is_dir():
+        raise UserError(f"dataset_path {root} does not exist (pass the --output_dir of "
+                        "tools/convert_to_mindrecord.py, which holds train/ and val/)")
+    splits, names = {}, None
+    for split, needed in (("train", need_train), ("val", need_val)):
+        folder = next((root / name for name in SPLITS[split] if (root / name).is_dir()), None)
+        if folder is None:
+            if needed:
+                how = "or train with --run_eval False" if split == "val" else "convert the train split too"
+                raise UserError(f"{root} has no {split}/ folder of MindRecord shards (tools/convert_to_mindrecord.py "
+                                f"writes {root}/train and {root}/val; {how})")
+            splits[split] = None
+            continue
+        facts, shards, fingerprint = check_split(folder)
+        if names is not None and facts["classes"] != names:
+            raise UserError(f"{folder}'s shards hold other classes than train/'s (convert both splits from one "
+                            "data set in one run)")
+        names = facts["classes"]
+        splits[split] = Split(folder, int(facts["num_images"]), fingerprint=fingerprint,
+                              class_counts=tuple(facts["class_counts"]), shards=tuple(shards))
+    if len(names) != num_classes:
+        raise UserError(f"the MindRecord shards in {root} hold {len(names)} classes but num_classes is {num_classes} "
+                        f"(pass --num_classes {len(names)})")
+    return DataSource("mindrecord", list(names), splits["train"], splits["val"])
+
+
+def shard_layout(sizes: list[int], shard_size: int | None) -> tuple[int, int, int]:
+    """(shards, page size, header size) for a split of images of these byte sizes.
+
+    A page must hold the largest image; MindSpore's default (32 MiB pages, a 16 MiB header) costs 48 MiB per shard
+    file however few images it holds, so small sets get small pages. Shards: `shard_size` images each, default
+    about 1 GiB each."""
+    total = sum(sizes)
+    shards = math.ceil(len(sizes) / shard_size) if shard_size else math.ceil(total / (1 << 30))
+    shards = max(1, min(MAX_SHARDS, shards, len(sizes)))
+    page = 1 << max(15, math.ceil(math.log2(max(2 * max(sizes) + 4096, min(32 * MiB, total / shards / 64)))))
+    page = min(page, 256 * MiB)
+    pages_per_shard = math.ceil(total / shards / page) + 2
+    header = 1 << max(16, math.ceil(math.log2(4096 * pages_per_shard + 65536)))
+    return shards, page, min(header, 128 * MiB)
+
+
+def write_split(out_dir: Path, split: str, samples: list[tuple[Path, int]], class_names: list[str],
+                shard_size: int | None, source: str) -> list[Path]:
+    """Write one split as a shard set under out_dir/split, atomically: into a hidden folder, then renamed in place
+    of an earlier one (which stays as it was until the new set is complete)."""
+    from mindspore.mindrecord import FileWriter
+
+    from src.errors import stop_if_signalled
+
+    counts = [0] * len(class_names)
+    for _, label in samples:
+        counts[label] += 1
+    sizes = [path.stat().st_size for path, _ in samples]
+    shards, page, header = shard_layout(sizes, shard_size)
+    final = out_dir / split
+    temp = out_dir / f".{split}.converting-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        writer = FileWriter(str(temp / f"{split}.mindrecord"), shard_num=shards, overwrite=True)
+        writer.set_page_size(page)
+        writer.set_header_size(header)
+        facts = {"format": FORMAT, "version": VERSION, "split": split, "classes": class_names,
+                 "class_counts": counts, "num_images": len(samples), "source": source}
+        writer.add_schema(SCHEMA, json.dumps(facts))
+        batch = []
+        for path, label in samples:
+            batch.append({"image": path.read_bytes(), "label": label, "file": str(path)})
+            if len(batch) == 256:
+                writer.write_raw_data(batch)
+                batch = []
+                stop_if_signalled()
+        if batch:
+            writer.write_raw_data(batch)
+        writer.commit()
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in temp.iterdir():  # MindSpore writes them 0600: readable by the umask's rule, as other files
+            path.chmod(0o666 & ~umask)
+        old = out_dir / f".{split}.replaced-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        temp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return sorted(final.iterdir())
