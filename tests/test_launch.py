@@ -201,14 +201,21 @@ def test_a_failing_rank_stops_the_others(tmp_path):
 
 
 def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
-    """A real msrun run: both ranks end with identical weights, each having read a different shard; resuming it
-    from rank 0's periodic checkpoint restores both ranks identically."""
+    """A real msrun run, reading MindRecord shards: both ranks end with identical weights, each having read a
+    different half; resuming it from rank 0's periodic checkpoint, on the image folder the shards were made from,
+    restores both ranks identically."""
+    from src.data.mindrecord import write_split
+
     data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
+    for split in ("train", "val"):
+        samples = [(p, label) for label, name in enumerate(("cat", "dog"))
+                   for p in sorted((data / split / name).iterdir())]
+        write_split(tmp_path / "shards", split, samples, ["cat", "dog"], 4, "test")  # 4 shards of 4 images
     out = tmp_path / "out"
     common = ["--batch_size", "4", "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs",
               "0", "--num_parallel_workers", "1", "--epoch_size", "3"]
-    proc = run_sh(TRAIN, "CPU", "2", str(data), "--output_path", str(out), *common, "--save_checkpoint_epochs", "2",
-                  "--fingerprint_data", "True", timeout=900)
+    proc = run_sh(TRAIN, "CPU", "2", str(tmp_path / "shards"), "--dataset", "mindrecord", "--output_path", str(out),
+                  *common, "--save_checkpoint_epochs", "2", "--fingerprint_data", "True", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summaries = {}
     for rank in (0, 1):

@@ -1,0 +1,288 @@
+"""Data as users hold it: PaddleClas label lists, CSV label tables, MindRecord shards; class weights and balanced
+sampling. The same images read by every reader give the same tensors."""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RESULT_LINE, TINY_NET, run_cli, write_image
+
+from src.config import Config
+from src.data.checks import check_dataset
+from src.data.mindrecord import write_split
+from src.data.sampler import BalancedSampler, epoch_draw
+from src.engine.loss import class_weights
+from src.errors import UserError
+
+
+def _rows(root: Path, split: str) -> list[tuple[str, int, str]]:
+    """(path relative to root, label, class name) of an image folder's split, in ImageFolderDataset's order."""
+    rows = []
+    for label, name in enumerate(sorted(p.name for p in (root / split).iterdir())):
+        rows += [(f"{split}/{name}/{f.name}", label, name) for f in sorted((root / split / name).iterdir())]
+    return rows
+
+
+def _all_formats(root: Path) -> Path:
+    """The tiny image folder plus its label lists, CSVs (class names) and MindRecord shards (under root/mr)."""
+    for split, count in (("train", 8), ("val", 4)):  # each image one grey level of its own: its identity
+        for ci, name in enumerate(("cat", "dog")):
+            for i in range(count):
+                level = 10 + 7 * (ci * count + i) + (3 if split == "val" else 0)
+                write_image(root / split / name / f"{i}.png", size=(16, 16), value=level)
+    for split in ("train", "val"):
+        rows = _rows(root, split)
+        (root / f"{split}_list.txt").write_text("".join(f"{p} {label}\n" for p, label, _ in rows))
+        with open(root / f"{split}.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["file_name", "label"])
+            writer.writerows((p, name) for p, _, name in rows)
+        write_split(root / "mr", split, [(root / p, label) for p, label, _ in rows], ["cat", "dog"], None, "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory) -> Path:
+    return _all_formats(tmp_path_factory.mktemp("formats") / "data")
+
+
+def _cfg(root: Path, dataset: str, **kw) -> Config:
+    path = root / "mr" if dataset == "mindrecord" else root
+    return Config(dataset=dataset, dataset_path=str(path), num_classes=2, image_size=32,
+                  num_parallel_workers=1, **{"batch_size": 4, **kw})
+
+
+def _batches(cfg: Config, training: bool, **kw) -> list[tuple[np.ndarray, np.ndarray]]:
+    import mindspore.dataset as ds
+
+    from src.data.pipeline import create_dataset
+
+    ds.config.set_seed(cfg.seed)
+    source = check_dataset(cfg)
+    data = create_dataset(cfg, source, training=training, **kw)
+    return [(x, y) for x, y in data.create_tuple_iterator(output_numpy=True, num_epochs=1)]
+
+
+@pytest.mark.parametrize("dataset", ["list", "csv"])
+def test_label_files_read_the_folder_s_images_into_identical_batches(formats, dataset):
+    """The readers agree: the same seed gives the same augmented train batches and the same val batches."""
+    for training in (True, False):
+        folder = _batches(_cfg(formats, "imagefolder"), training)
+        other = _batches(_cfg(formats, dataset), training)
+        assert len(folder) == len(other) == (4 if training else 2)
+        for (x1, y1), (x2, y2) in zip(folder, other):
+            np.testing.assert_array_equal(y1, y2)
+            np.testing.assert_array_equal(x1, x2)
+    source = check_dataset(_cfg(formats, dataset))
+    assert source.class_names == (["cat", "dog"] if dataset == "csv" else ["0", "1"])
+    assert source.train.class_counts == (8, 8) and source.val.num_images == 8
+
+
+def test_mindrecord_holds_the_same_images_and_shards_them_across_ranks(formats):
+    """Val batches equal the folder's; a training epoch has the same images in MindSpore's own order; two ranks
+    read disjoint halves that together are the split."""
+    folder = _batches(_cfg(formats, "imagefolder"), False)
+    shards = _batches(_cfg(formats, "mindrecord"), False)
+    for (x1, y1), (x2, y2) in zip(folder, shards, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    source = check_dataset(_cfg(formats, "mindrecord"))
+    assert source.class_names == ["cat", "dog"] and source.train.class_counts == (8, 8)
+    cfg = _cfg(formats, "mindrecord", batch_size=1)
+    per_rank = [{round(float(x[0, 0, 0, 0]), 4) for x, _ in _batches(cfg, True, num_shards=2, shard_id=rank)}
+                for rank in (0, 1)]  # (any crop of a one-level image has its level)
+    assert len(per_rank[0]) == len(per_rank[1]) == 8 and len(per_rank[0] | per_rank[1]) == 16
+
+
+def test_a_flat_val_folder_with_a_list_evaluates_with_class_names(trained, tmp_path):
+    """ImageNet's val/ as published: all images in one folder and a label file; the class names come from a
+    PaddleClas class_id_map file and reach per_class.csv."""
+    data = tmp_path / "flat"
+    lines = []
+    for label, name in enumerate(("cat", "dog")):
+        for f in sorted((trained.data / "val" / name).iterdir()):
+            (data / "val").mkdir(parents=True, exist_ok=True)
+            (data / "val" / f"{name} {f.name}").write_bytes(f.read_bytes())  # a space in the file name
+            lines.append(f"val/{name} {f.name}\t{label}")
+    (data / "val_list.txt").write_text("\r\n".join(lines) + "\r\n")
+    (data / "labels.txt").write_text("0 cat\n1 dog\n")
+    folder = run_cli("eval.py", "--dataset_path", str(trained.data), "--output_path", str(tmp_path / "a"),
+                     "--pretrain_ckpt", str(trained.out / "checkpoint" / "best.ckpt"), *TINY_NET)
+    listed = run_cli("eval.py", "--dataset", "list", "--dataset_path", str(data), "--class_names", "labels.txt",
+                     "--output_path", str(tmp_path / "b"), "--pretrain_ckpt",
+                     str(trained.out / "checkpoint" / "best.ckpt"), *TINY_NET)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert RESULT_LINE.search(listed.stdout).group(1) == RESULT_LINE.search(folder.stdout).group(1)
+    rows = list(csv.DictReader(open(tmp_path / "b" / "per_class.csv")))
+    assert [r["class"] for r in rows] == ["cat", "dog"] and [r["images"] for r in rows] == ["3", "3"]
+    assert "differ from the classes" not in listed.stdout + listed.stderr
+
+
+def _list_error(root: Path, text: str, **kw) -> str:
+    (root / "train_list.txt").write_text(text)
+    with pytest.raises(UserError) as info:
+        check_dataset(Config(dataset="list", dataset_path=str(root), num_classes=2, **kw), need_val=False)
+    return str(info.value)
+
+
+def test_label_list_mistakes_are_one_line_naming_the_file_and_line(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b c.png")
+    listed = tmp_path / "train_list.txt"
+    assert re.search(rf"{re.escape(str(listed))} line 2: .*missing\.png does not exist and 1 more",
+                     _list_error(tmp_path, "a.png 0\nmissing.png 1\n\nother.png 0\n"))
+    assert "line 2: label 2 is out of range for 2 classes" in _list_error(tmp_path, "a.png 0\nb c.png 2\n")
+    assert "line 1: label '-1' is not an integer" in _list_error(tmp_path, "a.png -1\n")
+    assert "line 1: label '0,1' is not an integer from 0 (one label per image; multi-label" in \
+        _list_error(tmp_path, "a.png 0,1\n")
+    assert "line 3: ./a.png is listed again (first at line 1" in \
+        _list_error(tmp_path, "a.png 0\nb c.png 1\n./a.png 1\n")
+    assert "line 1: 'a.png' is not 'relative/path.jpg label'" in _list_error(tmp_path, "a.png\n")
+    assert "notes.txt is not a .jpg/.jpeg/.png/.bmp file" in _list_error(tmp_path, "notes.txt 0\n")
+    assert "lists no images" in _list_error(tmp_path, "\n\n")
+    (tmp_path / "n.txt").write_text("x\ny\nz\n")
+    assert "the class_names file lists 3 classes but num_classes is 2 (pass --num_classes 3)" in \
+        _list_error(tmp_path, "a.png 0\n", class_names=str(tmp_path / "n.txt"))
+    (tmp_path / "n.txt").write_text("x\nx\n")
+    assert "line 2: class name 'x' repeats line 1" in _list_error(tmp_path, "a.png 0\n", class_names="n.txt")
+    # a good list: a space inside the path (the label is the last field), a class without images warned about
+    (tmp_path / "train_list.txt").write_text("\ufeffa.png 0\r\nb c.png  0\r\n")
+    source = check_dataset(Config(dataset="list", dataset_path=str(tmp_path), num_classes=2), need_val=False)
+    assert [(p.name, label) for p, label in source.train.samples] == [("a.png", 0), ("b c.png", 0)]
+    assert not source.named and source.train.class_counts == (2, 0)
+
+
+def test_csv_mistakes_and_label_kinds(tmp_path):
+    write_image(tmp_path / "imgs" / "a.png")
+    write_image(tmp_path / "imgs" / "b.png")
+    table = tmp_path / "imgs" / "train.csv"
+
+    def source(text: str, **kw):
+        table.write_text(text)
+        return check_dataset(Config(dataset="csv", dataset_path=str(tmp_path), train_csv="imgs/train.csv",
+                                    **{"num_classes": 2, **kw}), need_val=False)
+
+    names = source('file_name,label,extra\n"a.png",dog,1\nb.png,"cat"\n')  # paths relative to the CSV's folder
+    assert names.class_names == ["cat", "dog"] and [s[1] for s in names.train.samples] == [1, 0]
+    assert source("file_name,label\na.png,1\nb.png,0\n").class_names == ["0", "1"]
+    (tmp_path / "names.txt").write_text("dog\ncat\n")
+    assert [s[1] for s in source("file_name,label\na.png,dog\n", class_names="names.txt").train.samples] == [0]
+    (tmp_path / "names.txt").write_text("dog\ncat\n")
+    for text, message, kw in [
+        ("image,label\na.png,dog\n", "has no column 'file_name' (name the columns with --csv_image_column", {}),
+        ("file_name,label\na.png,dog\nb.png,cat\n", "has 2 classes (cat, dog) but num_classes is 3 (pass "
+         "--num_classes 2)", {"num_classes": 3}),
+        ("file_name,label\na.png,bird\n", "row 2: label 'bird' is not one of the 2 classes (dog, cat; the "
+         "class_names file", {"class_names": "names.txt"}),
+        ("file_name,label\nc.png,dog\nb.png,cat\n", f"row 2: {tmp_path / 'imgs' / 'c.png'} does not exist (paths "
+         f"are relative to {tmp_path / 'imgs'})", {}),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            source(text, **kw)
+
+
+def _damaged(formats: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "mr"
+    shutil.copytree(formats / "mr", copy)
+    return copy
+
+
+def test_damaged_mindrecord_shards_are_named_before_compile(formats, tmp_path):
+    def error(root: Path) -> str:
+        with pytest.raises(UserError) as info:
+            check_dataset(Config(dataset="mindrecord", dataset_path=str(root), num_classes=2))
+        return str(info.value)
+
+    root = _damaged(formats, tmp_path)
+    shard = root / "train" / "train.mindrecord"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:
+        fh.truncate(size - 100)
+    assert f"{shard} is truncated ({size - 100} bytes, its header says {size})" in error(root)
+    shard.write_bytes(b"\x00" * 64)
+    assert f"{shard} is not a MindRecord shard (no header" in error(root)
+    root = _damaged(formats, tmp_path / "2")
+    (root / "val" / "val.mindrecord.db").unlink()
+    assert "val.mindrecord.db is missing (MindSpore reads each shard with the .db index" in error(root)
+    assert "hold 2 classes but num_classes is 3 (pass --num_classes 2)" in \
+        str(pytest.raises(UserError, check_dataset, Config(dataset="mindrecord", dataset_path=str(formats / "mr"),
+                                                            num_classes=3)).value)
+
+
+def test_balanced_sampling_draws_classes_equally_per_epoch_and_rank():
+    labels = np.array([0] * 900 + [1] * 100)
+    draws = epoch_draw(labels, seed=1, epoch=0, rank=0, ranks=1)
+    assert len(draws) == 1000 and abs(np.mean(labels[draws]) - 0.5) < 0.05  # 9:1 -> 50/50
+    assert len(np.unique(draws[labels[draws] == 1])) > 90  # with replacement, most of the rare class each epoch
+    np.testing.assert_array_equal(draws, epoch_draw(labels, 1, 0, 0, 1))  # deterministic
+    assert not np.array_equal(draws, epoch_draw(labels, 1, 1, 0, 1))  # a new draw every epoch
+    rank0, rank1 = epoch_draw(labels, 1, 0, 0, 2), epoch_draw(labels, 1, 0, 1, 2)
+    assert len(rank0) == len(rank1) == 500 and not np.array_equal(rank0, rank1)  # each rank its own images
+    sampler = BalancedSampler(labels, 1, first_epoch=0)
+    first, second = list(iter(sampler)), list(iter(sampler))
+    resumed = BalancedSampler(labels, 1, first_epoch=1)  # a run resumed after epoch 1 draws epoch 2's images
+    assert list(iter(resumed)) == second != first
+
+
+def test_balanced_sampling_in_the_pipeline(formats):
+    cfg = _cfg(formats, "imagefolder", sampler="balanced")
+    batches = _batches(cfg, True)
+    assert sum(len(y) for _, y in batches) == 16
+    again = _batches(cfg, True)
+    for (x1, _), (x2, _) in zip(batches, again):
+        np.testing.assert_array_equal(x1, x2)
+
+
+def test_class_weights_scale_the_loss_as_torch_does():
+    import mindspore as ms
+    import torch
+
+    from src.engine.loss import CrossEntropySmooth
+
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0], [1.0, 1.0, 1.0]], np.float32)
+    labels = np.array([0, 2, 1, 2], np.int32)
+    weights = np.array([1.0, 3.0, 0.5], np.float32)
+    ours = CrossEntropySmooth(3, 0.0, weights)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    plain = CrossEntropySmooth(3, 0.0)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    per_sample = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels).long(), reduction="none")
+    # a sample of class c counts w_c times; the mean is over the batch: the factor is the weights' share
+    np.testing.assert_allclose(ours, float((per_sample * torch.tensor(weights)[labels]).mean()), rtol=1e-5)
+    np.testing.assert_allclose(plain, float(per_sample.mean()), rtol=1e-5)
+    # with label smoothing (the ModelZoo's off-value s/(C-1)) and soft targets, torch with probability targets
+    smooth = np.full((4, 3), 0.1 / 2, np.float32)
+    smooth[np.arange(4), labels] = 0.9
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(smooth),
+                                                 weight=torch.tensor(weights))
+    ours = CrossEntropySmooth(3, 0.1, weights)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    np.testing.assert_allclose(ours, float(expected), rtol=1e-5)
+    soft = CrossEntropySmooth(3, 0.0, weights)(ms.Tensor(logits), ms.Tensor(smooth)).asnumpy()
+    np.testing.assert_allclose(soft, float(expected), rtol=1e-5)
+    # the gradient too (the fused op's softmax - target would be wrong for weighted targets)
+    t_logits = torch.tensor(logits, requires_grad=True)
+    torch.nn.functional.cross_entropy(t_logits, torch.tensor(smooth), weight=torch.tensor(weights)).backward()
+    grad = ms.grad(CrossEntropySmooth(3, 0.1, weights))(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
+    np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_class_weights_values(tmp_path):
+    names = ["a", "b", "c"]
+    np.testing.assert_allclose(class_weights("balanced", (90, 9, 1), names), [100 / 270, 100 / 27, 100 / 3])
+    assert class_weights("none", (1, 1, 1), names) is None
+    np.testing.assert_allclose(class_weights("1,2.5,0", (1, 1, 1), names), [1, 2.5, 0])
+    (tmp_path / "w.txt").write_text("c 4\na 1\nb 2\n")
+    np.testing.assert_allclose(class_weights(str(tmp_path / "w.txt"), (1, 1, 1), names), [1, 2, 4])
+    for text, message in [("1,2", "has 2 weights for 3 classes"), ("1,-1,1", "at least 0"),
+                          ("weights.txt", "no such file"), ("1,x,1", "got '1,x,1'")]:
+        with pytest.raises(UserError, match=message):
+            class_weights(text, (1, 1, 1), names)
+    with pytest.raises(UserError, match="classes c have no train images"):
+        class_weights("balanced", (2, 1, 0), names)
+    with pytest.raises(UserError, match="--sampler balanced draws any image at any time"):
+        Config(dataset="mindrecord", sampler="balanced")
+    with pytest.raises(UserError, match="--train_csv applies to --dataset csv, not list"):
+        Config(dataset="list", train_csv="x.csv")
