@@ -133,15 +133,17 @@ def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
     from src.data.checks import check_dataset
     from src.data.pipeline import create_dataset
 
+    start = time.perf_counter()
     source = check_dataset(cfg, need_train=True, need_val=False)
+    check_s = time.perf_counter() - start
     data = create_dataset(cfg, source, training=True).repeat()  # endless, so any --steps fits
     iterator = data.create_tuple_iterator(output_numpy=True, num_epochs=1)
     compile_s, times = _time_steps(lambda: next(iterator), steps, warmup)
     median = statistics.median(times)
     workers = min(cfg.num_parallel_workers, os.cpu_count() or 1)
     img_per_s = cfg.batch_size / median
-    return {"img_per_s": img_per_s, "median_step_s": median, "compile_s": compile_s,
-            "per_image_ms": 1000 * workers / img_per_s, "workers": workers}
+    return {"img_per_s": img_per_s, "median_step_s": median, "compile_s": compile_s, "dataset": cfg.dataset,
+            "check_s": check_s, "per_image_ms": 1000 * workers / img_per_s, "workers": workers}
 
 
 def _threads_here() -> dict:
@@ -248,7 +250,8 @@ def main(argv: Sequence[str]) -> int:
                         "--gradient_accumulation_steps, --mixup and --cutmix do not apply (drop them; --mode data "
                         "times the pipeline with mixing)")
     if args.mode == "data" and not cfg.dataset_path:
-        raise UserError("--mode data needs --dataset_path (a folder with train/<class>/ images)")
+        raise UserError("--mode data needs --dataset_path (the data set to read, with --dataset and its keys as "
+                        "train.py takes them)")
     if args.torch_reference and args.mode != "data" and cfg.model not in TORCH_NAMES:
         raise UserError(f"the PyTorch reference has no {cfg.model} (it has {', '.join(TORCH_NAMES)})")
     if args.torch_reference and not Path(args.torch_reference).is_file():
@@ -279,7 +282,8 @@ def _report(cfg: Config, args: argparse.Namespace, side: _Worker) -> int:
     print(f"this project: {threads['process']} threads (MindSpore runtime {threads['mindspore_runtime']}{kernels}); "
           f"thread variables: {_env_text(result['env'])}", flush=True)
     if "per_image_ms" in result:
-        print(f"decode + augment: {result['per_image_ms']:.2f} ms of CPU per image ({result['workers']} workers)")
+        print(f"decode + augment: {result['per_image_ms']:.2f} ms of CPU per image ({result['workers']} workers); "
+              f"the {result['dataset']} data set check took {result['check_s']:.2f} s")
     if args.torch_reference and args.mode != "data":
         ratios, ours, theirs, idle = [], [result["img_per_s"]], [], []
         for i in range(args.rounds):

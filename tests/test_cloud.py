@@ -234,3 +234,24 @@ def test_upload_into_a_deleted_bucket_is_one_line(s3, tmp_path):
     with pytest.raises(UserError) as err:
         s3.upload(tmp_path / "out", "s3://gone/run")
     assert str(err.value) == "s3://gone/run does not exist (check the bucket and path)"
+
+
+def test_mindrecord_shards_from_obs_are_read_as_they_are(s3, tmp_path):
+    """A ModelArts job's data_url may hold converted shards (few large files instead of many small ones): the copy
+    is readable as --dataset mindrecord, headers, .db indexes and class names intact."""
+    from src.data.checks import check_dataset
+    from src.data.mindrecord import write_split
+
+    data = make_imagefolder(tmp_path / "src")
+    for split in ("train", "val"):
+        samples = [(p, label) for label, name in enumerate(("cat", "dog"))
+                   for p in sorted((data / split / name).iterdir())]
+        write_split(tmp_path / "mr", split, samples, ["cat", "dog"], 4, "test")
+    for path in sorted((tmp_path / "mr").rglob("*")):
+        if path.is_file():
+            s3.client.upload_file(str(path), "bucket", f"shards/{path.relative_to(tmp_path / 'mr')}")
+    cfg = sync_inputs(Config(enable_modelarts=True, data_url="obs://bucket/shards", train_url="obs://bucket/out",
+                             dataset="mindrecord", dataset_path=str(tmp_path / "cache"), num_classes=2))
+    source = check_dataset(cfg)
+    assert source.class_names == ["cat", "dog"] and source.train.num_images == 12 and len(source.train.shards) == 3
+    assert source.train.class_counts == (6, 6) and source.val.num_images == 6
