@@ -240,13 +240,12 @@ def test_mindrecord_shards_from_obs_are_read_as_they_are(s3, tmp_path):
     """A ModelArts job's data_url may hold converted shards (few large files instead of many small ones): the copy
     is readable as --dataset mindrecord, headers, .db indexes and class names intact."""
     from src.data.checks import check_dataset
-    from src.data.mindrecord import write_split
+    from src.data.mindrecord import write_dataset
 
     data = make_imagefolder(tmp_path / "src")
-    for split in ("train", "val"):
-        samples = [(p, label) for label, name in enumerate(("cat", "dog"))
-                   for p in sorted((data / split / name).iterdir())]
-        write_split(tmp_path / "mr", split, samples, ["cat", "dog"], 4, "test")
+    splits = {split: [(p, label) for label, name in enumerate(("cat", "dog"))
+                      for p in sorted((data / split / name).iterdir())] for split in ("train", "val")}
+    write_dataset(tmp_path / "mr", splits, ["cat", "dog"], 4, "test")
     for path in sorted((tmp_path / "mr").rglob("*")):
         if path.is_file():
             s3.client.upload_file(str(path), "bucket", f"shards/{path.relative_to(tmp_path / 'mr')}")

@@ -12,7 +12,7 @@ from conftest import RESULT_LINE, TINY_NET, run_cli, write_image
 
 from src.config import Config
 from src.data.checks import check_dataset
-from src.data.mindrecord import write_split
+from src.data.mindrecord import write_dataset
 from src.data.sampler import BalancedSampler, epoch_draw
 from src.engine.loss import class_weights
 from src.errors import UserError
@@ -40,7 +40,8 @@ def _all_formats(root: Path) -> Path:
             writer = csv.writer(fh)
             writer.writerow(["file_name", "label"])
             writer.writerows((p, name) for p, _, name in rows)
-        write_split(root / "mr", split, [(root / p, label) for p, label, _ in rows], ["cat", "dog"], None, "test")
+    write_dataset(root / "mr", {split: [(root / p, label) for p, label, _ in _rows(root, split)]
+                                for split in ("train", "val")}, ["cat", "dog"], None, "test")
     return root
 
 
@@ -297,3 +298,113 @@ def test_class_weights_values(tmp_path):
         Config(dataset="mindrecord", sampler="balanced")
     with pytest.raises(UserError, match="--train_csv applies to --dataset csv, not list"):
         Config(dataset="list", train_csv="x.csv")
+
+
+def test_csv_label_kinds_are_one_per_file_and_val_follows_train(tmp_path):
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.png")
+
+    def error(train: str, val: str | None = None, **kw) -> str:
+        (tmp_path / "train.csv").write_text(train)
+        if val is not None:
+            (tmp_path / "val.csv").write_text(val)
+        with pytest.raises(UserError) as info:
+            check_dataset(Config(dataset="csv", dataset_path=str(tmp_path), num_classes=2, **kw),
+                          need_val=val is not None)
+        return str(info.value)
+
+    assert "row 3: the label is empty" in error("file_name,label\na.png,cat\nb.png,\n")
+    assert "row 4: label '1' is an integer, but most labels are names" in \
+        error("file_name,label\na.png,cat\nb.png,dog\nc.png,1\n")
+    # integer train labels, name val labels: each would be numbered its own way, so the val labels would be wrong
+    assert "val.csv row 2: label 'cat' is a name but the train labels are integers" in \
+        error("file_name,label\na.png,0\nb.png,1\n", "file_name,label\nc.png,cat\n")
+    assert "row 2: label 'bird' is not one of the 2 classes (cat, dog; the train labels' classes)" in \
+        error("file_name,label\na.png,cat\nb.png,dog\n", "file_name,label\nc.png,bird\n")
+    (tmp_path / "latin.csv").write_bytes("file_name,label\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin.csv is not UTF-8 text"):
+        check_dataset(Config(dataset="csv", dataset_path=str(tmp_path), train_csv="latin.csv"), need_val=False)
+
+
+def test_label_list_edge_cases(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png")
+    assert "line 2: label '²' is not an integer" in _list_error(tmp_path, "a.png 0\nb.png ²\n")
+    assert f"line 2: {tmp_path / 'a.png'} is listed again (first at line 1" in \
+        _list_error(tmp_path, f"a.png 0\n{tmp_path / 'a.png'} 1\n")
+    (tmp_path / "ids.txt").write_text("1 cat\n2 dog\n")
+    assert "ids.txt line 1: the lines are 'id name' but this id is 1, not 0" in \
+        _list_error(tmp_path, "a.png 0\n", class_names="ids.txt")
+    (tmp_path / "train_list.txt").write_text("a.png 0\nb.png 1\n")
+    (tmp_path / "val_list.txt").write_text("b.png 1\n")
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("train").addHandler(handler)
+    try:
+        check_dataset(Config(dataset="list", dataset_path=str(tmp_path), num_classes=2))
+    finally:
+        logging.getLogger("train").removeHandler(handler)
+    assert any("1 val images are also train images" in r.getMessage() for r in records)
+
+
+def test_the_converter_never_replaces_what_it_did_not_write_and_converts_as_one_unit(formats, tmp_path, monkeypatch):
+    import shutil
+
+    import src.data.mindrecord as mindrecord
+
+    samples = {"train": [(formats / p, label) for p, label, _ in _rows(formats, "train")],
+               "val": [(formats / p, label) for p, label, _ in _rows(formats, "val")]}
+    photos = tmp_path / "photos"
+    shutil.copytree(formats / "train", photos / "train")
+    with pytest.raises(UserError, match="photos/train exists and is not a shard set of tools/convert_to_mindrecord"):
+        mindrecord.write_dataset(photos, samples, ["cat", "dog"], None, "test")
+    assert len(list((photos / "train").rglob("*.png"))) == 16  # the images are still there
+    out = tmp_path / "mr"
+    mindrecord.write_dataset(out, samples, ["cat", "dog"], None, "first")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = mindrecord._write_split
+
+    def dies_on_val(folder, split, *args):
+        real(folder, split, *args)
+        if split == "val":
+            raise KeyboardInterrupt  # an interruption after both splits' shards, before the swap
+
+    monkeypatch.setattr(mindrecord, "_write_split", dies_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        mindrecord.write_dataset(out, samples, ["cat", "dog"], None, "second")
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # as it was, nothing left over
+    # a killed conversion's hidden folder (its process gone) is removed by the next one
+    (out / ".train.converting-999999999").mkdir()
+    mindrecord.write_dataset(out, {"train": samples["train"]}, ["cat", "dog"], None, "train only")
+    assert sorted(p.name for p in out.iterdir()) == ["train"]  # the old val (another conversion) went with it
+    # a val of another conversion beside this train is refused
+    mindrecord.write_dataset(tmp_path / "other", samples, ["cat", "dog"], None, "other")
+    shutil.copytree(tmp_path / "other" / "val", out / "val")
+    with pytest.raises(UserError, match="val's shards come from another conversion than train/'s"):
+        check_dataset(Config(dataset="mindrecord", dataset_path=str(out), num_classes=2))
+
+
+def test_damaged_mindrecord_indexes_are_named_before_compile(formats, tmp_path):
+    import sqlite3
+
+    from src.data.pipeline import pipeline_error
+
+    root = _damaged(formats, tmp_path)
+    index = root / "val" / "val.mindrecord.db"
+    with open(index, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(UserError, match=f"{re.escape(str(index))} is damaged .*copy it again with its shard"):
+        check_dataset(Config(dataset="mindrecord", dataset_path=str(root), num_classes=2))
+    root = _damaged(formats, tmp_path / "2")
+    with sqlite3.connect(root / "train" / "train.mindrecord.db") as db:
+        db.execute("UPDATE INDEXES SET label_0 = 7 WHERE ROW_ID = 3")
+    with pytest.raises(UserError, match=r"train index labels \[7\] beyond the 2 classes .*convert again"):
+        check_dataset(Config(dataset="mindrecord", dataset_path=str(root), num_classes=2))
+    line = pipeline_error(RuntimeError("Dataset Pipeline Error Message: [ERROR] Invalid data, bad blob."), 2, 5,
+                          "mindrecord")
+    assert line.startswith("a record of the MindRecord shards cannot be read at epoch 2 step 5: Invalid data") and \
+        "convert the data again" in line

@@ -204,13 +204,12 @@ def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
     """A real msrun run, reading MindRecord shards: both ranks end with identical weights, each having read a
     different half; resuming it from rank 0's periodic checkpoint, on the image folder the shards were made from,
     restores both ranks identically."""
-    from src.data.mindrecord import write_split
+    from src.data.mindrecord import write_dataset
 
     data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
-    for split in ("train", "val"):
-        samples = [(p, label) for label, name in enumerate(("cat", "dog"))
-                   for p in sorted((data / split / name).iterdir())]
-        write_split(tmp_path / "shards", split, samples, ["cat", "dog"], 4, "test")  # 4 shards of 4 images
+    splits = {split: [(p, label) for label, name in enumerate(("cat", "dog"))
+                      for p in sorted((data / split / name).iterdir())] for split in ("train", "val")}
+    write_dataset(tmp_path / "shards", splits, ["cat", "dog"], 4, "test")  # train: 4 shards of 4 images
     out = tmp_path / "out"
     common = ["--batch_size", "4", "--width", "0.25", "--image_size", "32", "--num_classes", "2", "--warmup_epochs",
               "0", "--num_parallel_workers", "1", "--epoch_size", "3"]

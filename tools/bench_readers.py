@@ -31,17 +31,19 @@ READERS = ("imagefolder", "list", "csv", "mindrecord")
 def build(root: Path, images: int) -> None:
     from bench_image_check import write_images
 
-    from src.data.mindrecord import write_split
+    from src.data.mindrecord import write_dataset
 
     write_images(root, images)
     names = sorted(c.name for c in (root / "train").iterdir())
+    splits = {}
     for split in ("train", "val"):
         rows = [(f"{split}/{name}/{f.name}", label) for label, name in enumerate(names)
                 if (root / split / name).is_dir() for f in sorted((root / split / name).iterdir())]
         (root / f"{split}_list.txt").write_text("".join(f"{p} {label}\n" for p, label in rows))
         with open(root / f"{split}.csv", "w", newline="") as fh:
             csv.writer(fh).writerows([("file_name", "label"), *rows])
-        write_split(root / "mr", split, [(root / p, label) for p, label in rows], names, None, str(root))
+        splits[split] = [(root / p, label) for p, label in rows]
+    write_dataset(root / "mr", splits, names, None, str(root))
 
 
 def run(root: Path, reader: str, cache: Path, args: argparse.Namespace) -> dict:

@@ -10,8 +10,9 @@ The source is read as train.py reads it (--dataset imagefolder, list or csv and 
 few large files), every image checked and decoded once; each record holds the encoded image as stored (no
 re-encoding: the pixels are the source's), its label and its source path. OUT/train and OUT/val each get one shard
 set (`--shard_size` images per shard; default about 1 GiB per shard) whose header holds the class names and the
-images per class. `--run_eval False` converts train only. A split is written into a hidden folder and renamed into
-place when complete: an interrupted conversion leaves an earlier one as it was.
+images per class. `--run_eval False` converts train only. Both splits are written into hidden folders and renamed
+into place when complete: an interrupted conversion leaves an earlier one as it was, and a folder that is not a
+shard set of this tool is never replaced.
 """
 from __future__ import annotations
 
@@ -48,23 +49,26 @@ def main(argv) -> int:
     source_root = cfg.resolved_dataset_path().resolve()
     if out.resolve() == source_root or source_root in out.resolve().parents and out.name in ("train", "val"):
         raise UserError(f"--output_dir {out} would overwrite the source's folders (choose another folder)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file (pass a folder for train/ and val/)")
     out.mkdir(parents=True, exist_ok=True)
     writable_folder(out, "the MindRecord shards", "--output_dir")
     from src.data.checks import check_dataset
-    from src.data.mindrecord import write_split
+    from src.data.mindrecord import refuse_foreign, write_dataset
     from src.data.pipeline import random_access
 
+    refuse_foreign(out)  # before an hour of image checks
+
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
-    for name, split in (("train", source.train), ("val", source.val if cfg.run_eval else None)):
-        if split is None:
-            continue
-        start = time.perf_counter()
-        samples = list(random_access(source, split).samples)
-        shards = write_split(out, name, samples, source.class_names, args.shard_size, str(split.path))
-        size = sum(p.stat().st_size for p in shards)
-        log.info("%s: %d images in %d shards, %.1f MB, in %.1f s -> %s", name, len(samples),
-                 sum(1 for p in shards if not p.name.endswith(".db")), size / 1e6, time.perf_counter() - start,
+    start = time.perf_counter()
+    splits = {name: list(random_access(source, split).samples)
+              for name, split in (("train", source.train), ("val", source.val if cfg.run_eval else None)) if split}
+    written = write_dataset(out, splits, source.class_names, args.shard_size, str(source.train.path))
+    for name, files in written.items():
+        log.info("%s: %d images in %d shards, %.1f MB -> %s", name, len(splits[name]),
+                 sum(1 for p in files if not p.name.endswith(".db")), sum(p.stat().st_size for p in files) / 1e6,
                  out / name)
+    log.info("converted in %.1f s", time.perf_counter() - start)
     print(f"converted: python train.py --dataset mindrecord --dataset_path {out} --num_classes {cfg.num_classes}")
     return 0
 

@@ -279,6 +279,7 @@ def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool
     kind = cfg.dataset
     names = read_class_names(find_label_file(root, cfg.class_names, "class_names", "class_names")) \
         if cfg.class_names else None
+    from_file = names is not None
     if names is not None and len(names) != cfg.num_classes:
         raise UserError(f"the class_names file lists {len(names)} classes but num_classes is {cfg.num_classes} "
                         f"(pass --num_classes {len(names)})")
@@ -299,7 +300,8 @@ def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool
         if kind == "list":
             label_file = read_list(path, root, cfg.num_classes)
         else:
-            label_file = read_csv(path, cfg.csv_image_column, cfg.csv_label_column, cfg.num_classes, names)
+            label_file = read_csv(path, cfg.csv_image_column, cfg.csv_label_column, cfg.num_classes, names,
+                                  from_file=from_file, integers=None if split == "train" else names is None)
             if names is None and label_file.names is not None:
                 names = label_file.names
                 if len(names) != cfg.num_classes:
@@ -308,6 +310,11 @@ def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool
                                     f"(pass --num_classes {len(names)})")
         splits[split] = _label_file_split(root, label_file, needed, cfg.num_classes)
     train = splits["train"]
+    if train is not None and splits["val"] is not None:
+        shared = {p for p, _ in train.samples} & {p for p, _ in splits["val"].samples}
+        if shared:
+            log.warning("%d val images are also train images (e.g. %s): val accuracy will read high (list "
+                        "each image in one split)", len(shared), min(shared))
     if train is not None and need_train:
         empty = [i for i, n in enumerate(train.class_counts) if n == 0]
         if empty:

@@ -44,7 +44,12 @@ def read_class_names(path: Path) -> list[str]:
     if not lines:
         raise UserError(f"class_names file {path} is empty (write one class name per line, in label order)")
     numbered = [_ID_NAME.match(line) for line in lines]
-    if all(numbered) and [int(m.group(1)) for m in numbered] == list(range(len(lines))):
+    if all(numbered):  # PaddleClas's class_id_map_file
+        ids = [int(m.group(1)) for m in numbered]
+        wrong = next((i for i, value in enumerate(ids) if value != i), None)
+        if wrong is not None:
+            raise UserError(f"{path} line {wrong + 1}: the lines are 'id name' but this id is {ids[wrong]}, not "
+                            f"{wrong} (ids count from 0 in label order; or write one name per line)")
         lines = [m.group(2).strip() for m in numbered]
     seen: dict[str, int] = {}
     for number, name in enumerate(lines, 1):
@@ -70,10 +75,12 @@ def read_list(path: Path, image_root: Path, num_classes: int) -> LabelFile:
     return LabelFile(path, _samples(path, rows, image_root, num_classes, None, "line"), None)
 
 
-def read_csv(path: Path, image_column: str, label_column: str, num_classes: int,
-             class_names: list[str] | None) -> LabelFile:
+def read_csv(path: Path, image_column: str, label_column: str, num_classes: int, class_names: list[str] | None,
+             from_file: bool = False, integers: bool | None = None) -> LabelFile:
     """A CSV label table: a header naming the image and label columns, image paths relative to the CSV's folder;
-    labels as class names (mapped through `class_names`, else the sorted names found) or integers."""
+    labels as class names (mapped through `class_names`, else the sorted names found) or integers, one kind per
+    file. `from_file`: the names come from a class_names file (else from the train CSV); `integers`: the kind the
+    train CSV had, which a val CSV without a class_names file must have too."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         try:
             reader = csv.DictReader(fh)
@@ -87,17 +94,32 @@ def read_csv(path: Path, image_column: str, label_column: str, num_classes: int,
                     for row in reader if any((v or "").strip() for v in row.values() if isinstance(v, str))]
         except csv.Error as exc:
             raise UserError(f"{path}: not a readable CSV file ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}; save it as UTF-8)") from None
+    for number, _, label in rows:
+        if not label:
+            raise UserError(f"{path} row {number}: the label is empty (every row needs its image's label)")
+    kinds = [_is_integer(label) for _, _, label in rows]
+    if rows and any(kinds) and not all(kinds):
+        odd = next(i for i, kind in enumerate(kinds) if kind != (sum(kinds) * 2 > len(kinds)))
+        kind, others = ("an integer", "names") if kinds[odd] else ("a name", "integers")
+        raise UserError(f"{path} row {rows[odd][0]}: label {rows[odd][2]!r} is {kind}, but most labels are {others} "
+                        "(one kind per file: class names, or integers from 0)")
+    by_name = bool(rows) and not kinds[0]
+    if integers is not None and not from_file and by_name == integers:
+        raise UserError(f"{path} row {rows[0][0]}: label {rows[0][2]!r} is {'a name' if by_name else 'an integer'} "
+                        f"but the train labels are {'integers' if integers else 'names'} (use one kind in both, or "
+                        "give --class_names to map names to numbers)")
     names = None
-    labels = [label for _, _, label in rows]
-    by_name = not all(_is_integer(label) for label in labels)
     if class_names is None and by_name:
-        names = sorted(set(labels))  # as ImageFolder sorts its class folders
+        names = sorted({label for _, _, label in rows})  # as ImageFolder sorts its class folders
     index = {name: i for i, name in enumerate(class_names or names or [])}
     if by_name:
         for number, _, label in rows:
             if label not in index:
+                where = "the class_names file lists them" if from_file else "the train labels' classes"
                 raise UserError(f"{path} row {number}: label {label!r} is not one of the {len(index)} classes "
-                                f"({_shown(list(index))}{'; the class_names file lists them' if class_names else ''})")
+                                f"({_shown(list(index))}; {where})")
         rows = [(number, image, str(index[label])) for number, image, label in rows]
     return LabelFile(path, _samples(path, rows, path.parent, len(names) if names else num_classes, names, "row"),
                      names)
@@ -122,7 +144,7 @@ def _samples(path: Path, rows: list[tuple[int, str, str]], image_root: Path, num
         if os.path.splitext(image)[1].lower() not in IMAGE_EXTENSIONS:
             raise UserError(f"{path} {unit} {number}: {image} is not a {'/'.join(IMAGE_EXTENSIONS)} file (list "
                             "image files only)")
-        key = os.path.normpath(image)
+        key = os.path.normpath(file)  # ./a.jpg, a//a.jpg and the absolute path are one image
         if key in seen:
             raise UserError(f"{path} {unit} {number}: {image} is listed again (first at {unit} {seen[key]}; each "
                             "image once)")
@@ -139,7 +161,8 @@ def _samples(path: Path, rows: list[tuple[int, str, str]], image_root: Path, num
 
 
 def _is_integer(text: str) -> bool:
-    return text.isdigit() or (text.startswith("+") and text[1:].isdigit())
+    digits = text[1:] if text.startswith("+") else text
+    return digits.isascii() and digits.isdigit()  # not '²' or Arabic-Indic digits, which int() reads or refuses
 
 
 def _shown(names: list[str]) -> str:

@@ -1,13 +1,15 @@
 """MindRecord shards: written by tools/convert_to_mindrecord.py, read by `--dataset mindrecord` (MindDataset).
 
-Layout: DATASET_PATH/train/ and DATASET_PATH/val/, each one shard set (`<split>.mindrecord0..N-1`, each with the
-SQLite index `.db` MindSpore writes beside it). A record holds the encoded image (bytes, as in the source file),
-its label (int32) and its source path. The schema's description (in every shard's header) holds this package's
-facts about the split: the class names, the images per class and their sum, so a reader needs nothing else.
+Layout: DATASET_PATH/train/ and DATASET_PATH/val/, written together as one conversion, each one shard set
+(`<split>.mindrecord0..N-1`, each with the SQLite index `.db` MindSpore writes beside it). A record holds the
+encoded image (bytes, as in the source file), its label (int32) and its source path. The schema's description (in
+every shard's header) holds this package's facts about the split: the class names, the images per class and their
+sum, and the conversion's id, so a reader needs nothing else.
 
 A shard's header is the first 8 bytes (its length, little-endian) and a JSON document: its pages, their sizes, the
-other shards of the set. The check reads only headers: a missing shard or index, a truncated shard (shorter than its
-pages) or a set from another converter is one line naming the file, before anything compiles.
+other shards of the set. The check reads the headers and the indexes: a missing shard or index, a truncated shard
+(shorter than its pages), a damaged index, labels beyond the classes, a set from another converter or a train and
+val of two conversions is one line naming the file, before anything compiles.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import struct
+import uuid
 from pathlib import Path
 
 from src.errors import UserError
@@ -85,7 +89,7 @@ def check_split(split_dir: Path) -> tuple[dict, list[Path], str]:
     """(facts, shards, fingerprint) of one split's shard set, every shard's header and size checked."""
     shards = shard_files(split_dir)
     digest = hashlib.sha256()
-    facts = None
+    facts, labels = None, {}
     for shard in shards:
         if not shard.is_file():
             raise UserError(f"{shard} is missing: the shard set of {split_dir} has {len(shards)} files (copy all of "
@@ -102,7 +106,23 @@ def check_split(split_dir: Path) -> tuple[dict, list[Path], str]:
         facts = facts or split_facts(header, shard)
         stat_db = index.stat()
         digest.update(f"{shard.name}\0{size}\0{shard.stat().st_mtime_ns}\0{stat_db.st_size}\n".encode())
+        for label, count in _indexed_labels(index).items():
+            labels[label] = labels.get(label, 0) + count
+    counts = [labels.pop(i, 0) for i in range(len(facts["classes"]))]
+    if labels or counts != list(facts["class_counts"]):
+        wrong = f"labels {sorted(labels)[:5]} beyond the {len(facts['classes'])} classes" if labels else \
+            f"{sum(counts)} images where the header says {facts['num_images']}"
+        raise UserError(f"the shards of {split_dir} index {wrong} (damaged or mixed files: convert again)")
     return facts, shards, digest.hexdigest()
+
+
+def _indexed_labels(index: Path) -> dict[int, int]:
+    """Images per label in a shard's SQLite index (which MindSpore reads the records by)."""
+    try:
+        with sqlite3.connect(f"file:{index}?mode=ro", uri=True) as db:
+            return dict(db.execute("SELECT label_0, COUNT(*) FROM INDEXES GROUP BY label_0").fetchall())
+    except sqlite3.Error as exc:
+        raise UserError(f"{index} is damaged ({exc}): copy it again with its shard, or convert again") from None
 
 
 def check_mindrecord(root: Path, num_classes: int, need_train: bool, need_val: bool):
@@ -112,7 +132,7 @@ def check_mindrecord(root: Path, num_classes: int, need_train: bool, need_val: b
     if not root.is_dir():
         raise UserError(f"dataset_path {root} does not exist (pass the --output_dir of "
                         "tools/convert_to_mindrecord.py, which holds train/ and val/)")
-    splits, names = {}, None
+    splits, names, conversion = {}, None, None
     for split, needed in (("train", need_train), ("val", need_val)):
         folder = next((root / name for name in SPLITS[split] if (root / name).is_dir()), None)
         if folder is None:
@@ -123,10 +143,10 @@ def check_mindrecord(root: Path, num_classes: int, need_train: bool, need_val: b
             splits[split] = None
             continue
         facts, shards, fingerprint = check_split(folder)
-        if names is not None and facts["classes"] != names:
-            raise UserError(f"{folder}'s shards hold other classes than train/'s (convert both splits from one "
-                            "data set in one run)")
-        names = facts["classes"]
+        if names is not None and facts.get("conversion") != conversion:
+            raise UserError(f"{folder}'s shards come from another conversion than train/'s (an interrupted or "
+                            "train-only conversion? convert both splits again in one run)")
+        names, conversion = facts["classes"], facts.get("conversion")
         splits[split] = Split(folder, int(facts["num_images"]), fingerprint=fingerprint,
                               class_counts=tuple(facts["class_counts"]), shards=tuple(shards))
     if len(names) != num_classes:
@@ -151,10 +171,65 @@ def shard_layout(sizes: list[int], shard_size: int | None) -> tuple[int, int, in
     return shards, page, min(header, 128 * MiB)
 
 
-def write_split(out_dir: Path, split: str, samples: list[tuple[Path, int]], class_names: list[str],
-                shard_size: int | None, source: str) -> list[Path]:
-    """Write one split as a shard set under out_dir/split, atomically: into a hidden folder, then renamed in place
-    of an earlier one (which stays as it was until the new set is complete)."""
+def _own_shard_set(folder: Path) -> bool:
+    """Whether a folder holds a shard set of this converter only (and may be replaced by a new conversion)."""
+    try:
+        shards = shard_files(folder)
+        split_facts(read_header(shards[0]), shards[0])
+    except UserError:
+        return False
+    own = {p.name for p in shards} | {p.name + ".db" for p in shards}
+    return all(p.name in own for p in folder.iterdir())
+
+
+def refuse_foreign(out_dir: Path) -> None:
+    """UserError if out_dir holds a train/ or val/ that is not a shard set of this converter (a conversion would
+    replace it)."""
+    for split in SPLITS:
+        folder = out_dir / split
+        if folder.exists() and not (folder.is_dir() and _own_shard_set(folder)):
+            raise UserError(f"{folder} exists and is not a shard set of tools/convert_to_mindrecord.py (choose another "
+                            "--output_dir: a conversion replaces train/ and val/ there)")
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Hidden folders of conversions whose process is gone (killed: it could not clean up)."""
+    for folder in out_dir.glob(".*.converting-*"):
+        try:
+            os.kill(int(folder.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's running process
+            pass
+
+
+def write_dataset(out_dir: Path, splits: dict[str, list[tuple[Path, int]]], class_names: list[str],
+                  shard_size: int | None, source: str) -> dict[str, list[Path]]:
+    """Write the splits (train, and val unless left out) as shard sets under out_dir/<split>, as one unit: each into
+    a hidden folder, then all renamed into place. An earlier conversion's folders stay as they were until the new
+    ones are complete; one that is not such a shard set (images, say) is never replaced: UserError."""
+    refuse_foreign(out_dir)
+    _remove_stale(out_dir)
+    conversion = uuid.uuid4().hex  # both splits carry it: a train of one conversion and a val of another are refused
+    temps = {}
+    try:
+        for split, samples in splits.items():
+            temps[split] = out_dir / f".{split}.converting-{os.getpid()}"
+            _write_split(temps[split], split, samples, class_names, shard_size, source, conversion)
+        for split in SPLITS:  # then swap: the old folders aside, the new ones in, the old ones deleted
+            if (out_dir / split).exists():
+                (out_dir / split).rename(out_dir / f".{split}.converting-{os.getpid()}-old")
+        for split, temp in temps.items():
+            temp.rename(out_dir / split)
+    finally:
+        for split in SPLITS:
+            shutil.rmtree(out_dir / f".{split}.converting-{os.getpid()}", ignore_errors=True)
+            shutil.rmtree(out_dir / f".{split}.converting-{os.getpid()}-old", ignore_errors=True)
+    return {split: sorted((out_dir / split).iterdir()) for split in splits}
+
+
+def _write_split(folder: Path, split: str, samples: list[tuple[Path, int]], class_names: list[str],
+                 shard_size: int | None, source: str, conversion: str) -> None:
     from mindspore.mindrecord import FileWriter
 
     from src.errors import stop_if_signalled
@@ -164,37 +239,25 @@ def write_split(out_dir: Path, split: str, samples: list[tuple[Path, int]], clas
         counts[label] += 1
     sizes = [path.stat().st_size for path, _ in samples]
     shards, page, header = shard_layout(sizes, shard_size)
-    final = out_dir / split
-    temp = out_dir / f".{split}.converting-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    try:
-        writer = FileWriter(str(temp / f"{split}.mindrecord"), shard_num=shards, overwrite=True)
-        writer.set_page_size(page)
-        writer.set_header_size(header)
-        facts = {"format": FORMAT, "version": VERSION, "split": split, "classes": class_names,
-                 "class_counts": counts, "num_images": len(samples), "source": source}
-        writer.add_schema(SCHEMA, json.dumps(facts))
-        batch = []
-        for path, label in samples:
-            batch.append({"image": path.read_bytes(), "label": label, "file": str(path)})
-            if len(batch) == 256:
-                writer.write_raw_data(batch)
-                batch = []
-                stop_if_signalled()
-        if batch:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    writer = FileWriter(str(folder / f"{split}.mindrecord"), shard_num=shards, overwrite=True)
+    writer.set_page_size(page)
+    writer.set_header_size(header)
+    facts = {"format": FORMAT, "version": VERSION, "split": split, "classes": class_names, "class_counts": counts,
+             "num_images": len(samples), "source": source, "conversion": conversion}
+    writer.add_schema(SCHEMA, json.dumps(facts))
+    batch = []
+    for path, label in samples:
+        batch.append({"image": path.read_bytes(), "label": label, "file": str(path)})
+        if len(batch) == 256:
             writer.write_raw_data(batch)
-        writer.commit()
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in temp.iterdir():  # MindSpore writes them 0600: readable by the umask's rule, as other files
-            path.chmod(0o666 & ~umask)
-        old = out_dir / f".{split}.replaced-{os.getpid()}"
-        if final.exists():
-            final.rename(old)
-        temp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return sorted(final.iterdir())
+            batch = []
+            stop_if_signalled()
+    if batch:
+        writer.write_raw_data(batch)
+    writer.commit()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():  # MindSpore writes them 0600: readable by the umask's rule, as other files
+        path.chmod(0o666 & ~umask)

@@ -116,9 +116,14 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
                       per_batch_map=augment, input_columns=["image", "label"])
 
 
-def pipeline_error(exc: Exception, epoch: int, step: int) -> str:
+def pipeline_error(exc: Exception, epoch: int, step: int, kind: str = "imagefolder") -> str:
     """One line for a mindspore.dataset failure during training, naming the file when MindSpore does."""
     text = " ".join(line.strip() for line in str(exc).splitlines())
+    if kind == "mindrecord":
+        detail = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
+        return (f"a record of the MindRecord shards cannot be read at epoch {epoch} step {step}: "
+                f"{(detail.group(1) if detail else text)[:300].strip()} (a shard was damaged after its conversion: "
+                "convert the data again; --debug shows MindSpore's message)")
     found = re.search(r"The corresponding data file is: (.+?)\. (.+?\.)(?:\s|$)", text)
     if found:
         return (f"{found.group(1)} cannot be read by MindSpore ({found.group(2).strip().rstrip('.')}), found at epoch "

@@ -72,12 +72,16 @@ def class_weights(text: str, counts: list[int] | tuple[int, ...], names: list[st
 
 
 def _weights_file(path: Path, names: list[str]) -> list[float]:
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--class_weights {path} cannot be read as UTF-8 text ({exc})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if all(_number(line) is not None for line in lines):
         return [_number(line) for line in lines]
     by_name = {}
     for number, line in enumerate(lines, 1):
-        name, _, value = line.rpartition(" ")
+        name, value = (line.rsplit(None, 1) + [""])[:2]
         if _number(value) is None or name.strip() not in names:
             raise UserError(f"{path} line {number}: {line[:80]!r} is not 'class_name weight' for one of the classes "
                             f"(or write one number per line, in label order)")

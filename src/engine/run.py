@@ -257,7 +257,7 @@ def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: 
         signum = interrupting_signal(exc)
         if signum is None:
             if isinstance(exc, RuntimeError) and "Dataset Pipeline Error Message" in str(exc):
-                raise UserError(pipeline_error(exc, state.epoch, state.step)) from None
+                raise UserError(pipeline_error(exc, state.epoch, state.step, source.kind)) from None
             raise
         last = _last_checkpoint_of_this_run(cfg, folder)
         resume_hint = f"resume with --resume_ckpt {last}" if last else "no checkpoint of this run yet"
