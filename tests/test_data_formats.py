@@ -110,16 +110,23 @@ def test_a_flat_val_folder_with_a_list_evaluates_with_class_names(trained, tmp_p
             lines.append(f"val/{name} {f.name}\t{label}")
     (data / "val_list.txt").write_text("\r\n".join(lines) + "\r\n")
     (data / "labels.txt").write_text("0 cat\n1 dog\n")
-    folder = run_cli("eval.py", "--dataset_path", str(trained.data), "--output_path", str(tmp_path / "a"),
-                     "--pretrain_ckpt", str(trained.out / "checkpoint" / "best.ckpt"), *TINY_NET)
+    best = re.search(r"^best val top1: (\d\.\d{4})", trained.proc.stdout, re.M).group(1)  # on the class folders
     listed = run_cli("eval.py", "--dataset", "list", "--dataset_path", str(data), "--class_names", "labels.txt",
                      "--output_path", str(tmp_path / "b"), "--pretrain_ckpt",
                      str(trained.out / "checkpoint" / "best.ckpt"), *TINY_NET)
     assert listed.returncode == 0, listed.stderr[-2000:]
-    assert RESULT_LINE.search(listed.stdout).group(1) == RESULT_LINE.search(folder.stdout).group(1)
+    assert RESULT_LINE.search(listed.stdout).group(1) == best
     rows = list(csv.DictReader(open(tmp_path / "b" / "per_class.csv")))
     assert [r["class"] for r in rows] == ["cat", "dog"] and [r["images"] for r in rows] == ["3", "3"]
     assert "differ from the classes" not in listed.stdout + listed.stderr
+    # a val CSV alone, labels as names, no class_names file and no train CSV: the checkpoint's classes number them
+    (data / "val" / "labels.csv").write_text("file_name,label\n" + "".join(
+        f"{line.split(chr(9))[0][4:]},{'cat' if line.endswith('0') else 'dog'}\n" for line in reversed(lines)))
+    table = run_cli("eval.py", "--dataset", "csv", "--dataset_path", str(data), "--val_csv", "val/labels.csv",
+                    "--output_path", str(tmp_path / "c"), "--pretrain_ckpt",
+                    str(trained.out / "checkpoint" / "best.ckpt"), *TINY_NET)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert RESULT_LINE.search(table.stdout).group(1) == best
 
 
 def _list_error(root: Path, text: str, **kw) -> str:

@@ -271,18 +271,22 @@ def _label_file_split(root: Path, label_file: LabelFile, decode: bool, num_class
                  digest.hexdigest(), samples=label_file.samples, class_counts=tuple(counts))
 
 
-def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool) -> DataSource:
-    """A label-list (PaddleClas) or CSV data set: the label files, their images, the class names and count."""
+def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool,
+                       known_names: list[str] | None = None) -> DataSource:
+    """A label-list (PaddleClas) or CSV data set: the label files, their images, the class names and count
+    (`known_names`: a checkpoint's, which name the classes when no class_names file does and no training runs)."""
     if not root.is_dir():
         raise UserError(f"dataset_path {root} does not exist (pass the folder the {cfg.dataset} files' image "
                         "paths start from with --dataset_path)")
     kind = cfg.dataset
     names = read_class_names(find_label_file(root, cfg.class_names, "class_names", "class_names")) \
         if cfg.class_names else None
-    from_file = names is not None
     if names is not None and len(names) != cfg.num_classes:
         raise UserError(f"the class_names file lists {len(names)} classes but num_classes is {cfg.num_classes} "
                         f"(pass --num_classes {len(names)})")
+    from_file = "the class_names file" if names is not None else None
+    if names is None and not need_train and known_names and len(known_names) == cfg.num_classes:
+        names, from_file = list(known_names), "the checkpoint"
     splits: dict[str, Split | None] = {}
     for split, needed in (("train", need_train), ("val", need_val)):
         key = f"{split}_{'list' if kind == 'list' else 'csv'}"
@@ -337,8 +341,10 @@ def train_class_counts(source: DataSource) -> tuple[int, ...]:
     return tuple(int(n) for n in np.bincount(labels, minlength=len(source.class_names)))
 
 
-def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -> DataSource:
-    """Check the dataset layout against the config; raises UserError with the fix."""
+def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True,
+                  known_names: list[str] | None = None) -> DataSource:
+    """Check the dataset layout against the config; raises UserError with the fix. `known_names`: the classes of
+    the checkpoint being evaluated, for a label list or CSV without a class_names file."""
     if not cfg.dataset_path:
         what = {"cifar10": "CIFAR-10 binary files", "imagefolder": "train/ and val/ folders",
                 "mindrecord": "train/ and val/ MindRecord shards"}.get(cfg.dataset, f"{cfg.dataset} files and images")
@@ -346,7 +352,7 @@ def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True) -
     root = cfg.resolved_dataset_path()
     if cfg.dataset in ("list", "csv"):
         _check_root(root, f"the {cfg.dataset} files and images")
-        return _check_label_files(cfg, root, need_train, need_val)
+        return _check_label_files(cfg, root, need_train, need_val, known_names)
     if cfg.dataset == "mindrecord":
         from src.data.mindrecord import check_mindrecord
 

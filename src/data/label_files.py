@@ -76,11 +76,11 @@ def read_list(path: Path, image_root: Path, num_classes: int) -> LabelFile:
 
 
 def read_csv(path: Path, image_column: str, label_column: str, num_classes: int, class_names: list[str] | None,
-             from_file: bool = False, integers: bool | None = None) -> LabelFile:
+             from_file: str | None = None, integers: bool | None = None) -> LabelFile:
     """A CSV label table: a header naming the image and label columns, image paths relative to the CSV's folder;
     labels as class names (mapped through `class_names`, else the sorted names found) or integers, one kind per
-    file. `from_file`: the names come from a class_names file (else from the train CSV); `integers`: the kind the
-    train CSV had, which a val CSV without a class_names file must have too."""
+    file. `from_file`: where `class_names` come from (a class_names file, a checkpoint; None: the train CSV);
+    `integers`: the kind the train CSV had, which a val CSV without class_names must have too."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         try:
             reader = csv.DictReader(fh)
@@ -117,7 +117,7 @@ def read_csv(path: Path, image_column: str, label_column: str, num_classes: int,
     if by_name:
         for number, _, label in rows:
             if label not in index:
-                where = "the class_names file lists them" if from_file else "the train labels' classes"
+                where = f"{from_file} lists them" if from_file else "the train labels' classes"
                 raise UserError(f"{path} row {number}: label {label!r} is not one of the {len(index)} classes "
                                 f"({_shown(list(index))}; {where})")
         rows = [(number, image, str(index[label])) for number, image, label in rows]

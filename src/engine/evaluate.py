@@ -43,7 +43,7 @@ def report(result: EvalResult, output_path: str | Path) -> None:
 def evaluate(cfg: Config) -> EvalResult:
     cfg, weights = open_for_inference(cfg, cfg.pretrain_ckpt, "pretrain_ckpt")
     ckpt, meta = weights.path, weights.meta
-    source = check_dataset(cfg, need_train=False, need_val=True)
+    source = check_dataset(cfg, need_train=False, need_val=True, known_names=meta.class_names)
     if meta.class_names and source.named and source.class_names != meta.class_names:
         log.warning("the val classes differ from the classes %s was trained on; labels may not match", ckpt)
     setup_device(cfg)
