@@ -315,6 +315,9 @@ class Config:
             raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
                             "(use --dataset_sink_mode False for that run)")
         _refuse_other_keys(self, "dataset", DATASET_KEYS)
+        if self.sampler == "balanced" and self.class_weights == "balanced":
+            raise UserError("--class_weights balanced and --sampler balanced each counter the imbalance: together they "
+                            "weigh rare classes up twice (use one of them)")
         if self.sampler == "balanced" and self.dataset == "mindrecord":
             raise UserError("--sampler balanced draws any image at any time, which MindSpore's MindRecord reader "
                             "cannot (it takes only its own samplers): use --class_weights balanced with mindrecord, "

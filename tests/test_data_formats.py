@@ -257,7 +257,8 @@ def test_balanced_sampling_in_the_pipeline(formats):
     assert resumed == run[1:]
 
 
-def test_class_weights_scale_the_loss_as_torch_does():
+def test_class_weights_weigh_samples_as_keras_class_weight():
+    """A sample of class c counts w_c times, its (smoothed, mixed) target unchanged; the mean is over the batch."""
     import mindspore as ms
     import torch
 
@@ -266,24 +267,33 @@ def test_class_weights_scale_the_loss_as_torch_does():
     logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0], [1.0, 1.0, 1.0]], np.float32)
     labels = np.array([0, 2, 1, 2], np.int32)
     weights = np.array([1.0, 3.0, 0.5], np.float32)
-    ours = CrossEntropySmooth(3, 0.0, weights)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
-    plain = CrossEntropySmooth(3, 0.0)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
-    per_sample = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels).long(), reduction="none")
-    # a sample of class c counts w_c times; the mean is over the batch: the factor is the weights' share
-    np.testing.assert_allclose(ours, float((per_sample * torch.tensor(weights)[labels]).mean()), rtol=1e-5)
-    np.testing.assert_allclose(plain, float(per_sample.mean()), rtol=1e-5)
-    # with label smoothing (the ModelZoo's off-value s/(C-1)) and soft targets, torch with probability targets
-    smooth = np.full((4, 3), 0.1 / 2, np.float32)
+
+    def ours(smooth: float, target) -> float:
+        return float(CrossEntropySmooth(3, smooth, weights)(ms.Tensor(logits), ms.Tensor(target)).asnumpy())
+
+    def torch_ce(target: np.ndarray) -> torch.Tensor:  # per sample, probability targets
+        return torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(target), reduction="none")
+
+    one_hot = np.eye(3, dtype=np.float32)[labels]
+    np.testing.assert_allclose(ours(0.0, labels), float((torch_ce(one_hot) * torch.tensor(weights[labels])).mean()),
+                               rtol=1e-5)
+    all_b = np.array([1, 1, 1, 1], np.int32)  # a batch of one class: the loss times that class's weight
+    plain = float(CrossEntropySmooth(3, 0.1)(ms.Tensor(logits), ms.Tensor(all_b)).asnumpy())
+    np.testing.assert_allclose(ours(0.1, all_b), 3.0 * plain, rtol=1e-5)
+    smooth = np.full((4, 3), 0.1 / 2, np.float32)  # the ModelZoo's smoothing: on 0.9, off 0.05
     smooth[np.arange(4), labels] = 0.9
-    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(smooth),
-                                                 weight=torch.tensor(weights))
-    ours = CrossEntropySmooth(3, 0.1, weights)(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
-    np.testing.assert_allclose(ours, float(expected), rtol=1e-5)
-    soft = CrossEntropySmooth(3, 0.0, weights)(ms.Tensor(logits), ms.Tensor(smooth)).asnumpy()
-    np.testing.assert_allclose(soft, float(expected), rtol=1e-5)
-    # the gradient too (the fused op's softmax - target would be wrong for weighted targets)
+    expected = (torch_ce(smooth) * torch.tensor(weights[labels])).mean()
+    np.testing.assert_allclose(ours(0.1, labels), float(expected), rtol=1e-5)
+    np.testing.assert_allclose(ours(0.1, smooth), float(expected), rtol=1e-5)  # the same as soft targets
+    # a mixed sample (mixup's targets: smoothed rows mixed) weighs lam x w_a + (1 - lam) x w_b
+    mixed = 0.3 * smooth + 0.7 * smooth[[1, 2, 3, 0]]
+    mixed_weight = 0.3 * weights[labels] + 0.7 * weights[labels[[1, 2, 3, 0]]]
+    np.testing.assert_allclose(ours(0.1, mixed), float((torch_ce(mixed) * torch.tensor(mixed_weight)).mean()),
+                               rtol=1e-5)
+    # the gradient too
     t_logits = torch.tensor(logits, requires_grad=True)
-    torch.nn.functional.cross_entropy(t_logits, torch.tensor(smooth), weight=torch.tensor(weights)).backward()
+    (torch.nn.functional.cross_entropy(t_logits, torch.tensor(smooth), reduction="none")
+     * torch.tensor(weights[labels])).mean().backward()
     grad = ms.grad(CrossEntropySmooth(3, 0.1, weights))(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()
     np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -415,3 +425,87 @@ def test_damaged_mindrecord_indexes_are_named_before_compile(formats, tmp_path):
                           "mindrecord")
     assert line.startswith("a record of the MindRecord shards cannot be read at epoch 2 step 5: Invalid data") and \
         "convert the data again" in line
+
+
+def test_a_conversion_killed_in_its_swap_is_rolled_back_and_a_failed_swap_undone(formats, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import src.data.mindrecord as mindrecord
+
+    samples = {split: [(formats / p, label) for p, label, _ in _rows(formats, split)] for split in ("train", "val")}
+    out = tmp_path / "mr"
+    mindrecord.write_dataset(out, samples, ["cat", "dog"], None, "first")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # a swap that fails at the last rename puts the earlier folders back
+    real_rename = Path.rename
+
+    def failing(self, target):
+        if Path(target) == out / "val" and ".converting-" in self.name and not self.name.endswith("-old"):
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        mindrecord.write_dataset(out, samples, ["cat", "dog"], None, "second")
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # SIGKILL inside the swap: the old folders aside, the new train in place; the next conversion rolls back first
+    dead = 2 ** 22 + 12345
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    for split in ("train", "val"):
+        (out / split).rename(out / f".{split}.converting-{dead}-old")
+    shutil.copytree(formats / "mr" / "train", out / "train")  # "new"
+    mindrecord._recover(out)
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    check_dataset(Config(dataset="mindrecord", dataset_path=str(out), num_classes=2))
+
+
+def test_shards_of_a_label_list_without_names_keep_them_unnamed(formats, tmp_path):
+    from src.data.mindrecord import write_dataset
+
+    samples = {"train": [(formats / p, label) for p, label, _ in _rows(formats, "train")]}
+    write_dataset(tmp_path / "mr", samples, ["0", "1"], None, "list", named=False)
+    source = check_dataset(Config(dataset="mindrecord", dataset_path=str(tmp_path / "mr"), num_classes=2),
+                           need_val=False)
+    assert not source.named and source.class_names == ["0", "1"]
+
+
+def test_the_balanced_sampler_s_view_of_a_folder_is_imagefolderdataset_s_order(tmp_path):
+    """--sampler balanced reads a class folder through its own list: the same files, in MindSpore's order (mixed-case
+    extensions, hidden files and upper-case names included)."""
+    import mindspore.dataset as ds
+
+    from src.data.pipeline import random_access
+
+    names = {"cat": ["b.png", "A.PNG", ".h.png", "c.jpg", "a.png"], "dog": ["Z.jpeg", "y.JPG"]}
+    for index, (label, files) in enumerate(names.items()):
+        for i, name in enumerate(files):
+            write_image(tmp_path / "train" / label / name, fmt="JPEG" if "j" in name.lower() else "PNG",
+                        value=20 * index + 3 * i + 5)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("x")
+    cfg = Config(dataset_path=str(tmp_path), num_classes=2)
+    source = check_dataset(cfg, need_val=False)
+    split = source.train
+    folder = ds.ImageFolderDataset(str(split.path), extensions=sorted(split.extensions), decode=False, shuffle=False,
+                                   class_indexing={"cat": 0, "dog": 1})
+    expected = [(bytes(x), int(y)) for x, y in folder.create_tuple_iterator(output_numpy=True, num_epochs=1)]
+    ours = random_access(source, split)
+    assert [(ours[i][0].tobytes(), int(ours[i][1])) for i in range(len(ours))] == expected and len(expected) == 7
+
+
+def test_eval_csv_numbers_name_labels_by_the_checkpoint(tmp_path):
+    write_image(tmp_path / "val" / "a.png")
+    (tmp_path / "val.csv").write_text("file_name,label\nval/a.png,dog\n")
+    (tmp_path / "train.csv").write_text("file_name,label\ntrain/missing.png,cat\ntrain/gone.png,dog\n")
+    cfg = Config(dataset="csv", dataset_path=str(tmp_path), num_classes=2)
+    source = check_dataset(cfg, need_train=False, known_names=["dog", "cat"])  # the train images are not needed
+    assert source.class_names == ["dog", "cat"] and source.val.samples[0][1] == 0 and source.train is None
+    assert check_dataset(cfg, need_train=False).class_names == ["cat", "dog"]  # no checkpoint names: the train CSV's
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    with pytest.raises(UserError, match="the class_names file's classes .* are not the checkpoint's"):
+        check_dataset(cfg.replace(class_names="names.txt"), need_train=False, known_names=["dog", "cat"])
+    with pytest.raises(UserError, match="each counter the imbalance: together"):
+        Config(class_weights="balanced", sampler="balanced")

@@ -10,9 +10,9 @@ The source is read as train.py reads it (--dataset imagefolder, list or csv and 
 few large files), every image checked and decoded once; each record holds the encoded image as stored (no
 re-encoding: the pixels are the source's), its label and its source path. OUT/train and OUT/val each get one shard
 set (`--shard_size` images per shard; default about 1 GiB per shard) whose header holds the class names and the
-images per class. `--run_eval False` converts train only. Both splits are written into hidden folders and renamed
-into place when complete: an interrupted conversion leaves an earlier one as it was, and a folder that is not a
-shard set of this tool is never replaced.
+images per class. `--run_eval False` converts train only (an earlier conversion's val/ is removed with its train/).
+Both splits are written into hidden folders and renamed into place when complete: an interrupted conversion leaves
+an earlier one as it was, and a folder that is not a shard set of this tool is never replaced.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.config import parse_command_line  # noqa: E402
-from src.errors import UserError, run_cli, writable_folder  # noqa: E402
+from src.errors import UserError, run_cli, stop_on_signals, writable_folder  # noqa: E402
 from src.logs import quiet_mindspore, setup_console_logging  # noqa: E402
 
 log = logging.getLogger("train")
@@ -39,6 +39,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv) -> int:
     cfg, args = parse_command_line(argv, "convert", __doc__, _arguments)
+    stop_on_signals()  # Ctrl-C and SIGTERM stop at a safe point: never inside the swap of the folders
     setup_console_logging()
     quiet_mindspore()
     if cfg.dataset in ("mindrecord", "cifar10"):
@@ -63,7 +64,7 @@ def main(argv) -> int:
     start = time.perf_counter()
     splits = {name: list(random_access(source, split).samples)
               for name, split in (("train", source.train), ("val", source.val if cfg.run_eval else None)) if split}
-    written = write_dataset(out, splits, source.class_names, args.shard_size, str(source.train.path))
+    written = write_dataset(out, splits, source.class_names, args.shard_size, str(source.train.path), source.named)
     for name, files in written.items():
         log.info("%s: %d images in %d shards, %.1f MB -> %s", name, len(splits[name]),
                  sum(1 for p in files if not p.name.endswith(".db")), sum(p.stat().st_size for p in files) / 1e6,

@@ -15,7 +15,16 @@ from pathlib import Path
 
 from src.config import Config
 from src.data.image_check import check_images
-from src.data.label_files import IMAGE_EXTENSIONS, LabelFile, find_label_file, read_class_names, read_csv, read_list
+from src.data.label_files import (
+    IMAGE_EXTENSIONS,
+    LabelFile,
+    count_per_class,
+    find_label_file,
+    image_key,
+    read_class_names,
+    read_csv,
+    read_list,
+)
 from src.errors import UserError, not_a_file
 
 log = logging.getLogger("train")
@@ -34,7 +43,7 @@ CIFAR_TEST_FILES = ("test_batch.bin",)
 class Split:
     """One checked split: where it is, its size and (for image folders) the extensions present."""
 
-    path: Path
+    path: Path  # the split's folder; a label list's or CSV's file
     num_images: int
     extensions: set[str] = field(default_factory=set)
     fingerprint: str = ""  # hash of every file's name, size and mtime: changes when the data changes
@@ -133,7 +142,7 @@ def _scan_split(split_dir: Path, class_names: list[str] | None, decode: bool = T
     if ignored:
         log.warning("%s: ignored %d files without an image extension (%s)", split_dir, ignored,
                     "/".join(IMAGE_EXTENSIONS))
-    counts = tuple(len(by_class[name]) for name in classes)
+    counts = tuple(len(by_class.get(name, ())) for name in class_names or classes)  # in label order
     return classes, Split(split_dir, len(images), exts, digest.hexdigest(), class_counts=counts)
 
 
@@ -264,11 +273,9 @@ def _label_file_split(root: Path, label_file: LabelFile, decode: bool, num_class
     for path, _ in label_file.samples:  # after the check: a file it found missing is named there
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    counts = [0] * num_classes
-    for _, label in label_file.samples:
-        counts[label] += 1
     return Split(label_file.path, len(label_file.samples), {p.suffix for p, _ in label_file.samples},
-                 digest.hexdigest(), samples=label_file.samples, class_counts=tuple(counts))
+                 digest.hexdigest(), samples=label_file.samples,
+                 class_counts=count_per_class((label for _, label in label_file.samples), num_classes))
 
 
 def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool,
@@ -285,37 +292,44 @@ def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool
         raise UserError(f"the class_names file lists {len(names)} classes but num_classes is {cfg.num_classes} "
                         f"(pass --num_classes {len(names)})")
     from_file = "the class_names file" if names is not None else None
+    if kind == "csv" and names is not None and known_names and names != list(known_names):
+        raise UserError(f"the class_names file's classes ({', '.join(names[:5])}, ...) are not the checkpoint's "
+                        f"({', '.join(known_names[:5])}, ...) in its order: the checkpoint's number the CSV's labels "
+                        "(drop --class_names)")
     if names is None and not need_train and known_names and len(known_names) == cfg.num_classes:
         names, from_file = list(known_names), "the checkpoint"
+    train_integers = None  # the train CSV's kind of labels, which val's must have (without class names)
     splits: dict[str, Split | None] = {}
     for split, needed in (("train", need_train), ("val", need_val)):
         key = f"{split}_{'list' if kind == 'list' else 'csv'}"
         given = getattr(cfg, key)
+        splits[split] = None
         if not needed and not (split == "train" and names is None and kind == "csv"):
-            splits[split] = None  # (a CSV's train labels name the classes when no class_names file does)
-            continue
+            continue  # (a CSV's train labels name the classes when no class_names file does)
         try:
             path = find_label_file(root, given, key, f"{split} {kind}")
         except UserError:
             if needed:
                 raise
-            splits[split] = None
             continue
         if kind == "list":
             label_file = read_list(path, root, cfg.num_classes)
         else:
             label_file = read_csv(path, cfg.csv_image_column, cfg.csv_label_column, cfg.num_classes, names,
-                                  from_file=from_file, integers=None if split == "train" else names is None)
+                                  from_file=from_file, integers=train_integers, check_files=needed)
+            if split == "train" and not from_file:
+                train_integers = label_file.names is None
             if names is None and label_file.names is not None:
                 names = label_file.names
                 if len(names) != cfg.num_classes:
                     raise UserError(f"{path} has {len(names)} classes ({', '.join(names[:5])}"
                                     f"{', ...' if len(names) > 5 else ''}) but num_classes is {cfg.num_classes} "
                                     f"(pass --num_classes {len(names)})")
-        splits[split] = _label_file_split(root, label_file, needed, cfg.num_classes)
+        if needed:
+            splits[split] = _label_file_split(root, label_file, needed, cfg.num_classes)
     train = splits["train"]
     if train is not None and splits["val"] is not None:
-        shared = {p for p, _ in train.samples} & {p for p, _ in splits["val"].samples}
+        shared = {image_key(p) for p, _ in train.samples} & {image_key(p) for p, _ in splits["val"].samples}
         if shared:
             log.warning("%d val images are also train images (e.g. %s): val accuracy will read high (list "
                         "each image in one split)", len(shared), min(shared))
@@ -325,8 +339,8 @@ def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool
             shown = ", ".join(str(names[i]) if names else str(i) for i in empty[:10])
             log.warning("%s: %d of %d classes have no train images (%s%s)", train.path, len(empty),
                         cfg.num_classes, shown, ", ..." if len(empty) > 10 else "")
-    return DataSource(kind, names or [str(i) for i in range(cfg.num_classes)], train if need_train else None,
-                      splits["val"], named=names is not None)
+    return DataSource(kind, names or [str(i) for i in range(cfg.num_classes)], train, splits["val"],
+                      named=names is not None)
 
 
 def train_class_counts(source: DataSource) -> tuple[int, ...]:
@@ -338,7 +352,7 @@ def train_class_counts(source: DataSource) -> tuple[int, ...]:
 
     labels = np.concatenate([np.fromfile(path, dtype=np.uint8).reshape(n, CIFAR_RECORD)[:, 0]
                              for path, n in split.cifar_files])
-    return tuple(int(n) for n in np.bincount(labels, minlength=len(source.class_names)))
+    return count_per_class(labels.tolist(), len(source.class_names))
 
 
 def check_dataset(cfg: Config, need_train: bool = True, need_val: bool = True,

@@ -29,6 +29,14 @@ class LabelFile:
     names: list[str] | None  # the class names a CSV's labels gave (sorted), None for integer labels
 
 
+def count_per_class(labels, num_classes: int) -> tuple[int, ...]:
+    """Images per class from a split's labels."""
+    counts = [0] * num_classes
+    for label in labels:
+        counts[label] += 1
+    return tuple(counts)
+
+
 def find_label_file(root: Path, given: str, key: str, what: str) -> Path:
     """A label file: `given` relative to dataset_path, else as given (from the current folder), else UserError."""
     for candidate in (root / given, Path(os.path.expanduser(given))):
@@ -72,15 +80,16 @@ def read_list(path: Path, image_root: Path, num_classes: int) -> LabelFile:
             raise UserError(f"{path} line {number}: {line.strip()[:80]!r} is not 'relative/path.jpg label' (one "
                             "image and its integer label per line)")
         rows.append((number, fields[0].strip(), fields[1]))
-    return LabelFile(path, _samples(path, rows, image_root, num_classes, None, "line"), None)
+    return LabelFile(path, _samples(path, rows, image_root, num_classes, "line"), None)
 
 
 def read_csv(path: Path, image_column: str, label_column: str, num_classes: int, class_names: list[str] | None,
-             from_file: str | None = None, integers: bool | None = None) -> LabelFile:
+             from_file: str | None = None, integers: bool | None = None, check_files: bool = True) -> LabelFile:
     """A CSV label table: a header naming the image and label columns, image paths relative to the CSV's folder;
     labels as class names (mapped through `class_names`, else the sorted names found) or integers, one kind per
     file. `from_file`: where `class_names` come from (a class_names file, a checkpoint; None: the train CSV);
-    `integers`: the kind the train CSV had, which a val CSV without class_names must have too."""
+    `integers`: the kind the train CSV had, which a val CSV without class_names must have too; `check_files` False:
+    only the labels are wanted (the images are not looked at)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         try:
             reader = csv.DictReader(fh)
@@ -121,12 +130,12 @@ def read_csv(path: Path, image_column: str, label_column: str, num_classes: int,
                 raise UserError(f"{path} row {number}: label {label!r} is not one of the {len(index)} classes "
                                 f"({_shown(list(index))}; {where})")
         rows = [(number, image, str(index[label])) for number, image, label in rows]
-    return LabelFile(path, _samples(path, rows, path.parent, len(names) if names else num_classes, names, "row"),
-                     names)
+    return LabelFile(path, _samples(path, rows, path.parent, len(names) if names else num_classes, "row",
+                                    check_files), names)
 
 
-def _samples(path: Path, rows: list[tuple[int, str, str]], image_root: Path, num_classes: int,
-             names: list[str] | None, unit: str) -> tuple[tuple[Path, int], ...]:
+def _samples(path: Path, rows: list[tuple[int, str, str]], image_root: Path, num_classes: int, unit: str,
+             check_files: bool = True) -> tuple[tuple[Path, int], ...]:
     if not rows:
         raise UserError(f"{path} lists no images (one {'line' if unit == 'line' else 'row'} per image)")
     samples, seen, missing = [], {}, []
@@ -144,12 +153,12 @@ def _samples(path: Path, rows: list[tuple[int, str, str]], image_root: Path, num
         if os.path.splitext(image)[1].lower() not in IMAGE_EXTENSIONS:
             raise UserError(f"{path} {unit} {number}: {image} is not a {'/'.join(IMAGE_EXTENSIONS)} file (list "
                             "image files only)")
-        key = os.path.normpath(file)  # ./a.jpg, a//a.jpg and the absolute path are one image
+        key = image_key(file)
         if key in seen:
             raise UserError(f"{path} {unit} {number}: {image} is listed again (first at {unit} {seen[key]}; each "
                             "image once)")
         seen[key] = number
-        if not file.is_file():
+        if check_files and not file.is_file():
             missing.append((number, image))
         samples.append((file, value))
     if missing:
@@ -158,6 +167,11 @@ def _samples(path: Path, rows: list[tuple[int, str, str]], image_root: Path, num
         raise UserError(f"{path} {unit} {number}: {image_root / image} does not exist{more} (paths are relative "
                         f"to {image_root})")
     return tuple(samples)
+
+
+def image_key(path: Path) -> str:
+    """One string per image file however it is written: ./a.jpg, a//a.jpg, x/../a.jpg and the absolute path."""
+    return os.path.normpath(os.path.abspath(path))
 
 
 def _is_integer(text: str) -> bool:

@@ -13,18 +13,21 @@ val of two conversions is one line naming the file, before anything compiles.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import struct
 import uuid
 from pathlib import Path
 
-from src.errors import UserError
+from src.data.label_files import count_per_class
+from src.errors import UserError, first_line
 
 log = logging.getLogger("train")
 FORMAT = "mindspore_cls/mindrecord"
@@ -66,18 +69,22 @@ def split_facts(header: dict, path: Path) -> dict:
                         "names in its header; convert the data with it)") from None
 
 
-def _shortest_size(header: dict) -> int:
+def _shortest_size(header: dict, path: Path) -> int:
     """The bytes a shard holds at least: its header, then each page at page_id x page_size, the last one as used."""
-    end = header["header_size"]
-    for page in header["page"]:
-        end = max(end, header["header_size"] + page["page_id"] * header["page_size"] + page["page_size"])
-    return end
+    try:
+        end = header["header_size"]
+        for page in header["page"]:
+            end = max(end, header["header_size"] + page["page_id"] * header["page_size"] + page["page_size"])
+        return int(end)
+    except (KeyError, TypeError):
+        raise UserError(f"{path} has a damaged MindRecord header (no page table; convert again)") from None
 
 
 def shard_files(split_dir: Path) -> list[Path]:
-    """The shard files of one split folder (every file but the .db indexes), named by the set's header."""
-    candidates = sorted(p for p in split_dir.iterdir() if p.is_file() and not p.name.endswith(".db")
-                        and not p.name.startswith("."))
+    """The shard files of one split folder (`*.mindrecord*` but the .db indexes), named by the set's header; other
+    files (an OBS copy's _SUCCESS marker, say) are not looked at."""
+    candidates = sorted(p for p in split_dir.iterdir() if p.is_file() and ".mindrecord" in p.name
+                        and not p.name.endswith(".db") and not p.name.startswith("."))
     if not candidates:
         raise UserError(f"{split_dir} holds no MindRecord shards (convert the data with "
                         "tools/convert_to_mindrecord.py --output_dir <this folder's parent>)")
@@ -99,11 +106,11 @@ def check_split(split_dir: Path) -> tuple[dict, list[Path], str]:
             raise UserError(f"{index} is missing (MindSpore reads each shard with the .db index written beside it: "
                             "copy both, or convert again)")
         header = read_header(shard)
-        shortest, size = _shortest_size(header), shard.stat().st_size
+        facts = facts or split_facts(header, shard)
+        shortest, size = _shortest_size(header, shard), shard.stat().st_size
         if size < shortest:
             raise UserError(f"{shard} is truncated ({size} bytes, its header says {shortest}): copy it again, or "
                             "convert again")
-        facts = facts or split_facts(header, shard)
         stat_db = index.stat()
         digest.update(f"{shard.name}\0{size}\0{shard.stat().st_mtime_ns}\0{stat_db.st_size}\n".encode())
         for label, count in _indexed_labels(index).items():
@@ -119,7 +126,7 @@ def check_split(split_dir: Path) -> tuple[dict, list[Path], str]:
 def _indexed_labels(index: Path) -> dict[int, int]:
     """Images per label in a shard's SQLite index (which MindSpore reads the records by)."""
     try:
-        with sqlite3.connect(f"file:{index}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(index.resolve().as_uri() + "?mode=ro", uri=True)) as db:
             return dict(db.execute("SELECT label_0, COUNT(*) FROM INDEXES GROUP BY label_0").fetchall())
     except sqlite3.Error as exc:
         raise UserError(f"{index} is damaged ({exc}): copy it again with its shard, or convert again") from None
@@ -146,13 +153,13 @@ def check_mindrecord(root: Path, num_classes: int, need_train: bool, need_val: b
         if names is not None and facts.get("conversion") != conversion:
             raise UserError(f"{folder}'s shards come from another conversion than train/'s (an interrupted or "
                             "train-only conversion? convert both splits again in one run)")
-        names, conversion = facts["classes"], facts.get("conversion")
+        names, conversion, named = facts["classes"], facts.get("conversion"), facts.get("named", True)
         splits[split] = Split(folder, int(facts["num_images"]), fingerprint=fingerprint,
                               class_counts=tuple(facts["class_counts"]), shards=tuple(shards))
     if len(names) != num_classes:
         raise UserError(f"the MindRecord shards in {root} hold {len(names)} classes but num_classes is {num_classes} "
                         f"(pass --num_classes {len(names)})")
-    return DataSource("mindrecord", list(names), splits["train"], splits["val"])
+    return DataSource("mindrecord", list(names), splits["train"], splits["val"], named=named)
 
 
 def shard_layout(sizes: list[int], shard_size: int | None) -> tuple[int, int, int]:
@@ -192,51 +199,81 @@ def refuse_foreign(out_dir: Path) -> None:
                             "--output_dir: a conversion replaces train/ and val/ there)")
 
 
-def _remove_stale(out_dir: Path) -> None:
-    """Hidden folders of conversions whose process is gone (killed: it could not clean up)."""
-    for folder in out_dir.glob(".*.converting-*"):
+_HIDDEN = re.compile(r"^\.(train|val)\.converting-(\d+)(-old)?$")
+
+
+def _recover(out_dir: Path) -> None:
+    """The hidden folders of conversions whose process is gone (killed: it could not clean up). One killed while it
+    swapped the folders (an `-old` folder is left) is rolled back: the earlier conversion is put back whole."""
+    by_pid: dict[int, list[Path]] = {}
+    for folder in out_dir.iterdir():
+        found = _HIDDEN.match(folder.name)
+        if found:
+            by_pid.setdefault(int(found.group(2)), []).append(folder)
+    for pid, folders in by_pid.items():
         try:
-            os.kill(int(folder.name.rsplit("-", 1)[1]), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # another user's running process
+            os.kill(pid, 0)
+            continue  # still running (another conversion into this folder)
+        except ProcessLookupError:
             pass
+        except PermissionError:  # another user's running process
+            continue
+        olds = [f for f in folders if f.name.endswith("-old")]
+        if olds:  # every earlier split was moved aside before any new one went in: what is in place is new
+            for split in SPLITS:
+                shutil.rmtree(out_dir / split, ignore_errors=True)
+            for old in olds:
+                old.rename(out_dir / _HIDDEN.match(old.name).group(1))
+            log.warning("%s: put back the conversion a killed conversion (process %d) was replacing", out_dir, pid)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_dataset(out_dir: Path, splits: dict[str, list[tuple[Path, int]]], class_names: list[str],
-                  shard_size: int | None, source: str) -> dict[str, list[Path]]:
+                  shard_size: int | None, source: str, named: bool = True) -> dict[str, list[Path]]:
     """Write the splits (train, and val unless left out) as shard sets under out_dir/<split>, as one unit: each into
-    a hidden folder, then all renamed into place. An earlier conversion's folders stay as they were until the new
-    ones are complete; one that is not such a shard set (images, say) is never replaced: UserError."""
+    a hidden folder, then all renamed into place (an earlier val/ goes too when only train is written). An earlier
+    conversion's folders stay as they were until the new ones are complete, and come back if the swap fails; one
+    that is not such a shard set (images, say) is never replaced: UserError. `named`: the class names are real
+    (False: the label numbers of a label list without names)."""
     refuse_foreign(out_dir)
-    _remove_stale(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _recover(out_dir)
     conversion = uuid.uuid4().hex  # both splits carry it: a train of one conversion and a val of another are refused
-    temps = {}
+    temp = {split: out_dir / f".{split}.converting-{os.getpid()}" for split in SPLITS}
+    old = {split: out_dir / f".{split}.converting-{os.getpid()}-old" for split in SPLITS}
     try:
         for split, samples in splits.items():
-            temps[split] = out_dir / f".{split}.converting-{os.getpid()}"
-            _write_split(temps[split], split, samples, class_names, shard_size, source, conversion)
-        for split in SPLITS:  # then swap: the old folders aside, the new ones in, the old ones deleted
-            if (out_dir / split).exists():
-                (out_dir / split).rename(out_dir / f".{split}.converting-{os.getpid()}-old")
-        for split, temp in temps.items():
-            temp.rename(out_dir / split)
+            _write_split(temp[split], split, samples, class_names, shard_size, source, conversion, named)
+        moved, installed = [], []
+        try:  # the swap: renames only; SIGTERM waits for a safe point (errors.stop_on_signals)
+            for split in SPLITS:
+                if (out_dir / split).exists():
+                    (out_dir / split).rename(old[split])
+                    moved.append(split)
+            for split in splits:
+                temp[split].rename(out_dir / split)
+                installed.append(split)
+        except BaseException:
+            for split in installed:
+                (out_dir / split).rename(temp[split])
+            for split in moved:
+                old[split].rename(out_dir / split)
+            raise
     finally:
-        for split in SPLITS:
-            shutil.rmtree(out_dir / f".{split}.converting-{os.getpid()}", ignore_errors=True)
-            shutil.rmtree(out_dir / f".{split}.converting-{os.getpid()}-old", ignore_errors=True)
+        for folder in (*temp.values(), *old.values()):
+            shutil.rmtree(folder, ignore_errors=True)
     return {split: sorted((out_dir / split).iterdir()) for split in splits}
 
 
 def _write_split(folder: Path, split: str, samples: list[tuple[Path, int]], class_names: list[str],
-                 shard_size: int | None, source: str, conversion: str) -> None:
+                 shard_size: int | None, source: str, conversion: str, named: bool) -> None:
     from mindspore.mindrecord import FileWriter
+    from mindspore.mindrecord.common.exceptions import MindRecordException
 
     from src.errors import stop_if_signalled
 
-    counts = [0] * len(class_names)
-    for _, label in samples:
-        counts[label] += 1
+    counts = count_per_class((label for _, label in samples), len(class_names))
     sizes = [path.stat().st_size for path, _ in samples]
     shards, page, header = shard_layout(sizes, shard_size)
     shutil.rmtree(folder, ignore_errors=True)
@@ -245,18 +282,23 @@ def _write_split(folder: Path, split: str, samples: list[tuple[Path, int]], clas
     writer.set_page_size(page)
     writer.set_header_size(header)
     facts = {"format": FORMAT, "version": VERSION, "split": split, "classes": class_names, "class_counts": counts,
-             "num_images": len(samples), "source": source, "conversion": conversion}
-    writer.add_schema(SCHEMA, json.dumps(facts))
-    batch = []
-    for path, label in samples:
-        batch.append({"image": path.read_bytes(), "label": label, "file": str(path)})
-        if len(batch) == 256:
+             "num_images": len(samples), "source": source, "conversion": conversion, "named": named}
+    try:
+        writer.add_schema(SCHEMA, json.dumps(facts))
+        batch = []
+        for path, label in samples:
+            batch.append({"image": path.read_bytes(), "label": label, "file": str(path)})
+            if len(batch) == 256:
+                writer.write_raw_data(batch)
+                batch = []
+                stop_if_signalled()
+        if batch:
             writer.write_raw_data(batch)
-            batch = []
-            stop_if_signalled()
-    if batch:
-        writer.write_raw_data(batch)
-    writer.commit()
+        writer.commit()
+    except (OSError, RuntimeError, ValueError, MindRecordException) as exc:  # the C++ writer raises RuntimeError
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise UserError(f"cannot write the {split} shards in {folder.parent}: {why} (free some space, or choose "
+                        "another --output_dir)") from None
     umask = os.umask(0)
     os.umask(umask)
     for path in folder.iterdir():  # MindSpore writes them 0600: readable by the umask's rule, as other files

@@ -1,10 +1,11 @@
 """Cross-entropy with label smoothing as in the ModelZoo: on-value 1-s, off-value s/(C-1), and class weights.
 
 Int labels are smoothed here; soft targets (batch x classes, from mixup/cutmix, smoothed when they were mixed)
-are taken as they are. With class weights w the loss of a sample with target t is -sum_c w_c t_c log p_c, averaged
-over the batch: PyTorch's cross_entropy(weight=w) with probability targets, and Keras's class_weight (a sample of
-class c counts w_c times; the batch mean is not renormalised by the weights, so balanced weights keep the loss's
-scale: their mean over the training images is 1)."""
+are taken as they are. Class weights weigh samples, as Keras's class_weight: a sample of class c counts w_c times
+in the batch mean (a mixed sample lam x w_a + (1 - lam) x w_b), its target unchanged, and the mean is over the
+batch, not renormalised by the weights, so balanced weights keep the loss's scale (their mean over the training
+images is 1). PyTorch's cross_entropy(weight=w) instead multiplies each class's term of the target, smoothing
+mass included, which pulls a common class's samples towards the rare classes."""
 from __future__ import annotations
 
 import logging
@@ -23,11 +24,18 @@ class CrossEntropySmooth(nn.Cell):
     def __init__(self, num_classes: int, smooth_factor: float = 0.0, weights: np.ndarray | None = None):
         super().__init__()
         self.num_classes = num_classes
-        self.on_value = Tensor(1.0 - smooth_factor, ms.float32)
-        self.off_value = Tensor(smooth_factor / (num_classes - 1), ms.float32)
+        on, off = 1.0 - smooth_factor, smooth_factor / (num_classes - 1)
+        self.on_value, self.off_value = Tensor(on, ms.float32), Tensor(off, ms.float32)
         self.ce = nn.SoftmaxCrossEntropyWithLogits(reduction="mean")
-        # the fused op's gradient (softmax - target) holds for targets that sum to 1 only: weighted targets do not
-        self.weights = None if weights is None else Tensor(np.asarray(weights, np.float32).reshape(1, -1))
+        self.weights = None
+        if weights is not None:
+            if abs(on - off) < 1e-6:
+                raise UserError(f"--label_smooth {smooth_factor} makes every target uniform over {num_classes} "
+                                "classes, so no class weight applies (lower --label_smooth)")
+            self.per_sample = nn.SoftmaxCrossEntropyWithLogits(reduction="none")
+            self.weights = Tensor(np.asarray(weights, np.float32).reshape(1, -1))
+            # a (mixed) smoothed target t = off + (on - off) x the unsmoothed mix: its weight is the mix's
+            self.unsmooth = (Tensor(off * float(np.sum(weights)), ms.float32), Tensor(on - off, ms.float32))
 
     def construct(self, logits, label):
         if label.ndim == 2:  # soft targets
@@ -36,8 +44,9 @@ class CrossEntropySmooth(nn.Cell):
             target = ops.one_hot(label, self.num_classes, self.on_value, self.off_value)
         if self.weights is None:
             return self.ce(logits, target)
-        log_p = ops.log_softmax(ops.cast(logits, ms.float32), -1)
-        return -ops.mean(ops.sum(target * self.weights * log_p, -1))
+        offset, scale = self.unsmooth
+        sample_weight = (ops.sum(target * self.weights, -1) - offset) / scale
+        return ops.mean(ops.cast(self.per_sample(logits, target), ms.float32) * sample_weight)
 
 
 def class_weights(text: str, counts: list[int] | tuple[int, ...], names: list[str]) -> np.ndarray | None:

@@ -138,7 +138,8 @@ def epoch_outputs(cfg: Config, folder: RunFolder, source: DataSource, net: nn.Ce
     best = ckpt_dir / "best.ckpt"
     floor = read_checkpoint(best, "best.ckpt")[1].val_top1 if resuming and best.is_file() else None
     meta = {"model": cfg.model, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
-            "width": cfg.width, "class_names": source.class_names, "pact_quant": cfg.pact_quant, "ema": cfg.ema,
+            "width": cfg.width, "pact_quant": cfg.pact_quant, "ema": cfg.ema,
+            "class_names": source.class_names if source.named else None,  # not the placeholder numbers
             **arch_meta(cfg), "preprocess": preprocessing(cfg, source.kind).to_json(),
             **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
             "steps_per_epoch": batches_per_epoch, "opt": cfg.optimizer_kind}

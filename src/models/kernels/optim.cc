@@ -1,7 +1,7 @@
 // One pass per parameter for the optimizers src/engine/optimizer.py writes itself (rmsprop, rmsproptf, adam, adamw,
 // lamb), for MindSpore's CPU backend as ops.Custom AOT functions. As MindSpore ops each update is 10-15 element-wise
 // operations, each a pass over the parameter: on CPU the memory traffic makes them 5-10% of a MobileNetV2 step at
-// 224 px and half of one at 32 px (docs/recipes.md). The arithmetic is the Python Cells', in the same order, in
+// 224 px and about a third of one at 32 px (docs/recipes.md: rmsprop 254 img/s on the ops, momentum 393). The arithmetic is the Python Cells', in the same order, in
 // float32. Built by src/models/kernels/build.py.
 //
 // AOT interface: params = inputs then outputs; shapes[i] / ndims[i] describe params[i].
