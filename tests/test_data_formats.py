@@ -83,8 +83,8 @@ def test_label_files_read_the_folder_s_images_into_identical_batches(formats, da
 
 
 def test_mindrecord_holds_the_same_images_and_shards_them_across_ranks(formats):
-    """Val batches equal the folder's; a training epoch has the same images in MindSpore's own order; two ranks
-    read disjoint halves that together are the split."""
+    """Val batches equal the folder's; two ranks' training epochs are disjoint halves that together are the split
+    (in MindDataset's own order)."""
     folder = _batches(_cfg(formats, "imagefolder"), False)
     shards = _batches(_cfg(formats, "mindrecord"), False)
     for (x1, y1), (x2, y2) in zip(folder, shards, strict=True):
@@ -509,3 +509,24 @@ def test_eval_csv_numbers_name_labels_by_the_checkpoint(tmp_path):
         check_dataset(cfg.replace(class_names="names.txt"), need_train=False, known_names=["dog", "cat"])
     with pytest.raises(UserError, match="each counter the imbalance: together"):
         Config(class_weights="balanced", sampler="balanced")
+
+
+def test_convert_to_mindrecord_as_users_run_it(tmp_path):
+    from conftest import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data")
+    (data / "train_list.txt").write_text("".join(f"{p.relative_to(data)} {int(p.parent.name == 'dog')}\n"
+                                                 for p in sorted((data / "train").rglob("*.png"))))
+    (data / "val_list.txt").write_text("".join(f"{p.relative_to(data)} {int(p.parent.name == 'dog')}\n"
+                                               for p in sorted((data / "val").rglob("*.png"))))
+    out = tmp_path / "mr"
+    proc = run_cli("tools/convert_to_mindrecord.py", "--dataset", "list", "--dataset_path", str(data),
+                   "--output_dir", str(out), "--num_classes", "2", "--shard_size", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"converted: python train.py --dataset mindrecord --dataset_path {out} --num_classes 2" in proc.stdout
+    source = check_dataset(Config(dataset="mindrecord", dataset_path=str(out), num_classes=2))
+    assert len(source.train.shards) == 3 and source.train.num_images == 12 and not source.named
+    refused = run_cli("tools/convert_to_mindrecord.py", "--dataset_path", str(data), "--output_dir", str(data),
+                      "--num_classes", "2")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
+    assert len(list((data / "train").rglob("*.png"))) == 12
