@@ -263,6 +263,10 @@ class Config:
                              "output_path/feature_cache", choices=("none", "backbone"))
     resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step)",
                                    nullable=True)
+    resume_data: str = _opt("fast", "a resumed run's data: fast (the following epochs read the images in the "
+                            "uninterrupted run's order, with new random crops and flips) or exact (MindSpore replays "
+                            "the pipeline over the epochs done, costing their data time again: bit-identical to the "
+                            "uninterrupted run)", choices=("fast", "exact"))
     _begin("ModelArts / OBS")
     enable_modelarts: bool = _opt(False, "copy data_url (and checkpoint_url) from OBS/S3 before training and "
                                   "upload output_path to train_url")

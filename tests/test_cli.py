@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import PADDLE_LINE, RESULT_LINE, TINY_TRAIN, make_imagefolder, run_cli, with_flags
 
@@ -51,11 +52,16 @@ def test_eval_prints_and_appends_the_result_line(trained, tmp_path):
 
 
 def test_resume_continues_epoch_and_lr(trained, tmp_path):
+    """A run resumed after epoch 1 with --resume_data exact ends with the uninterrupted run's weights, optimizer
+    state and metrics row, bit for bit."""
+    from src.engine.checkpoint import read_checkpoint
+
     data, out, full = trained
     resumed_out = tmp_path / "resumed"
     shutil.copytree(out, resumed_out)
     proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(resumed_out), "--epoch_size", "2",
-                   "--resume_ckpt", str(resumed_out / "checkpoint" / "mobilenetv2-1_3.ckpt"), *TINY_TRAIN)
+                   "--resume_ckpt", str(resumed_out / "checkpoint" / "mobilenetv2-1_3.ckpt"), "--resume_data", "exact",
+                   *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "from epoch 1 (global step 3)" in proc.stdout
     lines = PADDLE_LINE.findall(proc.stdout)
@@ -64,6 +70,13 @@ def test_resume_continues_epoch_and_lr(trained, tmp_path):
     assert [m[2] for m in lines] == [full_lr[("2", "0")], full_lr[("2", "2")]]  # same LR curve, no new warmup
     rows = list(csv.DictReader(open(resumed_out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    uninterrupted = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [(r["loss"], r["val_top1"]) for r in rows] == [(r["loss"], r["val_top1"]) for r in uninterrupted]
+    ours, _ = read_checkpoint(resumed_out / "checkpoint" / "mobilenetv2-2_3.ckpt")
+    theirs, _ = read_checkpoint(out / "checkpoint" / "mobilenetv2-2_3.ckpt")
+    assert sorted(ours) == sorted(theirs)
+    different = [name for name in ours if not np.array_equal(ours[name].asnumpy(), theirs[name].asnumpy())]
+    assert not different, different[:5]
 
 
 def _error_run(*args, cwd=None):

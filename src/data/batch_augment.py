@@ -1,7 +1,8 @@
 """The train pipeline's batch-level augmentation: random erasing of each image (re_prob), then mixup/cutmix of the
 batch. It is the `per_batch_map` of the batch op, so it sees the data epoch and the batch index: both steps draw
 from one generator per batch, seeded by (seed, rank, data epoch, batch index). The draws then do not depend on
-which pipeline thread runs first, and a resumed run (`first_epoch`) draws as the uninterrupted run did in its epoch.
+which pipeline thread runs first, and a resumed run (positioned by pipeline.resume_at, which continues the batch op's
+epoch count) draws as the uninterrupted run did in its epoch.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from src.data.mixup import MixSettings, mix_batch
 
 
 class BatchAugment:
-    def __init__(self, re_prob: float, mixing: MixSettings | None, seed: int, shard: int, first_epoch: int = 0):
+    def __init__(self, re_prob: float, mixing: MixSettings | None, seed: int, shard: int):
         self.re_prob, self.mixing = re_prob, mixing
-        self.seed, self.shard, self.first_epoch = seed, shard, first_epoch
+        self.seed, self.shard = seed, shard
 
     def __call__(self, images, labels, batch_info):
-        epoch = self.first_epoch + batch_info.get_epoch_num() + 1  # the run's 1-based data epoch
+        epoch = batch_info.get_epoch_num() + 1  # the run's 1-based data epoch (a resumed run's continues)
         rng = np.random.default_rng([self.seed, self.shard, epoch, batch_info.get_batch_num()])
         images = np.stack(images).astype(np.float32, copy=False)  # a new array: erased in place
         labels = np.asarray(labels).reshape(-1)

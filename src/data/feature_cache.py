@@ -85,11 +85,10 @@ def cached_features(cfg: Config, source: DataSource, net: ClassifierNet) -> dict
 
 
 def feature_datasets(cfg: Config, feats: dict[str, np.ndarray], num_shards: int | None = None,
-                     shard_id: int | None = None, first_epoch: int = 0):
-    """Batched (feature, label) datasets for head-only training and evaluation (`first_epoch`: the epochs a resumed
-    run has done, for --sampler balanced)."""
+                     shard_id: int | None = None):
+    """Batched (feature, label) datasets for head-only training and evaluation."""
     order = {"shuffle": True, "num_shards": num_shards, "shard_id": shard_id} if cfg.sampler != "balanced" else \
-        {"sampler": BalancedSampler(feats["train_y"], cfg.seed, shard_id or 0, num_shards or 1, first_epoch)}
+        {"sampler": BalancedSampler(feats["train_y"], cfg.seed, shard_id or 0, num_shards or 1)}
     train = ds.NumpySlicesDataset((feats["train_x"], feats["train_y"]), column_names=["image", "label"], **order)
     train = train.batch(cfg.batch_size, drop_remainder=True)
     val = None

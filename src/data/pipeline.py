@@ -69,14 +69,12 @@ def random_access(source: DataSource, split: Split) -> ImageFiles | CifarRecords
 
 
 def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: int | None = None,
-                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None,
-                   first_epoch: int = 0):
+                   num_shards: int | None = None, shard_id: int | None = None, split: str | None = None):
     """A batched mindspore.dataset pipeline; training shuffles, augments and drops the remainder.
 
     `split` ("train"/"val") defaults to the train split when training and to val otherwise. With mixup/cutmix the
     training batches carry soft targets (float32, batch x classes) instead of int labels; random erasing and the
-    mixing run in the batch op (BatchAugment); `first_epoch` is the
-    number of epochs a resumed run has done (mixup_off_epoch counts the run's epochs).
+    mixing run in the batch op (BatchAugment). A resumed run positions the pipeline with `resume_at`.
     """
     import mindspore as ms
     import mindspore.dataset as ds
@@ -91,7 +89,7 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     if balanced:  # the package's own sampler picks the images and shards them: MindSpore takes one or the other
         records = random_access(source, split)
         common = {"num_parallel_workers": workers,
-                  "sampler": BalancedSampler(records.labels(), cfg.seed, shard_id or 0, num_shards or 1, first_epoch)}
+                  "sampler": BalancedSampler(records.labels(), cfg.seed, shard_id or 0, num_shards or 1)}
         data = ds.GeneratorDataset(records, column_names=["image", "label"], python_multiprocessing=False, **common)
     elif source.kind == "cifar10" and split.standard_cifar:
         data = ds.Cifar10Dataset(str(split.path), usage="train" if split_name == "train" else "test", **common)
@@ -111,9 +109,21 @@ def create_dataset(cfg: Config, source: DataSource, training: bool, batch_size: 
     mixing = MixSettings.from_config(cfg) if training else None
     if mixing is None and not (training and cfg.re_prob > 0):
         return data.batch(batch_size or cfg.batch_size, drop_remainder=training, num_parallel_workers=workers)
-    augment = BatchAugment(cfg.re_prob, mixing, cfg.seed, shard_id or 0, first_epoch)
+    augment = BatchAugment(cfg.re_prob, mixing, cfg.seed, shard_id or 0)
     return data.batch(batch_size or cfg.batch_size, drop_remainder=True, num_parallel_workers=workers,
                       per_batch_map=augment, input_columns=["image", "label"])
+
+
+def resume_at(data, epochs_done: int, exact: bool) -> None:
+    """Position a resumed run's train pipeline after the epochs it has done, as MindSpore's failover does
+    (`Dataset.set_init_step`): the samplers, the batch op's epoch and every per-epoch draw continue where the
+    uninterrupted run would be, so the following epochs read the images in its order. The image transforms' own
+    random draws (crops, flips) are new, unless `exact`: then MindSpore replays the pipeline over the epochs done
+    (it reads and transforms their images again, costing about their data time) and the run is bit-identical."""
+    import mindspore.dataset as ds
+
+    ds.config.set_fast_recovery(not exact)
+    data.set_init_step(epochs_done * data.get_dataset_size())
 
 
 def pipeline_error(exc: Exception, epoch: int, step: int, kind: str = "imagefolder") -> str:

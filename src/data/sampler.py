@@ -28,11 +28,12 @@ def epoch_draw(labels: np.ndarray, seed: int, epoch: int, rank: int, ranks: int)
 
 
 class BalancedSampler(ds.Sampler):
-    """A MindSpore sampler of `epoch_draw`; `first_epoch` is the number of epochs a resumed run has done."""
+    """A MindSpore sampler of `epoch_draw`, called once per epoch (a resumed pipeline, positioned by
+    pipeline.resume_at, calls it for the epochs done too, and so draws the epochs the run would have drawn)."""
 
-    def __init__(self, labels: np.ndarray, seed: int, rank: int = 0, ranks: int = 1, first_epoch: int = 0):
+    def __init__(self, labels: np.ndarray, seed: int, rank: int = 0, ranks: int = 1):
         self.labels, self.seed, self.rank, self.ranks = np.asarray(labels), seed, rank, ranks
-        self.epoch = first_epoch
+        self.epoch = 0
         super().__init__(num_samples=math.ceil(len(self.labels) / ranks))
 
     def __iter__(self):

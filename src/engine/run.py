@@ -19,7 +19,7 @@ from mindspore.train import Model
 from src.config import Config
 from src.data.checks import DataSource, check_dataset, train_class_counts
 from src.data.feature_cache import cached_features, feature_datasets
-from src.data.pipeline import create_dataset, pipeline_error
+from src.data.pipeline import create_dataset, pipeline_error, resume_at
 from src.device import ISA_VAR, RankInfo, amp_speed_warning, setup_device
 from src.engine.callbacks import EpochEnd, Evaluator
 from src.engine.checkpoint import (
@@ -161,16 +161,15 @@ def _build_data(cfg: Config, source: DataSource, net: nn.Cell, ranks: RankInfo, 
     at the next step), and what trains: the net itself, or only its head on cached backbone features."""
     evaluates = cfg.run_eval and ranks.is_main
     if cfg.freeze_layer == "backbone":
-        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard,
-                                            first_epoch=resume.meta.epoch_num if resume else 0)
+        train_ds, val_ds = feature_datasets(cfg, cached_features(cfg, source, net), **ranks.shard)
         val_ds, trainable = val_ds if evaluates else None, HeadOnFeatures(net)
     else:
-        train_ds = create_dataset(cfg, source, training=True, first_epoch=resume.meta.epoch_num if resume else 0,
-                                  **ranks.shard)
+        train_ds = create_dataset(cfg, source, training=True, **ranks.shard)
         val_ds, trainable = create_dataset(cfg, source, training=False) if evaluates else None, net
     batches = train_ds.get_dataset_size()
     if resume:
         check_same_steps(resume.meta, batches, resume.path, ranks.group_size)
+        resume_at(train_ds, resume.meta.epoch_num, cfg.resume_data == "exact")
     sinking = sink_plan(cfg, batches, say=ranks.is_main)
     updates = Accumulation(batches, cfg.gradient_accumulation_steps).updates_per_epoch
     return Data(train_ds, val_ds, trainable, batches, updates, sinking)
