@@ -73,6 +73,13 @@ class S3Transfer:
             raise UserError(f"cannot reach the object store for {url}: {type(exc).__name__} "
                             "(check S3_ENDPOINT and the network)") from None
 
+    def exists(self, url: str) -> bool:
+        """Whether any object lies under the URL's prefix."""
+        bucket, prefix = self.split(url)
+        folder = prefix.rstrip("/") + "/" if prefix else ""
+        found = self._call(url, lambda: self.client.list_objects_v2(Bucket=bucket, Prefix=folder, MaxKeys=1))
+        return bool(found.get("KeyCount"))
+
     def download(self, url: str, local: Path) -> int:
         """Copy every object under the URL's prefix (or the single object it names) into `local`."""
         bucket, prefix = self.split(url)
@@ -146,7 +153,7 @@ def upload_files(local: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
         for name in sorted(filenames):
             path = here / name
-            if name.startswith(".tmp") or path.is_symlink() or not path.is_file():
+            if name.startswith(".tmp") or name == ".lock" or path.is_symlink() or not path.is_file():
                 continue
             files.append(path)
     return files
@@ -157,6 +164,9 @@ class MoxTransfer:
 
     def __init__(self, mox):
         self.mox = mox
+
+    def exists(self, url: str) -> bool:
+        return bool(self.mox.file.exists(url) and self.mox.file.list_directory(url))
 
     def download(self, url: str, local: Path) -> int:
         local.mkdir(parents=True, exist_ok=True)
@@ -217,6 +227,28 @@ def download_once(transfer, url: str, local: Path) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def fetch_earlier_run(transfer, cfg: Config) -> None:
+    """A restarted job (`--resume_ckpt auto`) on a fresh disk: the outputs its earlier attempt uploaded to train_url
+    (checkpoints, metrics.csv, train.log, ...) are copied into output_path, so the run goes on from them. A disk that
+    has the run's checkpoints already (a restart on the same machine) is newer than train_url and is kept."""
+    out = Path(cfg.output_path)
+    if (out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir()):
+        return
+    if not transfer.exists(cfg.train_url):
+        log.info("resume_ckpt auto: %s holds no earlier outputs", cfg.train_url)
+        return
+    lock_path = out.parent / f".{out.name}.fetch.lock"  # the processes of one node: one copies, the others wait
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not ((out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir())):
+                count = transfer.download(cfg.train_url, out)
+                log.info("resume_ckpt auto: fetched %d files of the earlier attempt from %s", count, cfg.train_url)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def sync_inputs(cfg: Config) -> Config:
     """With enable_modelarts: fetch data (and a checkpoint) and return the config pointing at the local copies."""
     if not cfg.enable_modelarts:
@@ -230,6 +262,8 @@ def sync_inputs(cfg: Config) -> Config:
     local_data = Path(cfg.dataset_path or DEFAULT_DATA_DIR)
     download_once(transfer, cfg.data_url, local_data)
     changes = {"dataset_path": str(local_data)}
+    if cfg.resume_ckpt == "auto":
+        fetch_earlier_run(transfer, cfg)
     if cfg.checkpoint_url:
         local_ckpt = Path(cfg.output_path) / "pretrained"
         download_once(transfer, cfg.checkpoint_url, local_ckpt)

@@ -261,8 +261,10 @@ class Config:
     filter_head: bool = _opt(False, "drop the checkpoint's classifier before loading (fine-tune onto other classes)")
     freeze_layer: str = _opt("none", "backbone: train only the head, on backbone features cached under "
                              "output_path/feature_cache", choices=("none", "backbone"))
-    resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step)",
-                                   nullable=True)
+    resume_ckpt: str | None = _opt(None, "periodic checkpoint to resume from (net, optimizer, epoch, step), or auto: "
+                                   "the newest whole one of this run in output_path/checkpoint (on ModelArts after "
+                                   "fetching train_url's outputs), none there: a fresh start; the value a job that "
+                                   "may be restarted should use", nullable=True)
     resume_data: str = _opt("fast", "a resumed run's data: fast (the following epochs read the images in the "
                             "uninterrupted run's order, with new random crops and flips) or exact (MindSpore replays "
                             "the pipeline over the epochs done, costing their data time again: bit-identical to the "

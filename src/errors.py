@@ -51,6 +51,10 @@ def not_a_file(path: Path) -> str | None:
     return f"is {target} is not a regular file"
 
 
+class NothingToDo(Exception):
+    """The job asked for is already done (a restarted job whose run has finished): the message says so, exit 0."""
+
+
 class Interrupted(Exception):
     """Training stopped by Ctrl-C or a signal; the message says where and how to resume."""
 
@@ -151,6 +155,9 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NothingToDo as exc:
+        print(exc, flush=True)
+        return 0
     except Interrupted as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 128 + exc.signum

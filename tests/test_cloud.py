@@ -1,7 +1,9 @@
 """ModelArts-style runs against a real S3-compatible server (moto) on loopback."""
 from __future__ import annotations
 
+import csv
 import os
+import re
 import socket
 import threading
 import time
@@ -9,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN, make_imagefolder, run_cli
+from conftest import TINY_TRAIN, make_imagefolder, run_cli, with_flags
 
 from src.cloud import S3Transfer, download_once, sync_inputs
 from src.config import Config
@@ -53,28 +55,44 @@ def _upload_zipped_dataset(s3: S3Transfer, tmp_path: Path) -> None:
 
 
 def test_modelarts_run_downloads_trains_and_uploads(s3, tmp_path):
+    """A ModelArts job (with --resume_ckpt auto, as a job that may be restarted should have) stopped in its second
+    epoch (--max_steps 4 of 2 x 3 steps) and started again with the same command on a fresh disk: it fetches its
+    first attempt's outputs from train_url and finishes the run."""
     _upload_zipped_dataset(s3, tmp_path)
     local, out = tmp_path / "cache" / "data", tmp_path / "out"
-    proc = run_cli("train.py", "--enable_modelarts", "True", "--data_url", "s3://bucket/datasets/photos",
-                   "--train_url", "obs://bucket/jobs/run1", "--dataset_path", str(local), "--output_path", str(out),
-                   *TINY)
+    job = ["train.py", "--enable_modelarts", "True", "--data_url", "s3://bucket/datasets/photos", "--train_url",
+           "obs://bucket/jobs/run1", "--dataset_path", str(local), "--resume_ckpt", "auto",
+           *with_flags(TINY, epoch_size=2), "--save_checkpoint_epochs", "1", "--max_steps", "4"]
+    proc = run_cli(*job, "--output_path", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resume_ckpt auto: obs://bucket/jobs/run1 holds no earlier outputs" in proc.stdout
+    assert "max_steps 4 reached at epoch 2 step 1" in proc.stdout, proc.stdout[-3000:]
     assert (local / "train" / "cat").is_dir() and (local / "val" / "dog").is_dir()  # the zip was unpacked
     assert "downloaded 1 files from s3://bucket/datasets/photos" in proc.stdout
-    keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket="bucket", Prefix="jobs/run1/")["Contents"]}
+    listed = s3.client.list_objects_v2(Bucket="bucket", Prefix="jobs/run1/")
+    assert "Contents" in listed, proc.stdout[-3000:]
+    keys = {o["Key"] for o in listed["Contents"]}
     for name in ("checkpoint/best.ckpt", "checkpoint/mobilenetv2-1_3.ckpt", "metrics.csv", "curves.png",
-                 "train.log", "config.yaml", "per_class.csv", "confusion_matrix.png"):
+                 "train.log", "config.yaml"):
         assert f"jobs/run1/{name}" in keys, keys
+    assert "jobs/run1/.lock" not in keys  # the run folder's lock stays on the machine
     # the secret key is in no log, no saved file and no output
     assert SECRET not in proc.stdout + proc.stderr
     for path in list(out.rglob("*")) + list(local.rglob("*")):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    # a second job on the same node reuses the copy
-    again = run_cli("train.py", "--enable_modelarts", "True", "--data_url", "s3://bucket/datasets/photos",
-                    "--train_url", "obs://bucket/jobs/run2", "--dataset_path", str(local), "--output_path",
-                    str(tmp_path / "out2"), *TINY)
-    assert again.returncode == 0 and "already holds s3://bucket/datasets/photos" in again.stdout
+    # the job restarted on a fresh disk: the data copy on the node is reused, the run goes on from epoch 1
+    fresh = tmp_path / "fresh_disk"
+    again = run_cli(*job, "--output_path", str(fresh))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "already holds s3://bucket/datasets/photos" in again.stdout
+    assert re.search(r"resume_ckpt auto: fetched \d+ files of the earlier attempt from obs://bucket/jobs/run1",
+                     again.stdout)
+    assert f"resuming from {fresh / 'checkpoint' / 'mobilenetv2-1_3.ckpt'}" in again.stdout
+    assert [r["epoch"] for r in csv.DictReader(open(fresh / "metrics.csv"))] == ["1", "2"]
+    keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket="bucket", Prefix="jobs/run1/")["Contents"]}
+    for name in ("checkpoint/mobilenetv2-2_3.ckpt", "per_class.csv", "confusion_matrix.png"):  # the last epoch's
+        assert f"jobs/run1/{name}" in keys, keys
 
 
 @pytest.mark.parametrize("url,message", [

@@ -45,6 +45,7 @@ from src.engine.weights import (
     load_pretrained,
     read_pretrained,
     read_resume,
+    resolve_auto_resume,
     warn_if_other_classes,
 )
 from src.errors import Interrupted, UserError, interrupting_signal, stop_if_signalled
@@ -87,6 +88,7 @@ class Data(NamedTuple):
 
 def train(cfg: Config) -> TrainResult:
     start = time.perf_counter()
+    cfg = resolve_auto_resume(cfg)
     source = check_dataset(cfg, need_train=True, need_val=cfg.run_eval)
     counts = train_class_counts(source)
     loss_weights = class_weights(cfg.class_weights, counts, source.class_names)

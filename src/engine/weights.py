@@ -20,12 +20,13 @@ from src.engine.checkpoint import (
     best_checkpoint,
     check_shapes,
     has_optimizer_state,
+    periodic_checkpoints,
     read_checkpoint,
 )
 from src.engine.layouts import Weights, check_family, map_onto, read_weights
 from src.engine.published import PUBLISHED, is_remote
 from src.engine.run_folder import settled_for_reading
-from src.errors import UserError
+from src.errors import NothingToDo, UserError
 from src.models.common import ClassifierNet
 from src.models.quant import is_quant_param
 from src.models.registry import model_card, net_from_config
@@ -137,6 +138,40 @@ def warn_if_other_classes(meta: CheckpointMeta, class_names: list[str], path: Pa
                 "classifier is reused as it is, so pass --filter_head True to train a new one", path,
                 show(meta.class_names), show(list(class_names)))
     return True
+
+
+AUTO = "auto"
+
+
+def resolve_auto_resume(cfg: Config) -> Config:
+    """`--resume_ckpt auto`: the newest periodic checkpoint of this run in output_path/checkpoint/ that is whole (its
+    CRC32 matches), falling back past damaged ones with a line naming them; none: a fresh start, said in one line.
+    A run that has finished every epoch: NothingToDo (a restarted job that is done ends 0). Other configs pass."""
+    if cfg.resume_ckpt != AUTO:
+        return cfg
+    folder = Path(cfg.output_path) / "checkpoint"
+    found = periodic_checkpoints(folder, cfg.model) if folder.is_dir() else []
+    damaged = []
+    for path in reversed(found):  # newest first
+        try:
+            _, meta = read_checkpoint(path, "resume_ckpt")
+        except UserError as exc:
+            damaged.append(path)
+            log.warning("resume_ckpt auto: %s", exc)
+            continue
+        if damaged:
+            log.warning("resume_ckpt auto: %s is damaged; resuming from the one before it, %s", damaged[0].name,
+                        path.name)
+        if meta.epoch_num is not None and meta.epoch_num >= cfg.epoch_size:
+            raise NothingToDo(f"resume_ckpt auto: {path} has finished all {cfg.epoch_size} epochs: nothing to train "
+                              f"(to train further, {extend_hint(meta, path)})")
+        log.info("resume_ckpt auto: resuming from %s, the newest checkpoint of this run", path)
+        return cfg.replace(resume_ckpt=str(path))
+    if damaged:
+        raise UserError(f"resume_ckpt auto: every checkpoint in {folder} is damaged ({len(damaged)}, newest "
+                        f"{damaged[0].name}): pass one to resume from, or start afresh without --resume_ckpt")
+    log.info("resume_ckpt auto: no checkpoint of this run in %s: starting from epoch 1", folder)
+    return cfg.replace(resume_ckpt=None)
 
 
 def read_resume(cfg: Config) -> tuple[Config, dict, CheckpointMeta]:
