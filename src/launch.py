@@ -4,8 +4,9 @@ Ascend: one process per device with DEVICE_ID / RANK_ID / RANK_SIZE / RANK_TABLE
 output_path/rank_<i>/ with its own log; with several servers in the rank table, this server's entry gives the
 devices' ranks. GPU, and CPU with several workers: MindSpore's msrun, across nodes with NODE_NUM / NODE_RANK /
 MASTER_ADDR / MASTER_PORT (every node runs the same command). Every argument is checked before anything starts;
-the launcher waits for every rank and, when one fails, stops the others and exits non-zero. DRY_RUN=1 prints each
-rank's environment and command instead.
+the launcher waits for every rank and, when one fails, stops the others and exits non-zero, or, with MAX_RESTARTS=N,
+starts the job again from the run's newest checkpoint when the failure was a signal or a crash (not a user error:
+exit 2). DRY_RUN=1 prints each rank's environment and command instead.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ USAGE = f"""usage:
 VISIBLE_DEVICES: 0-7 or 0,2,4,6; FREEZE_LAYER: none|backbone; FILTER_HEAD: True|False;
 several nodes (GPU, CPU): NODE_NUM=2 NODE_RANK=0|1 MASTER_ADDR=<node 0's address> [MASTER_PORT=8118]
 [CLUSTER_TIMEOUT=300] on every node; several Ascend servers: a rank table listing them all [SERVER_ID=...];
+MAX_RESTARTS=N starts the job again (with --resume_ckpt auto) when a rank is killed or crashes, up to N times
+(one server; exit 2 and Ctrl-C are not restarted);
 DRY_RUN=1 prints each rank's environment and command and launches nothing"""
 MAX_DEVICES = 8
 DEFAULT_MASTER_PORT = 8118
@@ -86,6 +89,8 @@ class Plan:
     world_size: int = 0
     note: str | None = None  # said once before the ranks start
     training: str = ""  # what Model.train gets for data sinking (the dry run prints it)
+    model: str = ""
+    failure: int | None = None  # the exit code of the rank that failed (negative: the signal that killed it)
 
 
 def parse_devices(text: str) -> list[int]:
@@ -353,7 +358,7 @@ def plan_launch(argv: list[str], env: dict[str, str] | None = None) -> Plan:
     output = Path(cfg.output_path).resolve()
     train_args += _without_flag(extra, "--output_path") + ["--output_path", str(output)]  # each flag once
     plan = Plan(platform, device_num, devices, rank_table, train_args, output, nodes=nodes, world_size=world,
-                training=sinking.dry_run_line(cfg))
+                training=sinking.dry_run_line(cfg), model=cfg.model)
     if platform == "Ascend":
         _add_ascend_ranks(plan, table_ranks)
     else:
@@ -505,6 +510,7 @@ def _run_ranks(plan: Plan) -> int:
                 out.close()
     if failed:
         r, code = failed
+        plan.failure = code
         text = _read(r.log)
         said = _error_lines(text)
         nodes = plan.nodes
@@ -588,16 +594,69 @@ def finished(plan: Plan) -> str:
     return f"all {len(plan.ranks)} ranks of node {plan.nodes.rank} finished; {where}"
 
 
+def restart_cause(code: int | None) -> str | None:
+    """Why a failed rank's job may be started again, or None: a user error (exit 2: the same command fails again the
+    same way) is not retried, nor a failure whose rank is unknown."""
+    if code is None or code == 2:
+        return None
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    if code > 128 and code - 128 in signal.valid_signals():
+        return f"stopped by {_signal_name(code - 128)}"
+    return f"exit code {code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _newest_checkpoint(plan: Plan) -> str | None:
+    """The newest periodic checkpoint of the run (what --resume_ckpt auto will take, if whole)."""
+    pattern = re.compile(rf"{re.escape(plan.model)}-(\d+)_(\d+)\.ckpt")
+    folder = plan.output_path / "checkpoint"
+    found = sorted((int(m.group(1)), p.name) for p in folder.glob("*.ckpt") if (m := pattern.fullmatch(p.name))) \
+        if folder.is_dir() else []
+    return found[-1][1] if found else None
+
+
 def launch(argv: list[str]) -> int:
     try:
         plan = plan_launch(argv)
     except UsageError as exc:
         print(f"error: {exc}\n{USAGE}", file=sys.stderr)
         return 2
+    restarts = _int_env(os.environ, "MAX_RESTARTS", 0, 0, 1000, "how often a failed job is started again")
+    if restarts and plan.nodes.num > 1:
+        raise UserError("MAX_RESTARTS applies to a job on one server: with several, a node restarted alone cannot "
+                        "rejoin the others (unset it; relaunch every node with --resume_ckpt auto instead)")
     if os.environ.get("DRY_RUN") == "1":
         print(describe_plan(plan))
         print(f"every rank: {plan.training}")
+        if restarts:
+            print(f"MAX_RESTARTS {restarts}: a rank killed by a signal or crashed restarts the job with "
+                  "--resume_ckpt auto; exit 2 (a user error) and Ctrl-C are not restarted")
         return 0
+    for attempt in range(restarts + 1):
+        code = _launch_once(plan)
+        cause = restart_cause(plan.failure) if code else None
+        if code == 0 or cause is None or attempt == restarts:
+            if code and restarts and cause is None:
+                why = "a rank exited 2, a user error that would recur" if plan.failure == 2 else \
+                    "which rank failed, and how, is not known"
+                print(f"the job is not restarted: {why}", flush=True)
+            return code
+        newest = _newest_checkpoint(plan)
+        start = f"the newest checkpoint is {newest}" if newest else "no checkpoint yet: from epoch 1"
+        print(f"restart {attempt + 1} of {restarts}: a rank was {cause}; starting the job again with "
+              f"--resume_ckpt auto ({start})", flush=True)
+        plan = plan_launch(_without_flag(argv, "--resume_ckpt") + ["--resume_ckpt", "auto"])
+    return 1
+
+
+def _launch_once(plan: Plan) -> int:
     if plan.shared_command:
         log_dir = plan.output_path / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -607,6 +666,9 @@ def launch(argv: list[str]) -> int:
         with open(log_dir / "msrun.log", "w") as msrun_log:
             code = subprocess.run(plan.shared_command, env=_child_env(plan.shared_env), stderr=msrun_log).returncode
         if code != 0:
+            found = re.search(r"Worker process \d+ exit with exception\. Error code: (-?\d+)",
+                              _read(log_dir / "msrun.log"))
+            plan.failure = int(found.group(1)) if found else None
             print(f"error: {what_failed(plan)} (msrun exit code {code}); msrun stopped this node's ranks (see the "
                   f"worker logs and msrun.log in {log_dir})", file=sys.stderr)
             return 1

@@ -70,3 +70,92 @@ def test_a_restarted_job_goes_on_from_its_newest_whole_checkpoint(trained, tmp_p
     # and once more: the run is finished, so the job ends 0 at once, saying so
     again = run_cli(*job)
     assert again.returncode == 0 and "has finished all 2 epochs: nothing to train" in again.stdout
+
+
+def _launcher(out, data, *extra, env=None):
+    import os
+    import subprocess
+
+    from conftest import ROOT, TINY_NET
+
+    return subprocess.Popen(
+        ["sh", "scripts/run_train.sh", "CPU", str(data), "--output_path", str(out), *TINY_NET, "--batch_size", "4",
+         "--warmup_epochs", "0", "--save_checkpoint_epochs", "1", *extra],
+        cwd=ROOT, env={**os.environ, "GLOG_v": "3", **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+
+
+def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
+    """MAX_RESTARTS=1: a worker killed by SIGKILL in its third epoch is started again with --resume_ckpt auto and the
+    job ends 0, saying why; a worker that exits 2 (a damaged image) is not restarted; nor is a Ctrl-C."""
+    import os
+    import re
+    import signal
+    import time
+
+    from conftest import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data")
+    out = tmp_path / "out"
+    job = _launcher(out, data, "--epoch_size", "6", env={"MAX_RESTARTS": "1"})
+    try:
+        pid = None
+        deadline = time.monotonic() + 300
+        while pid is None:  # "rank 0: started (pid N)"
+            line = job.stdout.readline()
+            assert line and time.monotonic() < deadline, job.stderr.read()[-2000:]
+            found = re.search(r"rank 0: started \(pid (\d+)\)", line)
+            pid = int(found.group(1)) if found else None
+        while not (out / "checkpoint" / "mobilenetv2-2_3.ckpt").is_file():
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert re.search(r"restart 1 of 1: a rank was killed by SIGKILL; starting the job again with --resume_ckpt auto "
+                     r"\(the newest checkpoint is mobilenetv2-[23]_3\.ckpt\)", stdout), stdout[-2000:]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, 7)]  # each epoch once
+    # exit 2 is not restarted
+    (data / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    failed = _launcher(tmp_path / "out2", data, "--epoch_size", "1", env={"MAX_RESTARTS": "3"})
+    stdout, stderr = failed.communicate(timeout=300)
+    assert failed.returncode == 1 and "restart 1 of" not in stdout
+    assert "the job is not restarted: a rank exited 2, a user error that would recur" in stdout
+    assert "0.png" in stderr
+    # Ctrl-C (SIGINT to the launcher) ends the job, not restarted
+    (data / "train" / "cat" / "0.png").unlink()
+    stopped = _launcher(tmp_path / "out3", data, "--epoch_size", "50", env={"MAX_RESTARTS": "3"})
+    try:
+        assert "rank 0: started" in stopped.stdout.readline()
+        time.sleep(3)
+        os.killpg(stopped.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the launcher's process group
+        stdout, stderr = stopped.communicate(timeout=120)
+    finally:
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGKILL)
+    assert stopped.returncode != 0 and "restart 1 of" not in stdout, stdout[-2000:] + stderr[-2000:]
+
+
+def test_which_failures_restart():
+    from src.launch import restart_cause
+
+    assert restart_cause(-9) == "killed by SIGKILL" and restart_cause(137) == "stopped by SIGKILL"
+    assert restart_cause(143) == "stopped by SIGTERM" and restart_cause(1) == "exit code 1"
+    assert restart_cause(2) is None and restart_cause(None) is None  # a user error; an unknown rank
+
+
+def test_max_restarts_is_checked_and_shown_by_the_dry_run(tmp_path):
+    from conftest import make_imagefolder, run_sh
+
+    data = make_imagefolder(tmp_path / "data")
+    shown = run_sh("scripts/run_train.sh", "CPU", str(data), env={"DRY_RUN": "1", "MAX_RESTARTS": "2"})
+    assert shown.returncode == 0 and "MAX_RESTARTS 2: a rank killed by a signal or crashed restarts" in shown.stdout
+    for env, message in [({"MAX_RESTARTS": "x"}, "MAX_RESTARTS 'x' must be 0..1000"),
+                         ({"MAX_RESTARTS": "1", "NODE_NUM": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+                          "MAX_RESTARTS applies to a job on one server")]:
+        refused = run_sh("scripts/run_train.sh", "CPU", str(data), env={"DRY_RUN": "1", **env})
+        assert refused.returncode == 2 and refused.stderr.startswith("error: ") and message in refused.stderr
