@@ -17,11 +17,13 @@ from urllib.parse import urlparse
 
 from src.config import Config
 from src.errors import UserError
+from src.files import periodic_checkpoints
 
 log = logging.getLogger("train")
 DEFAULT_DATA_DIR = "/cache/data"  # ModelArts' local disk
 DONE_MARKER = ".sync_done"
-SKIP_UPLOAD = ("feature_cache", "rewritten_network", "kernel_meta", "pretrained")
+# ".earlier-run": the run a fresh run replaces, set aside during its first epoch (engine/run_folder.py ASIDE)
+SKIP_UPLOAD = ("feature_cache", "rewritten_network", "kernel_meta", "pretrained", ".earlier-run")
 
 
 def _lock_timeout() -> float:
@@ -107,13 +109,23 @@ class S3Transfer:
         self._call(url, self.client.head_bucket, Bucket=bucket)
 
     def upload(self, local: Path, url: str) -> int:
+        """Copy the output folder's files to the URL, and delete the checkpoints there that the folder no longer
+        has (pruned by keep_checkpoint_max, or an earlier run's): train_url mirrors the run, so that a restarted
+        job (--resume_ckpt auto) fetches this run's checkpoints only."""
         bucket, prefix = self.split(url)
+        base = f"{prefix.rstrip('/')}/" if prefix else ""
         count = 0
         for path in upload_files(local):
-            rel = path.relative_to(local)
-            key = f"{prefix.rstrip('/')}/{rel.as_posix()}" if prefix else rel.as_posix()
+            key = base + path.relative_to(local).as_posix()
             self._call(url, self.client.upload_file, str(path), bucket, key)
             count += 1
+        kept = {p.name for p in (local / "checkpoint").glob("*.ckpt")}
+        pages = self._call(url, lambda: list(self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{base}checkpoint/")))
+        for obj in (o for page in pages for o in page.get("Contents", [])):
+            name = obj["Key"][len(f"{base}checkpoint/"):]
+            if name.endswith(".ckpt") and "/" not in name and name not in kept:
+                self._call(url, self.client.delete_object, Bucket=bucket, Key=obj["Key"])
         return count
 
 
@@ -174,8 +186,16 @@ class MoxTransfer:
         return sum(1 for p in local.rglob("*") if p.is_file())
 
     def upload(self, local: Path, url: str) -> int:
-        self.mox.file.copy_parallel(src_url=str(local), dst_url=url)
-        return sum(1 for p in local.rglob("*") if p.is_file())
+        files = upload_files(local)  # the same files as S3's: no lock, temp files, caches or an earlier run
+        for path in files:
+            self.mox.file.copy(str(path), f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}")
+        kept = {p.name for p in (local / "checkpoint").glob("*.ckpt")}
+        remote = f"{url.rstrip('/')}/checkpoint"
+        if self.mox.file.exists(remote):
+            for name in self.mox.file.list_directory(remote):
+                if name.endswith(".ckpt") and name not in kept:
+                    self.mox.file.remove(f"{remote}/{name}", recursive=False)
+        return len(files)
 
 
 def transfer_backend():
@@ -232,7 +252,11 @@ def fetch_earlier_run(transfer, cfg: Config) -> None:
     (checkpoints, metrics.csv, train.log, ...) are copied into output_path, so the run goes on from them. A disk that
     has the run's checkpoints already (a restart on the same machine) is newer than train_url and is kept."""
     out = Path(cfg.output_path)
-    if (out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir()):
+
+    def has_checkpoints() -> bool:  # of this model's run: a lone best.ckpt or another model's do not count
+        return bool(periodic_checkpoints(out / "checkpoint", cfg.model)) if (out / "checkpoint").is_dir() else False
+
+    if has_checkpoints():
         return
     if not transfer.exists(cfg.train_url):
         log.info("resume_ckpt auto: %s holds no earlier outputs", cfg.train_url)
@@ -242,7 +266,7 @@ def fetch_earlier_run(transfer, cfg: Config) -> None:
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not ((out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir())):
+            if not has_checkpoints():
                 count = transfer.download(cfg.train_url, out)
                 log.info("resume_ckpt auto: fetched %d files of the earlier attempt from %s", count, cfg.train_url)
         finally:

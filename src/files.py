@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from src.errors import UserError
+
+
+def periodic_checkpoints(directory: Path, prefix: str) -> list[Path]:
+    """This model's periodic checkpoints `<prefix>-<epoch>_<step>.ckpt` in `directory`, oldest epoch first (here, not
+    in engine/checkpoint.py, so that the launcher finds them without loading MindSpore)."""
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)_(\d+)\.ckpt")
+    found = [(int(m.group(1)), p) for p in directory.glob(f"{prefix}-*.ckpt") if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any], errors: tuple = (OSError,)) -> None:

@@ -26,6 +26,7 @@ from src.config import ROOT, Config, load_config
 from src.engine import sinking
 from src.engine.published import is_remote
 from src.errors import UserError
+from src.files import periodic_checkpoints
 from src.lifeline import LAUNCHER_ENV
 
 _OPTIONAL = "[CKPT_PATH FREEZE_LAYER [FILTER_HEAD]] [--key value ...]"
@@ -505,7 +506,11 @@ def _run_ranks(plan: Plan) -> int:
         for _, proc, out in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # blocked in a collective for the failed rank: SIGTERM waits
+                    os.killpg(proc.pid, signal.SIGKILL)  # for a safe point it never reaches
+                    proc.wait()
             if out:
                 out.close()
     if failed:
@@ -613,13 +618,17 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _newest_checkpoint(plan: Plan) -> str | None:
-    """The newest periodic checkpoint of the run (what --resume_ckpt auto will take, if whole)."""
-    pattern = re.compile(rf"{re.escape(plan.model)}-(\d+)_(\d+)\.ckpt")
+def _checkpoints(plan: Plan) -> dict[str, int]:
+    """The run folder's periodic checkpoints of this model: name -> modification time (ns), oldest first."""
     folder = plan.output_path / "checkpoint"
-    found = sorted((int(m.group(1)), p.name) for p in folder.glob("*.ckpt") if (m := pattern.fullmatch(p.name))) \
-        if folder.is_dir() else []
-    return found[-1][1] if found else None
+    found = periodic_checkpoints(folder, plan.model) if folder.is_dir() else []
+    out = {}
+    for path in found:
+        try:
+            out[path.name] = path.stat().st_mtime_ns
+        except OSError:  # pruned meanwhile
+            pass
+    return out
 
 
 def launch(argv: list[str]) -> int:
@@ -639,6 +648,7 @@ def launch(argv: list[str]) -> int:
             print(f"MAX_RESTARTS {restarts}: a rank killed by a signal or crashed restarts the job with "
                   "--resume_ckpt auto; exit 2 (a user error) and Ctrl-C are not restarted")
         return 0
+    before = _checkpoints(plan)  # an earlier run's, or the one an explicit --resume_ckpt continues
     for attempt in range(restarts + 1):
         code = _launch_once(plan)
         cause = restart_cause(plan.failure) if code else None
@@ -648,12 +658,17 @@ def launch(argv: list[str]) -> int:
                     "which rank failed, and how, is not known"
                 print(f"the job is not restarted: {why}", flush=True)
             return code
-        newest = _newest_checkpoint(plan)
-        start = f"the newest checkpoint is {newest}" if newest else "no checkpoint yet: from epoch 1"
-        print(f"restart {attempt + 1} of {restarts}: a rank was {cause}; starting the job again with "
-              f"--resume_ckpt auto ({start})", flush=True)
-        plan = plan_launch(_without_flag(argv, "--resume_ckpt") + ["--resume_ckpt", "auto"])
-    return 1
+        written = [name for name, mtime in _checkpoints(plan).items() if before.get(name) != mtime]
+        if written:  # this job's own: go on from the newest whole one
+            start = f"--resume_ckpt auto (the newest checkpoint is {written[-1]})"
+            again = _without_flag(argv, "--resume_ckpt") + ["--resume_ckpt", "auto"]
+        else:  # it saved nothing: what is in the folder is not its own (an earlier run's), so it starts as it did
+            start = "the same command (it saved no checkpoint before it failed)"
+            again = argv
+        print(f"restart {attempt + 1} of {restarts}: a rank was {cause}; starting the job again with {start}",
+              flush=True)
+        plan = plan_launch(again)
+    raise AssertionError("unreachable")
 
 
 def _launch_once(plan: Plan) -> int:

@@ -62,7 +62,8 @@ def test_modelarts_run_downloads_trains_and_uploads(s3, tmp_path):
     local, out = tmp_path / "cache" / "data", tmp_path / "out"
     job = ["train.py", "--enable_modelarts", "True", "--data_url", "s3://bucket/datasets/photos", "--train_url",
            "obs://bucket/jobs/run1", "--dataset_path", str(local), "--resume_ckpt", "auto",
-           *with_flags(TINY, epoch_size=2), "--save_checkpoint_epochs", "1", "--max_steps", "4"]
+           *with_flags(TINY, epoch_size=2), "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "1",
+           "--max_steps", "4"]
     proc = run_cli(*job, "--output_path", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resume_ckpt auto: obs://bucket/jobs/run1 holds no earlier outputs" in proc.stdout
@@ -93,6 +94,7 @@ def test_modelarts_run_downloads_trains_and_uploads(s3, tmp_path):
     keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket="bucket", Prefix="jobs/run1/")["Contents"]}
     for name in ("checkpoint/mobilenetv2-2_3.ckpt", "per_class.csv", "confusion_matrix.png"):  # the last epoch's
         assert f"jobs/run1/{name}" in keys, keys
+    assert "jobs/run1/checkpoint/mobilenetv2-1_3.ckpt" not in keys  # pruned (keep 1) there too: train_url mirrors
 
 
 @pytest.mark.parametrize("url,message", [

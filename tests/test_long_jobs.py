@@ -19,30 +19,39 @@ def _messages(caplog) -> str:
 
 
 def test_auto_resume_choice(trained, tmp_path, caplog):
+    from src.config import load_config
+
     caplog.set_level(logging.INFO, logger="train")
-    cfg = Config(output_path=str(tmp_path / "empty"), resume_ckpt="auto", epoch_size=2)
-    assert resolve_auto_resume(cfg).resume_ckpt is None  # nothing there: a fresh start, said in one line
+
+    def cfg(out, *extra):  # the trained run's command, with --resume_ckpt auto
+        return load_config([*TINY_TRAIN, "--epoch_size", "2", "--output_path", str(out), "--resume_ckpt", "auto",
+                            *extra])
+
+    assert resolve_auto_resume(cfg(tmp_path / "empty")).resume_ckpt is None  # nothing there: a fresh start
     assert f"no checkpoint of this run in {tmp_path / 'empty' / 'checkpoint'}: starting from epoch 1" in \
         _messages(caplog)
     out = tmp_path / "run"
     shutil.copytree(trained.out, out)
     with pytest.raises(NothingToDo, match="has finished all 2 epochs: nothing to train"):
-        resolve_auto_resume(cfg.replace(output_path=str(out)))
-    assert resolve_auto_resume(cfg.replace(output_path=str(out), epoch_size=3)).resume_ckpt == \
-        str(out / "checkpoint" / "mobilenetv2-2_3.ckpt")
+        resolve_auto_resume(cfg(out))
+    # the checks of an explicit --resume_ckpt come first: another schedule is an error, not "finished"
+    with pytest.raises(UserError, match="was trained with --epoch_size 2 but this run has 3"):
+        resolve_auto_resume(cfg(out, "--epoch_size", "3"))
     newest = out / "checkpoint" / "mobilenetv2-2_3.ckpt"
     with open(newest, "r+b") as fh:
         fh.truncate(newest.stat().st_size // 2)
-    chosen = resolve_auto_resume(cfg.replace(output_path=str(out), epoch_size=3)).resume_ckpt
-    assert chosen == str(out / "checkpoint" / "mobilenetv2-1_3.ckpt")
+    assert resolve_auto_resume(cfg(out)).resume_ckpt == str(out / "checkpoint" / "mobilenetv2-1_3.ckpt")
     assert "mobilenetv2-2_3.ckpt is damaged; resuming from the one before it, mobilenetv2-1_3.ckpt" in \
         _messages(caplog)
     oldest = out / "checkpoint" / "mobilenetv2-1_3.ckpt"
     oldest.write_bytes(oldest.read_bytes()[:100])
     with pytest.raises(UserError, match="every checkpoint in .* is damaged \\(2, newest mobilenetv2-2_3.ckpt\\)"):
-        resolve_auto_resume(cfg.replace(output_path=str(out), epoch_size=3))
+        resolve_auto_resume(cfg(out))
     other = Config(output_path=str(out), resume_ckpt=str(oldest))  # an explicit path is left alone
     assert resolve_auto_resume(other) is other
+    # a run killed between setting an earlier run aside and settling: its first epoch is undone, so a fresh start
+    (out / ".earlier-run").mkdir()
+    assert resolve_auto_resume(cfg(out)).resume_ckpt is None
 
 
 def test_a_restarted_job_goes_on_from_its_newest_whole_checkpoint(trained, tmp_path):
@@ -86,8 +95,8 @@ def _launcher(out, data, *extra, env=None):
 
 
 def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
-    """MAX_RESTARTS=1: a worker killed by SIGKILL in its third epoch is started again with --resume_ckpt auto and the
-    job ends 0, saying why; a worker that exits 2 (a damaged image) is not restarted; nor is a Ctrl-C."""
+    """MAX_RESTARTS=1: a worker killed by SIGKILL after its first checkpoint is started again with --resume_ckpt auto
+    and the job ends 0, saying why; a worker that exits 2 (a damaged image) is not restarted; nor is a Ctrl-C."""
     import os
     import re
     import signal
@@ -97,7 +106,7 @@ def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
 
     data = make_imagefolder(tmp_path / "data")
     out = tmp_path / "out"
-    job = _launcher(out, data, "--epoch_size", "6", env={"MAX_RESTARTS": "1"})
+    job = _launcher(out, data, "--epoch_size", "4", env={"MAX_RESTARTS": "1"})
     try:
         pid = None
         deadline = time.monotonic() + 300
@@ -106,7 +115,7 @@ def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
             assert line and time.monotonic() < deadline, job.stderr.read()[-2000:]
             found = re.search(r"rank 0: started \(pid (\d+)\)", line)
             pid = int(found.group(1)) if found else None
-        while not (out / "checkpoint" / "mobilenetv2-2_3.ckpt").is_file():
+        while not (out / "checkpoint" / "mobilenetv2-1_3.ckpt").is_file():
             assert time.monotonic() < deadline and job.poll() is None
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
@@ -116,9 +125,9 @@ def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 0, stdout[-2000:] + stderr[-2000:]
     assert re.search(r"restart 1 of 1: a rank was killed by SIGKILL; starting the job again with --resume_ckpt auto "
-                     r"\(the newest checkpoint is mobilenetv2-[23]_3\.ckpt\)", stdout), stdout[-2000:]
+                     r"\(the newest checkpoint is mobilenetv2-[12]_3\.ckpt\)", stdout), stdout[-2000:]
     rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, 7)]  # each epoch once
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]  # each epoch once
     # exit 2 is not restarted
     (data / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     failed = _launcher(tmp_path / "out2", data, "--epoch_size", "1", env={"MAX_RESTARTS": "3"})
@@ -131,13 +140,14 @@ def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
     stopped = _launcher(tmp_path / "out3", data, "--epoch_size", "50", env={"MAX_RESTARTS": "3"})
     try:
         assert "rank 0: started" in stopped.stdout.readline()
-        time.sleep(3)
+        time.sleep(1)
         os.killpg(stopped.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches the launcher's process group
         stdout, stderr = stopped.communicate(timeout=120)
     finally:
         if stopped.poll() is None:
             os.killpg(stopped.pid, signal.SIGKILL)
-    assert stopped.returncode != 0 and "restart 1 of" not in stdout, stdout[-2000:] + stderr[-2000:]
+    assert stopped.returncode == 130 and "restart 1 of" not in stdout, stdout[-2000:] + stderr[-2000:]
+    assert "error: interrupted" in stderr and "Traceback" not in stderr
 
 
 def test_which_failures_restart():
@@ -159,3 +169,33 @@ def test_max_restarts_is_checked_and_shown_by_the_dry_run(tmp_path):
                           "MAX_RESTARTS applies to a job on one server")]:
         refused = run_sh("scripts/run_train.sh", "CPU", str(data), env={"DRY_RUN": "1", **env})
         assert refused.returncode == 2 and refused.stderr.startswith("error: ") and message in refused.stderr
+
+
+def test_a_resumed_pipeline_continues_the_batch_ops_epochs(tmp_path):
+    """Mixup's draws are seeded by the data epoch (and mixup_off_epoch counts it): a pipeline positioned after
+    epoch 1 (fast or exact) mixes epochs 2 and 3 as the uninterrupted one did, epoch 3 unmixed."""
+    import mindspore.dataset as ds
+    from conftest import make_imagefolder
+
+    from src.data.checks import check_dataset
+    from src.data.pipeline import create_dataset, resume_at
+
+    data = make_imagefolder(tmp_path / "data")
+    cfg = Config(dataset_path=str(data), num_classes=2, image_size=32, batch_size=4, num_parallel_workers=1,
+                 mixup=1.0, mixup_off_epoch=2, re_prob=0.5, label_smooth=0.0)
+    source = check_dataset(cfg, need_val=False)
+
+    def targets(done: int, exact: bool = False) -> list[np.ndarray]:
+        ds.config.set_seed(cfg.seed)
+        pipeline = create_dataset(cfg, source, training=True)
+        if done:
+            resume_at(pipeline, done, exact)
+        iterator = pipeline.create_tuple_iterator(output_numpy=True, num_epochs=3)
+        return [np.concatenate([y for _, y in iterator]) for _ in range(3 - done)]
+
+    run = targets(0)
+    assert not np.isin(run[1], (0.0, 1.0)).all() and np.isin(run[2], (0.0, 1.0)).all()  # epoch 2 mixed, 3 not
+    for exact in (False, True):
+        resumed = targets(1, exact)
+        np.testing.assert_array_equal(resumed[0], run[1])
+        np.testing.assert_array_equal(resumed[1], run[2])

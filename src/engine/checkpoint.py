@@ -14,7 +14,7 @@ import mindspore as ms
 import numpy as np
 
 from src.errors import UserError, first_line, not_a_file
-from src.files import write_atomically
+from src.files import periodic_checkpoints, write_atomically  # noqa: F401 - periodic_checkpoints: re-exported
 
 # the config keys that fix a run's learning-rate schedule, with the steps per epoch: a resumed run keeps them
 SCHEDULE_KEYS = ("batch_size", "gradient_accumulation_steps", "epoch_size", "lr_decay_mode", "lr_init", "lr_max",
@@ -213,13 +213,6 @@ def load_into(cell, params: dict, path: Path, skip: tuple[str, ...] = (), hint: 
                         "another model? pass the matching --model)")
     ms.load_param_into_net(cell, usable, strict_load=False)
     return [k for k in own if k not in usable and k not in skip]
-
-
-def periodic_checkpoints(directory: Path, prefix: str) -> list[Path]:
-    """This model's periodic checkpoints `<prefix>-<epoch>_<step>.ckpt` in `directory`, oldest epoch first."""
-    pattern = re.compile(rf"{re.escape(prefix)}-(\d+)_(\d+)\.ckpt")
-    found = [(int(m.group(1)), p) for p in directory.glob(f"{prefix}-*.ckpt") if (m := pattern.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def best_checkpoint(output_path: str | Path) -> Path:

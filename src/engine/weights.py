@@ -25,7 +25,7 @@ from src.engine.checkpoint import (
 )
 from src.engine.layouts import Weights, check_family, map_onto, read_weights
 from src.engine.published import PUBLISHED, is_remote
-from src.engine.run_folder import settled_for_reading
+from src.engine.run_folder import ASIDE, settled_for_reading
 from src.errors import NothingToDo, UserError
 from src.models.common import ClassifierNet
 from src.models.quant import is_quant_param
@@ -150,6 +150,10 @@ def resolve_auto_resume(cfg: Config) -> Config:
     if cfg.resume_ckpt != AUTO:
         return cfg
     folder = Path(cfg.output_path) / "checkpoint"
+    if (Path(cfg.output_path) / ASIDE).is_dir():  # this run was killed in its first epoch's outputs: they are undone
+        log.info("resume_ckpt auto: %s holds a run killed at the end of its first epoch, which is undone: starting "
+                 "from epoch 1", cfg.output_path)
+        return cfg.replace(resume_ckpt=None)
     found = periodic_checkpoints(folder, cfg.model) if folder.is_dir() else []
     damaged = []
     for path in reversed(found):  # newest first
@@ -162,6 +166,8 @@ def resolve_auto_resume(cfg: Config) -> Config:
         if damaged:
             log.warning("resume_ckpt auto: %s is damaged; resuming from the one before it, %s", damaged[0].name,
                         path.name)
+        check_fits(meta, path, cfg, "resume_ckpt")  # an explicit --resume_ckpt's checks, before "finished"
+        check_same_schedule(meta, cfg, path)
         if meta.epoch_num is not None and meta.epoch_num >= cfg.epoch_size:
             raise NothingToDo(f"resume_ckpt auto: {path} has finished all {cfg.epoch_size} epochs: nothing to train "
                               f"(to train further, {extend_hint(meta, path)})")
