@@ -263,13 +263,14 @@ def check_cifar10(root: Path, num_classes: int, need_train: bool, need_val: bool
     return DataSource("cifar10", list(CIFAR_CLASSES), splits[0], splits[1])
 
 
-def _label_file_split(root: Path, label_file: LabelFile, decode: bool, num_classes: int) -> Split:
-    """A split of a label list or CSV: its images checked as a class folder's are, grouped by their folders."""
+def _label_file_split(root: Path, label_file: LabelFile, num_classes: int) -> Split:
+    """A split of a label list or CSV: its images checked and decoded as a class folder's are, grouped by their
+    folders (a split that is not needed is never built: a CSV read for its class names has no images looked at)."""
     by_folder: dict[str, list[Path]] = {}
     digest = hashlib.sha256(label_file.path.read_bytes())
     for path, _ in label_file.samples:
         by_folder.setdefault(os.path.relpath(path.parent, root), []).append(path)
-    _check_image_files(root, by_folder, decode, identity=str(label_file.path.resolve()))
+    _check_image_files(root, by_folder, True, identity=str(label_file.path.resolve()))
     for path, _ in label_file.samples:  # after the check: a file it found missing is named there
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -326,7 +327,7 @@ def _check_label_files(cfg: Config, root: Path, need_train: bool, need_val: bool
                                     f"{', ...' if len(names) > 5 else ''}) but num_classes is {cfg.num_classes} "
                                     f"(pass --num_classes {len(names)})")
         if needed:
-            splits[split] = _label_file_split(root, label_file, needed, cfg.num_classes)
+            splits[split] = _label_file_split(root, label_file, cfg.num_classes)
     train = splits["train"]
     if train is not None and splits["val"] is not None:
         shared = {image_key(p) for p, _ in train.samples} & {image_key(p) for p, _ in splits["val"].samples}

@@ -107,12 +107,13 @@ def check_split(split_dir: Path) -> tuple[dict, list[Path], str]:
                             "copy both, or convert again)")
         header = read_header(shard)
         facts = facts or split_facts(header, shard)
-        shortest, size = _shortest_size(header, shard), shard.stat().st_size
+        stat = shard.stat()
+        shortest, size = _shortest_size(header, shard), stat.st_size
         if size < shortest:
             raise UserError(f"{shard} is truncated ({size} bytes, its header says {shortest}): copy it again, or "
                             "convert again")
         stat_db = index.stat()
-        digest.update(f"{shard.name}\0{size}\0{shard.stat().st_mtime_ns}\0{stat_db.st_size}\n".encode())
+        digest.update(f"{shard.name}\0{size}\0{stat.st_mtime_ns}\0{stat_db.st_size}\n".encode())
         for label, count in _indexed_labels(index).items():
             labels[label] = labels.get(label, 0) + count
     counts = [labels.pop(i, 0) for i in range(len(facts["classes"]))]

@@ -129,16 +129,14 @@ def resume_at(data, epochs_done: int, exact: bool) -> None:
 def pipeline_error(exc: Exception, epoch: int, step: int, kind: str = "imagefolder") -> str:
     """One line for a mindspore.dataset failure during training, naming the file when MindSpore does."""
     text = " ".join(line.strip() for line in str(exc).splitlines())
+    found = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
+    detail = (found.group(1) if found else text)[:300].strip()
     if kind == "mindrecord":
-        detail = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
-        return (f"a record of the MindRecord shards cannot be read at epoch {epoch} step {step}: "
-                f"{(detail.group(1) if detail else text)[:300].strip()} (a shard was damaged after its conversion: "
-                "convert the data again; --debug shows MindSpore's message)")
+        return (f"a record of the MindRecord shards cannot be read at epoch {epoch} step {step}: {detail} (a shard was "
+                "damaged after its conversion: convert the data again; --debug shows MindSpore's message)")
     found = re.search(r"The corresponding data file is: (.+?)\. (.+?\.)(?:\s|$)", text)
     if found:
         return (f"{found.group(1)} cannot be read by MindSpore ({found.group(2).strip().rstrip('.')}), found at epoch "
                 f"{epoch} step {step} although the check before training decoded every image (was the file changed? "
                 "delete or re-encode it and train again)")
-    detail = re.search(r"\[ERROR\] (.+?\.)(?:\s|$)", text)
-    return (f"the data pipeline failed at epoch {epoch} step {step}: "
-            f"{(detail.group(1) if detail else text)[:300].strip()} (run with --debug for MindSpore's message)")
+    return f"the data pipeline failed at epoch {epoch} step {step}: {detail} (run with --debug for MindSpore's message)"
