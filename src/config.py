@@ -387,14 +387,14 @@ def _refuse_other_keys(cfg: Config, selector: str, table: dict[str, tuple[str, .
                             f"({how}, or drop --{key})")
 
 
-def _items(text: str) -> list[str]:
+def list_items(text: str) -> list[str]:
     """The items of a list written '1,2,3', '1 2 3' or '[1, 2, 3]' (a YAML list reaches here as its text)."""
     return [p for p in text.strip("[]() ").replace(",", " ").split() if p]
 
 
 def channel_values(text: str, key: str) -> list[float]:
     """Three numbers, 0..1 units, from '0.485,0.456,0.406' (or '[0.485, 0.456, 0.406]'); UserError otherwise."""
-    parts = _items(text)
+    parts = list_items(text)
     try:
         values = [float(p) for p in parts]
     except ValueError:
@@ -408,7 +408,7 @@ def channel_values(text: str, key: str) -> list[float]:
 
 def milestones(text: str) -> list[int]:
     """Increasing positive epochs from '30,60,90' (or '[30, 60, 90]'); UserError otherwise."""
-    parts = _items(text)
+    parts = list_items(text)
     try:
         values = [int(p) for p in parts]
     except ValueError:

@@ -15,6 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from src.config import list_items
 from src.errors import UserError
 
 log = logging.getLogger("train")
@@ -65,7 +66,7 @@ def class_weights(text: str, counts: list[int] | tuple[int, ...], names: list[st
     if path.is_file():
         values = _weights_file(path, names)
     elif any(sep in text for sep in ",[ ") or _number(text) is not None:
-        values = [_number(part) for part in text.strip("[]() ").replace(",", " ").split()]
+        values = [_number(part) for part in list_items(text)]
         if None in values:
             raise UserError(f"--class_weights got {text!r} (use none, balanced, a comma list of {len(names)} "
                             "numbers, or a file of them)")
