@@ -78,6 +78,8 @@ LR_SCHEDULES = ("cosine", "steps", "poly", "linear", "step", "multistep", "expon
 MODE_KEYS = {"step": ("lr_step_size", "lr_gamma", "lr_step_per_epoch"),
              "multistep": ("lr_milestones", "lr_gamma", "lr_step_per_epoch"),
              "exponential": ("lr_gamma", "lr_step_per_epoch"), "cosine": ("num_cycles", "cycle_decay")}
+TRACKERS = ("tensorboard", "mlflow")  # engine/trackers.py
+MLFLOW_KEYS = ("mlflow_uri", "mlflow_experiment", "mlflow_run_name")
 TRUE_WORDS = ("True", "true", "1")
 _NOT_GIVEN = object()  # argparse default: tells a flag on the command line from a YAML value
 FALSE_WORDS = ("False", "false", "0")
@@ -269,6 +271,15 @@ class Config:
                             "uninterrupted run's order, with new random crops and flips) or exact (MindSpore replays "
                             "the pipeline over the epochs done, costing their data time again: bit-identical to the "
                             "uninterrupted run)", choices=("fast", "exact"))
+    _begin("experiment tracking")
+    tracker: str = _opt("none", "where the run's curves also go: none, tensorboard (event files in "
+                        "output_path/tensorboard), mlflow, or both as tensorboard,mlflow (rank 0; train.log and "
+                        "metrics.csv stay the record)")
+    mlflow_uri: str | None = _opt(None, "mlflow: the tracking store, e.g. http://host:5000 or sqlite:///path.db "
+                                  "(default: MLFLOW_TRACKING_URI, else the SQLite database output_path/mlflow.db)",
+                                  nullable=True)
+    mlflow_experiment: str = _opt("", "mlflow: the experiment name (default: the model's name)")
+    mlflow_run_name: str = _opt("", "mlflow: the run name (default: the output folder's name)")
     _begin("ModelArts / OBS")
     enable_modelarts: bool = _opt(False, "copy data_url (and checkpoint_url) from OBS/S3 before training and "
                                   "upload output_path to train_url")
@@ -321,6 +332,7 @@ class Config:
             raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
                             "(use --dataset_sink_mode False for that run)")
         _refuse_other_keys(self, "dataset", DATASET_KEYS)
+        _check_trackers(self)
         if self.sampler == "balanced" and self.class_weights == "balanced":
             raise UserError("--class_weights balanced and --sampler balanced each counter the imbalance: together they "
                             "weigh rare classes up twice (use one of them)")
@@ -385,6 +397,18 @@ def _refuse_other_keys(cfg: Config, selector: str, table: dict[str, tuple[str, .
             how = f"use --{selector} {values[0]}" if len(values) == 1 else "use one of those"
             raise UserError(f"--{key} applies to --{selector} {' and '.join(values)}, not {getattr(cfg, selector)} "
                             f"({how}, or drop --{key})")
+
+
+def _check_trackers(cfg: Config) -> None:
+    names = list_items(cfg.tracker)
+    unknown = [n for n in names if n not in TRACKERS + ("none",)]
+    if unknown or not names or ("none" in names and len(names) > 1) or len(set(names)) < len(names):
+        raise UserError(f"--tracker got {cfg.tracker!r} (use none, tensorboard, mlflow, or tensorboard,mlflow)")
+    if "mlflow" not in names:
+        for key in MLFLOW_KEYS:
+            if getattr(cfg, key) != FIELDS[key].default:
+                raise UserError(f"--{key} applies to --tracker mlflow, not {cfg.tracker} (add mlflow to --tracker, "
+                                f"or drop --{key})")
 
 
 def list_items(text: str) -> list[str]:
@@ -654,6 +678,11 @@ def _value(parsed: argparse.Namespace, name: str, values: dict[str, Any], f: dat
     return values.get(name, f.default) if value is _NOT_GIVEN else value
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as config.yaml holds it."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (temp file + rename)."""
-    write_atomically(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    write_atomically(path, lambda tmp: tmp.write_text(config_text(cfg)))

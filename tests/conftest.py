@@ -116,14 +116,16 @@ class TrainedRun(NamedTuple):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> TrainedRun:
-    """One real 2-epoch training of a tiny MobileNetV2 (checkpoints after each epoch), shared by every test that
+    """One real 2-epoch training of a tiny MobileNetV2 (checkpoints after each epoch, curves in TensorBoard and in
+    MLflow's default store), shared by every test that
     needs a trained run. Tests read it; whatever a test writes goes to its own tmp_path or next to the run's
     checkpoint folder (exports), never into checkpoint/, metrics.csv, train.log or eval.log."""
     root = tmp_path_factory.mktemp("run")
     data = make_imagefolder(root / "data")
     out = root / "out"
     proc = run_cli("train.py", "--dataset_path", str(data), "--output_path", str(out), "--epoch_size", "2",
-                   "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "5", *TINY_TRAIN)
+                   "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "5", "--tracker", "tensorboard,mlflow",
+                   *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return TrainedRun(data, out, proc)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PADDLE_LINE, RESULT_LINE, TINY_TRAIN, make_imagefolder, run_cli, with_flags
+from test_trackers import assert_mlflow_holds_the_epochs, assert_tensorboard_holds_the_epochs, mlflow_runs
 
 
 def test_outputs_and_log_lines(trained):
@@ -64,10 +65,22 @@ def test_resume_continues_epoch_and_lr(trained, tmp_path):
     newest = resumed_out / "checkpoint" / "mobilenetv2-2_3.ckpt"
     newest.write_bytes(newest.read_bytes()[:-200])
     job = ["train.py", "--dataset_path", str(data), "--output_path", str(resumed_out), "--epoch_size", "2",
-           "--resume_ckpt", "auto", "--resume_data", "exact", *TINY_TRAIN]
+           "--resume_ckpt", "auto", "--resume_data", "exact", "--tracker", "tensorboard,mlflow", *TINY_TRAIN]
     proc = run_cli(*job)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mobilenetv2-2_3.ckpt is damaged; resuming from the one before it, mobilenetv2-1_3.ckpt" in proc.stdout
+    # TensorBoard's view of the folder has each epoch once; MLflow cannot take back epoch 2, logged when the damaged
+    # checkpoint was written, so the resumed run logs to a new MLflow run holding each epoch once
+    assert_tensorboard_holds_the_epochs(resumed_out)
+    uri = f"sqlite:///{resumed_out / 'mlflow.db'}"
+    runs = {run.info.status: run for run in mlflow_runs(uri)}
+    assert sorted(runs) == ["FINISHED", "KILLED"]
+    assert runs["FINISHED"].data.tags["mlflow.parentRunId"] == runs["KILLED"].info.run_id
+    assert f"warning: MLflow run {runs['KILLED'].info.run_id} has epochs up to 2, past the checkpoint resumed (epoch " \
+        "1, an older one than its last): this run logs to a new MLflow run" in proc.stdout
+    assert_mlflow_holds_the_epochs(uri, runs["FINISHED"].info.run_id, resumed_out)
+    # the copied folder's store points at the copy's artifact folder
+    assert runs["FINISHED"].info.artifact_uri.startswith((resumed_out / "mlartifacts").as_uri())
     assert "resuming" in proc.stdout and "from epoch 1 (global step 3)" in proc.stdout
     lines = PADDLE_LINE.findall(proc.stdout)
     assert [m[:2] for m in lines] == [("2", "0"), ("2", "2")]  # epoch 1 is not trained again

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import TINY_TRAIN
+from test_trackers import assert_mlflow_holds_the_epochs, assert_tensorboard_holds_the_epochs, mlflow_runs
 
 from src.config import Config
 from src.engine.weights import resolve_auto_resume
@@ -79,7 +80,7 @@ def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
 
     data = make_imagefolder(tmp_path / "data")
     out = tmp_path / "out"
-    job = _launcher(out, data, "--epoch_size", "4", env={"MAX_RESTARTS": "1"})
+    job = _launcher(out, data, "--epoch_size", "4", "--tracker", "tensorboard,mlflow", env={"MAX_RESTARTS": "1"})
     try:
         pid = None
         deadline = time.monotonic() + 300
@@ -101,6 +102,12 @@ def test_max_restarts_restarts_a_killed_worker_but_not_a_user_error(tmp_path):
                      r"\(the newest checkpoint is mobilenetv2-[12]_3\.ckpt\)", stdout), stdout[-2000:]
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]  # each epoch once
+    # ... in TensorBoard and in the one MLflow run, which the restart went on in
+    assert_tensorboard_holds_the_epochs(out)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    (run,) = mlflow_runs(uri)
+    assert run.info.status == "FINISHED"
+    assert_mlflow_holds_the_epochs(uri, run.info.run_id, out)
     # exit 2 is not restarted
     (data / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     failed = _launcher(tmp_path / "out2", data, "--epoch_size", "1", env={"MAX_RESTARTS": "3"})

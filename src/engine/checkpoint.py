@@ -71,6 +71,7 @@ class CheckpointMeta:
     num_cycles: int | None = None
     cycle_decay: float | None = None
     opt: str | None = None  # the optimizer whose state the checkpoint holds (None: momentum, the only one before)
+    mlflow_run_id: str | None = None  # the MLflow run it logged to (--tracker mlflow): a resumed run goes on in it
 
 
 META_KEYS = tuple(f.name for f in dataclasses.fields(CheckpointMeta))  # stored in the file beside the tensors

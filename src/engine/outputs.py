@@ -19,6 +19,7 @@ from src.data.transforms import preprocessing
 from src.engine.checkpoint import SCHEDULE_KEYS, arch_meta, periodic_checkpoints, read_checkpoint, save_checkpoint
 from src.engine.history import EpochRecord, History, plot_curves, write_metrics
 from src.engine.run_folder import RunFolder
+from src.engine.trackers import Trackers
 from src.engine.train_step import STATS_PREFIX, ema_by_name
 
 log = logging.getLogger("train")
@@ -30,7 +31,9 @@ class EpochOutputs:
     """The epoch outputs by job; `__call__` runs them in field order, which is the order that keeps every file of
     the run folder complete:
     - `commit` first: a fresh run's folder becomes this run's (the earlier run's files move aside) before any write;
-    - the periodic checkpoint after every file it must carry (an upload follows it on ModelArts);
+    - the trackers' epoch (TensorBoard's scalars) before the periodic checkpoint, whose upload carries them;
+    - the periodic checkpoint after every file it must carry (MLflow's epochs, then an upload on ModelArts, follow
+      it);
     - `settle` last: the earlier run's files go once this run's first epoch is all written.
     """
 
@@ -39,6 +42,7 @@ class EpochOutputs:
     best: EpochOutput
     metrics: EpochOutput
     per_class: EpochOutput | None
+    track: EpochOutput
     periodic: EpochOutput
     settle: EpochOutput
 
@@ -106,11 +110,12 @@ class PeriodicCheckpoints:
     """Saves `<model>-<epoch>_<step>.ckpt` (net + optimizer state) every N epochs and at the last; keeps `keep`.
 
     `cells` are saved together (the train step and the full net, which differ when only the head trains).
-    `on_saved` runs after each save (ModelArts uploads the outputs then).
+    `on_saved` run after each save, in order, with the history (MLflow logs the epochs the checkpoint holds, then
+    ModelArts uploads the outputs).
     """
 
     def __init__(self, cells: list, directory: Path, prefix: str, every: int, keep: int, total_epochs: int,
-                 meta: dict, on_saved: Callable[[], None] | None = None):
+                 meta: dict, on_saved: list[Callable[[History], None]] = ()):
         params = {p.name: p for cell in cells for p in cell.get_parameters() if not p.name.startswith(STATS_PREFIX)}
         self.params = [{"name": name, "data": p} for name, p in params.items()]
         self.directory, self.prefix, self.every, self.keep = directory, prefix, every, keep
@@ -125,12 +130,12 @@ class PeriodicCheckpoints:
                                             "lr": record.lr})
         for old in periodic_checkpoints(self.directory, self.prefix)[:-self.keep]:
             old.unlink()
-        if self.on_saved is not None:
-            self.on_saved()
+        for then in self.on_saved:
+            then(history)
 
 
 def epoch_outputs(cfg: Config, folder: RunFolder, source: DataSource, net: nn.Cell, train_step: nn.Cell,
-                   batches_per_epoch: int, resuming: bool, per_class=None) -> EpochOutputs:
+                   batches_per_epoch: int, resuming: bool, trackers: Trackers, per_class=None) -> EpochOutputs:
     """What rank 0 writes after each epoch (EpochOutputs fixes the order). A resumed run's best.ckpt is
     replaced only by a better epoch than the one it holds."""
     out = Path(cfg.output_path)
@@ -142,14 +147,16 @@ def epoch_outputs(cfg: Config, folder: RunFolder, source: DataSource, net: nn.Ce
             "class_names": source.class_names if source.named else None,  # not the placeholder numbers
             **arch_meta(cfg), "preprocess": preprocessing(cfg, source.kind).to_json(),
             **{key: getattr(cfg, key) for key in SCHEDULE_KEYS if key != "steps_per_epoch"},
-            "steps_per_epoch": batches_per_epoch, "opt": cfg.optimizer_kind}
+            "steps_per_epoch": batches_per_epoch, "opt": cfg.optimizer_kind, "mlflow_run_id": trackers.mlflow_run_id}
     return EpochOutputs(
         commit=folder.commit,
         alarm=LossAlarm(cfg.num_classes, f"lower --lr_max, now {cfg.lr_max:g}, and train again"),
         best=BestCheckpoint(net, best, meta, floor, ema=ema_by_name(train_step)),
         metrics=MetricsFiles(out / "metrics.csv", out / "curves.png"),
         per_class=per_class,
+        track=trackers.epoch,
         periodic=PeriodicCheckpoints([train_step, net], ckpt_dir, cfg.model, cfg.save_checkpoint_epochs,
                                      cfg.keep_checkpoint_max, cfg.epoch_size, meta,
-                                     on_saved=(lambda: upload_outputs(cfg)) if cfg.enable_modelarts else None),
+                                     on_saved=[trackers.checkpointed] + ([lambda history: upload_outputs(cfg)]
+                                                                         if cfg.enable_modelarts else [])),
         settle=folder.settle)

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -113,8 +114,9 @@ class StepLog:
     """
 
     def __init__(self, lr: np.ndarray, batch_size: int, sinking: Sinking, print_freq: int, stats,
-                 accumulation: int = 1):
+                 accumulation: int = 1, on_line: Callable[[int, dict[str, float]], None] | None = None):
         self.lr, self.batch_size, self.sinking, self.print_freq, self.stats = lr, batch_size, sinking, print_freq, stats
+        self.on_line = on_line  # (global optimizer step, the line's numbers): the trackers' per-step scalars
         self.groups = Accumulation(sinking.steps_per_epoch, accumulation)
         self.reader_note_said = False
         self.first_ms_epoch: int | None = None  # MindSpore's send info counts the epochs of this run's iterator
@@ -153,12 +155,16 @@ class StepLog:
         reader_cost = self._sink_reader_cost(run_context) if self.sinking.sink else \
             self.reader_cost / self.window_steps
         update = max(done(last) - 1, 0)  # 0-based optimizer step of the epoch
-        lr = self.lr_at((state.epoch - 1) * self.groups.updates_per_epoch + update)
+        global_update = (state.epoch - 1) * self.groups.updates_per_epoch + update
+        lr = self.lr_at(global_update)
         samples = window["images"] / updates if window["images"] else float(self.batch_size * self.groups.every)
         log.info("[Epoch %d, iter: %d] top1: %.5f, top5: %.5f, lr: %.5f, loss: %.5f, avg_reader_cost: %.5f sec, "
                  "avg_batch_cost: %.5f sec, avg_samples: %.1f, avg_ips: %.5f images/sec.",
                  state.epoch, update, window["top1"], window["top5"], lr, window["loss"], reader_cost, batch_cost,
                  samples, samples / batch_cost)
+        if self.on_line is not None:
+            self.on_line(global_update + 1, {"loss": window["loss"], "top1": window["top1"], "top5": window["top5"],
+                                             "lr": lr, "images_per_s": samples / batch_cost})
         self.begin_window(now)
 
     def lr_at(self, step: int) -> float:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from mindspore import nn
 from mindspore.train import Model
 
+from src.cloud import upload_outputs
 from src.config import Config
 from src.data.checks import DataSource, check_dataset, train_class_counts
 from src.data.feature_cache import cached_features, feature_datasets
@@ -39,6 +40,7 @@ from src.engine.per_class import ConfusionCounts
 from src.engine.progress import Accumulation, ProgressBar, RunState, StepBudget, StepLog, TrainMonitor
 from src.engine.run_folder import RunFolder
 from src.engine.sinking import Sinking, sink_plan
+from src.engine.trackers import NO_TRACKERS, Trackers, check_reachable, open_trackers, tracker_names
 from src.engine.train_step import EMA_PREFIX, build_train_step, ema_in_place
 from src.engine.weights import (
     check_same_steps,
@@ -93,6 +95,7 @@ def train(cfg: Config) -> TrainResult:
     counts = train_class_counts(source)
     loss_weights = class_weights(cfg.class_weights, counts, source.class_names)
     cfg, resume, pretrain = _start_weights(cfg, source)
+    check_reachable(cfg)
     stop_if_signalled()  # the safe points before training: a signal during the checks or the imports stops here
     ranks = setup_device(cfg, distributed=cfg.run_distribute)
     stop_if_signalled()
@@ -100,25 +103,44 @@ def train(cfg: Config) -> TrainResult:
     folder = RunFolder(cfg, resuming=resume is not None) if ranks.is_main else None  # only rank 0 writes outputs
     if folder:
         folder.open()
+    trackers = NO_TRACKERS
     try:
+        trackers = _open_trackers(cfg, folder, resume)  # before anything compiles
         _warn_about_settings(cfg, ranks)
         net = _build_net(cfg, resume, pretrain)
         data = _build_data(cfg, source, net, ranks, resume)
+        trackers.images_per_epoch = data.batches * cfg.batch_size * ranks.group_size
         lr = schedule_of(cfg, data.updates)
         train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches, loss_weights)
         initial_epoch = _restore_training_state(cfg, train_step, resume)
         _log_summary(cfg, source, data, net)
         if ranks.is_main:
             _log_classes(cfg, source, counts, loss_weights)
-        state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch)
-        return _outcome(cfg, state, net, ranks, folder, start)
-    except BaseException:
+        state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch,
+                     trackers)
+        result = _outcome(cfg, state, net, ranks, folder, start)
+        trackers.finish(Path(cfg.output_path))
+        if trackers.on and cfg.enable_modelarts:  # what they wrote at the end (MLflow's database, the last events)
+            upload_outputs(cfg)
+        return result
+    except BaseException as exc:
+        trackers.fail("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
         if folder:
             folder.abort()
         raise
     finally:
         if folder:
             folder.close()
+
+
+def _open_trackers(cfg: Config, folder: RunFolder | None, resume: Resume | None) -> Trackers:
+    """--tracker's trackers, on rank 0: a resumed run goes on in its MLflow run, and TensorBoard drops the steps
+    after its checkpoint that the interrupted run had logged."""
+    if folder is None or not tracker_names(cfg.tracker):
+        return Trackers([])
+    purge_step = resume.meta.step_num + 1 if resume and resume.meta.step_num is not None else None
+    resumed = (resume.meta.mlflow_run_id, resume.meta.epoch_num) if resume and resume.meta.mlflow_run_id else None
+    return open_trackers(cfg, folder.tensorboard_dir, purge_step, resumed)
 
 
 def _start_weights(cfg: Config, source: DataSource) -> tuple[Config, Resume | None, Weights | None]:
@@ -228,14 +250,16 @@ def _log_classes(cfg: Config, source: DataSource, counts: tuple[int, ...], weigh
 
 
 def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: nn.Cell, eval_net: nn.Cell, lr,
-         ranks: RankInfo, folder: RunFolder | None, resume: Resume | None, initial_epoch: int) -> RunState:
+         ranks: RankInfo, folder: RunFolder | None, resume: Resume | None, initial_epoch: int,
+         trackers: Trackers) -> RunState:
     """Model.train with the callbacks; an interruption or a pipeline failure becomes its one line."""
     out = Path(cfg.output_path)
     metrics = {**accuracy_metrics(), "per_class": ConfusionCounts(source.class_names)}
     model = Model(train_step, eval_network=eval_net, metrics=metrics)
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
+    trackers.attach(history)  # a resumed run's epochs that its trackers lack are logged now
     steps = StepLog(lr, cfg.batch_size, data.sinking, cfg.print_freq, train_step.stats,
-                    accumulation=cfg.gradient_accumulation_steps)
+                    accumulation=cfg.gradient_accumulation_steps, on_line=trackers.step if trackers.on else None)
     budget = StepBudget(cfg.max_steps, steps.groups, cfg.batch_size * cfg.gradient_accumulation_steps,
                         ranks.group_size) if cfg.max_steps else None
     state = RunState(budget=budget)
@@ -245,7 +269,7 @@ def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: 
                           weights=lambda: ema_in_place(train_step), per_class_folder=out,
                           ) if data.val is not None else None
     _log_recipe(cfg, ranks)
-    outputs = epoch_outputs(cfg, folder, source, net, train_step, data.batches, resume is not None,
+    outputs = epoch_outputs(cfg, folder, source, net, train_step, data.batches, resume is not None, trackers,
                              evaluator.write_per_class if evaluator else None) if folder else _nothing
     callbacks = [TrainMonitor(state, steps, bar, cfg.fingerprint_data, budget),
                  EpochEnd(state, steps, bar, history, evaluator, outputs, net)]

@@ -35,6 +35,9 @@ STAGED_LOG = "train.new.log"
 ASIDE = ".earlier-run"
 MANIFEST = "MANIFEST"
 RUN_FILES = ("train.log", "config.yaml", "metrics.csv", "curves.png", "per_class.csv", "confusion_matrix.png")
+# --tracker tensorboard's event folder (engine/trackers.py): set aside and put back whole, as a run file; a fresh run
+# writes to the staged one until it commits, as its log goes to train.new.log
+TENSORBOARD, STAGED_TENSORBOARD = "tensorboard", "tensorboard.new"
 EXPORTS = (".onnx", ".mindir", ".air")  # export.py's files in the folder: made from its run's best.ckpt
 WAIT_FOR_SETTLING = 30.0  # seconds a reader waits for a live run to settle (its commit window lasts seconds)
 
@@ -65,6 +68,7 @@ class RunFolder:
         if self.resuming:
             attach_log_file(self.path / "train.log", append=True)
         else:
+            shutil.rmtree(self.path / STAGED_TENSORBOARD, ignore_errors=True)  # a failed fresh run's
             attach_log_file(self.path / STAGED_LOG)
             if self.earlier_run():
                 log.info("%s holds an earlier run; it is kept until this run has finished its first epoch (this "
@@ -118,8 +122,16 @@ class RunFolder:
                 os.replace(self.path / name, self.aside / name)
         self.committed = True
         os.replace(self.path / STAGED_LOG, self.path / "train.log")  # the log handler keeps writing to it
+        if (self.path / STAGED_TENSORBOARD).is_dir():  # and the event writer to its file
+            os.replace(self.path / STAGED_TENSORBOARD, self.path / TENSORBOARD)
         save_config(self.cfg, self.path / "config.yaml")
         self._config_written = True
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where this run's TensorBoard events go: tensorboard/ once it has committed (or resumes), the staged
+        folder before (moved into place at the commit, while its writer goes on writing)."""
+        return self.path / (TENSORBOARD if self.committed else STAGED_TENSORBOARD)
 
     @property
     def log_file(self) -> Path:
@@ -189,7 +201,8 @@ def _remove_temp_files(path: Path) -> None:
 def _run_files(path: Path, model: str | None) -> list[Path]:
     """The run files in `path`, with the periodic checkpoints of `model` (of no model when None)."""
     best = path / "checkpoint" / "best.ckpt"
-    return [p for p in (*(path / name for name in RUN_FILES), best) if p.is_file()] + \
+    events = [path / TENSORBOARD] if (path / TENSORBOARD).is_dir() else []
+    return [p for p in (*(path / name for name in RUN_FILES), best) if p.is_file()] + events + \
         (periodic_checkpoints(path / "checkpoint", model) if model else [])
 
 
@@ -215,14 +228,21 @@ def _put_back(path: Path, model: str | None) -> int:
         else None
     # the killed run's periodic checkpoints: of its own model (another model's were not set aside, and stay)
     for found in {*_run_files(path, killed_model or model), *_exports(path)}:
-        if str(found.relative_to(path)) not in names:
+        name = str(found.relative_to(path))
+        if found.is_dir():  # events: the killed run's (unless the earlier run's were not yet set aside) are staged
+            if name not in names or (aside / name).exists():  # again, as its log
+                shutil.rmtree(path / STAGED_TENSORBOARD, ignore_errors=True)
+                os.replace(found, path / STAGED_TENSORBOARD)
+        elif name not in names:
             found.unlink()
+    restored = 0
     for name in names:
-        if (aside / name).is_file():
+        if (aside / name).exists():
+            restored += sum(1 for p in (aside / name).rglob("*") if p.is_file()) if (aside / name).is_dir() else 1
             os.replace(aside / name, path / name)
     manifest.unlink()
     shutil.rmtree(aside, ignore_errors=True)
-    return len(names)
+    return restored
 
 
 def _model_of(config: Path) -> str | None:
