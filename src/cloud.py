@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -273,6 +274,25 @@ def fetch_earlier_run(transfer, cfg: Config) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _resume_from(local_ckpt: Path, cfg: Config) -> bool:
+    """`--resume_ckpt auto` with a checkpoint_url of periodic checkpoints of this model (an earlier job's
+    train_url/checkpoint, say) and none in output_path (train_url had none): they become the run's own, for auto
+    to take the newest whole one. False when there is nothing to resume from there."""
+    own = Path(cfg.output_path) / "checkpoint"
+    if own.is_dir() and periodic_checkpoints(own, cfg.model):
+        return True  # the run's own (from train_url): newer than any checkpoint_url holds
+    found = sorted({p.parent for p in local_ckpt.rglob(f"{cfg.model}-*.ckpt")})
+    periodic = [ckpt for folder in found for ckpt in periodic_checkpoints(folder, cfg.model)]
+    if not periodic:
+        return False
+    own.mkdir(parents=True, exist_ok=True)
+    for ckpt in periodic:
+        shutil.copy2(ckpt, own / ckpt.name)
+    log.info("resume_ckpt auto: %d periodic checkpoints of %s from %s, the newest %s", len(periodic), cfg.model,
+             cfg.checkpoint_url, periodic_checkpoints(own, cfg.model)[-1].name)
+    return True
+
+
 def sync_inputs(cfg: Config) -> Config:
     """With enable_modelarts: fetch data (and a checkpoint) and return the config pointing at the local copies."""
     if not cfg.enable_modelarts:
@@ -291,6 +311,8 @@ def sync_inputs(cfg: Config) -> Config:
     if cfg.checkpoint_url:
         local_ckpt = Path(cfg.output_path) / "pretrained"
         download_once(transfer, cfg.checkpoint_url, local_ckpt)
+        if cfg.resume_ckpt == "auto" and _resume_from(local_ckpt, cfg):
+            return cfg.replace(**changes)
         found = sorted(p for ext in ("*.ckpt", "*.safetensors", "*.pth", "*.pt") for p in local_ckpt.rglob(ext))
         name = Path(cfg.pretrain_ckpt).name if cfg.pretrain_ckpt else None
         chosen = next((p for p in found if p.name == name), None) if name else (found[0] if len(found) == 1 else None)

@@ -665,10 +665,24 @@ def launch(argv: list[str]) -> int:
         else:  # it saved nothing: what is in the folder is not its own (an earlier run's), so it starts as it did
             start = "the same command (it saved no checkpoint before it failed)"
             again = argv
-        print(f"restart {attempt + 1} of {restarts}: a rank was {cause}; starting the job again with {start}",
-              flush=True)
+        kept = _keep_logs(plan.output_path / "logs", attempt + 1)
+        print(f"restart {attempt + 1} of {restarts}: a rank was {cause}; starting the job again with {start}"
+              + (f" (the failed attempt's logs are in {kept})" if kept else ""), flush=True)
         plan = plan_launch(again)
     raise AssertionError("unreachable")
+
+
+def _keep_logs(log_dir: Path, attempt: int) -> Path | None:
+    """The failed attempt's worker and msrun logs, moved into logs/attempt-N/ before the next attempt writes its
+    own (the cause of the failure is in them)."""
+    files = sorted(p for p in log_dir.glob("*.log") if p.is_file()) if log_dir.is_dir() else []
+    if not files:
+        return None
+    kept = log_dir / f"attempt-{attempt}"
+    kept.mkdir(exist_ok=True)
+    for path in files:
+        os.replace(path, kept / path.name)
+    return kept
 
 
 def _launch_once(plan: Plan) -> int:

@@ -125,6 +125,24 @@ def test_checkpoint_url_becomes_pretrain_ckpt(s3, tmp_path):
     assert Path(cfg.pretrain_ckpt).read_bytes() == b"weights"
 
 
+def test_resume_auto_takes_checkpoint_urls_periodic_checkpoints(s3, tmp_path):
+    """A job whose train_url is new and whose checkpoint_url holds an earlier job's periodic checkpoints: auto goes
+    on from them (copied into output_path/checkpoint, where it takes the newest whole one); with none there,
+    checkpoint_url stays the weights to start from."""
+    _upload_zipped_dataset(s3, tmp_path)
+    for name in ("mobilenetv2-1_3.ckpt", "mobilenetv2-2_3.ckpt", "resnet50-9_3.ckpt"):
+        s3.client.put_object(Bucket="bucket", Key=f"jobs/one/checkpoint/{name}", Body=name.encode())
+    job = dict(enable_modelarts=True, data_url="s3://bucket/datasets/photos", train_url="s3://bucket/jobs/two",
+               dataset_path=str(tmp_path / "d"), resume_ckpt="auto")
+    cfg = sync_inputs(Config(**job, checkpoint_url="s3://bucket/jobs/one", output_path=str(tmp_path / "out")))
+    assert cfg.pretrain_ckpt is None and cfg.resume_ckpt == "auto"
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint").iterdir()) == [
+        "mobilenetv2-1_3.ckpt", "mobilenetv2-2_3.ckpt"]  # this model's only
+    s3.client.put_object(Bucket="bucket", Key="models/mbv2/mbv2-best.ckpt", Body=b"weights")
+    cfg = sync_inputs(Config(**job, checkpoint_url="s3://bucket/models/mbv2", output_path=str(tmp_path / "out2")))
+    assert cfg.pretrain_ckpt == str(tmp_path / "out2" / "pretrained" / "mbv2-best.ckpt")
+
+
 class _SlowTransfer:
     def __init__(self):
         self.calls = 0

@@ -179,3 +179,21 @@ def test_a_resumed_pipeline_continues_the_batch_ops_epochs(tmp_path):
         resumed = targets(1, exact)
         np.testing.assert_array_equal(resumed[0], run[1])
         np.testing.assert_array_equal(resumed[1], run[2])
+
+
+def test_a_restart_keeps_the_failed_attempts_logs(tmp_path):
+    """The next attempt's ranks write logs/worker_N.log and msrun.log afresh: the failed attempt's, which hold the
+    cause, are moved into logs/attempt-N/ first."""
+    from src.launch import _keep_logs
+
+    logs = tmp_path / "logs"
+    assert _keep_logs(logs, 1) is None  # a job on one device logs to the console
+    logs.mkdir()
+    for name in ("worker_0.log", "worker_1.log", "msrun.log"):
+        (logs / name).write_text(f"attempt 1 {name}")
+    assert _keep_logs(logs, 1) == logs / "attempt-1"
+    (logs / "worker_0.log").write_text("attempt 2")
+    assert _keep_logs(logs, 2) == logs / "attempt-2"
+    assert sorted(p.relative_to(logs).as_posix() for p in logs.rglob("*.log")) == [
+        "attempt-1/msrun.log", "attempt-1/worker_0.log", "attempt-1/worker_1.log", "attempt-2/worker_0.log"]
+    assert (logs / "attempt-1" / "worker_1.log").read_text() == "attempt 1 worker_1.log"
