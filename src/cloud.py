@@ -110,9 +110,8 @@ class S3Transfer:
         self._call(url, self.client.head_bucket, Bucket=bucket)
 
     def upload(self, local: Path, url: str) -> int:
-        """Copy the output folder's files to the URL, and delete the checkpoints there that the folder no longer
-        has (pruned by keep_checkpoint_max, or an earlier run's): train_url mirrors the run, so that a restarted
-        job (--resume_ckpt auto) fetches this run's checkpoints only."""
+        """Copy the output folder's files to the URL, and delete the checkpoints and event files there that the
+        folder no longer has (MIRRORED)."""
         bucket, prefix = self.split(url)
         base = f"{prefix.rstrip('/')}/" if prefix else ""
         count = 0
@@ -120,14 +119,29 @@ class S3Transfer:
             key = base + path.relative_to(local).as_posix()
             self._call(url, self.client.upload_file, str(path), bucket, key)
             count += 1
-        kept = {p.name for p in (local / "checkpoint").glob("*.ckpt")}
-        pages = self._call(url, lambda: list(self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{base}checkpoint/")))
-        for obj in (o for page in pages for o in page.get("Contents", [])):
-            name = obj["Key"][len(f"{base}checkpoint/"):]
-            if name.endswith(".ckpt") and "/" not in name and name not in kept:
-                self._call(url, self.client.delete_object, Bucket=bucket, Key=obj["Key"])
+        for folder in MIRRORED:
+            pages = self._call(url, lambda prefix=f"{base}{folder}/": list(
+                self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)))
+            keys = {o["Key"][len(f"{base}{folder}/"):]: o["Key"] for page in pages for o in page.get("Contents", [])}
+            for name in stale(local, folder, keys):
+                self._call(url, self.client.delete_object, Bucket=bucket, Key=keys[name])
         return count
+
+
+# the folders of output_path that train_url mirrors (deleting what the run no longer has), so that a restarted job
+# fetches this run's files only: the checkpoints keep_checkpoint_max pruned or an earlier run left, and an earlier
+# run's TensorBoard event files (TensorBoard would show both runs' epochs as one run's)
+MIRRORED = ("checkpoint", "tensorboard")
+
+
+def stale(local: Path, folder: str, remote_names) -> list[str]:
+    """The names (relative to `folder`) under train_url's `folder` that the output folder's `folder` does not have."""
+    if folder == "checkpoint":  # the periodic checkpoints and best.ckpt; not pretrained/ or other files
+        kept = {p.name for p in (local / folder).glob("*.ckpt")}
+        return [n for n in remote_names if n.endswith(".ckpt") and "/" not in n and n not in kept]
+    kept = {p.relative_to(local / folder).as_posix() for p in (local / folder).rglob("*") if p.is_file()} \
+        if (local / folder).is_dir() else set()
+    return [n for n in remote_names if n and not n.endswith("/") and n not in kept]
 
 
 def local_target(local: Path, rel: str, url: str, key: str) -> Path:
@@ -190,11 +204,10 @@ class MoxTransfer:
         files = upload_files(local)  # the same files as S3's: no lock, temp files, caches or an earlier run
         for path in files:
             self.mox.file.copy(str(path), f"{url.rstrip('/')}/{path.relative_to(local).as_posix()}")
-        kept = {p.name for p in (local / "checkpoint").glob("*.ckpt")}
-        remote = f"{url.rstrip('/')}/checkpoint"
-        if self.mox.file.exists(remote):
-            for name in self.mox.file.list_directory(remote):
-                if name.endswith(".ckpt") and name not in kept:
+        for folder in MIRRORED:
+            remote = f"{url.rstrip('/')}/{folder}"
+            if self.mox.file.exists(remote):
+                for name in stale(local, folder, self.mox.file.list_directory(remote, recursive=True)):
                     self.mox.file.remove(f"{remote}/{name}", recursive=False)
         return len(files)
 
@@ -275,21 +288,32 @@ def fetch_earlier_run(transfer, cfg: Config) -> None:
 
 
 def _resume_from(local_ckpt: Path, cfg: Config) -> bool:
-    """`--resume_ckpt auto` with a checkpoint_url of periodic checkpoints of this model (an earlier job's
-    train_url/checkpoint, say) and none in output_path (train_url had none): they become the run's own, for auto
-    to take the newest whole one. False when there is nothing to resume from there."""
+    """`--resume_ckpt auto` without --pretrain_ckpt, and a checkpoint_url of one run's periodic checkpoints of this
+    model (an earlier job's train_url, say), while output_path has none (train_url had none): they become the run's
+    own (with that run's metrics.csv beside them, when there is one), for auto to take the newest whole one. False
+    when checkpoint_url is the weights to start from."""
     own = Path(cfg.output_path) / "checkpoint"
+    if cfg.pretrain_ckpt:
+        return False  # a fine-tuning job names the file it starts from
     if own.is_dir() and periodic_checkpoints(own, cfg.model):
         return True  # the run's own (from train_url): newer than any checkpoint_url holds
-    found = sorted({p.parent for p in local_ckpt.rglob(f"{cfg.model}-*.ckpt")})
-    periodic = [ckpt for folder in found for ckpt in periodic_checkpoints(folder, cfg.model)]
-    if not periodic:
+    folders = sorted({p.parent for p in local_ckpt.rglob(f"{cfg.model}-*.ckpt") if periodic_checkpoints(p.parent,
+                                                                                                         cfg.model)})
+    if not folders:
         return False
+    if len(folders) > 1:
+        names = ", ".join(str(f.relative_to(local_ckpt)) or "." for f in folders)
+        raise UserError(f"checkpoint_url {cfg.checkpoint_url} holds periodic checkpoints of {cfg.model} in "
+                        f"{len(folders)} folders ({names}): point it at the one run to resume")
+    periodic = periodic_checkpoints(folders[0], cfg.model)
     own.mkdir(parents=True, exist_ok=True)
     for ckpt in periodic:
         shutil.copy2(ckpt, own / ckpt.name)
+    metrics = folders[0].parent / "metrics.csv" if folders[0].name == "checkpoint" else None
+    if metrics is not None and metrics.is_file() and not (own.parent / "metrics.csv").exists():
+        shutil.copy2(metrics, own.parent / "metrics.csv")  # the epochs before the checkpoint, for its history
     log.info("resume_ckpt auto: %d periodic checkpoints of %s from %s, the newest %s", len(periodic), cfg.model,
-             cfg.checkpoint_url, periodic_checkpoints(own, cfg.model)[-1].name)
+             cfg.checkpoint_url, periodic[-1].name)
     return True
 
 

@@ -678,8 +678,11 @@ def _keep_logs(log_dir: Path, attempt: int) -> Path | None:
     files = sorted(p for p in log_dir.glob("*.log") if p.is_file()) if log_dir.is_dir() else []
     if not files:
         return None
-    kept = log_dir / f"attempt-{attempt}"
-    kept.mkdir(exist_ok=True)
+    kept, n = log_dir / f"attempt-{attempt}", 1
+    while kept.exists():  # an earlier job's into the same folder
+        n += 1
+        kept = log_dir / f"attempt-{attempt}.{n}"
+    kept.mkdir()
     for path in files:
         os.replace(path, kept / path.name)
     return kept

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_TRAIN, make_imagefolder, run_cli, with_flags
+from test_trackers import assert_tensorboard_holds_the_epochs
 
 from src.cloud import S3Transfer, download_once, sync_inputs
 from src.config import Config
@@ -63,7 +64,7 @@ def test_modelarts_run_downloads_trains_and_uploads(s3, tmp_path):
     job = ["train.py", "--enable_modelarts", "True", "--data_url", "s3://bucket/datasets/photos", "--train_url",
            "obs://bucket/jobs/run1", "--dataset_path", str(local), "--resume_ckpt", "auto",
            *with_flags(TINY, epoch_size=2), "--save_checkpoint_epochs", "1", "--keep_checkpoint_max", "1",
-           "--max_steps", "4"]
+           "--max_steps", "4", "--tracker", "tensorboard"]
     proc = run_cli(*job, "--output_path", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resume_ckpt auto: obs://bucket/jobs/run1 holds no earlier outputs" in proc.stdout
@@ -95,6 +96,13 @@ def test_modelarts_run_downloads_trains_and_uploads(s3, tmp_path):
     for name in ("checkpoint/mobilenetv2-2_3.ckpt", "per_class.csv", "confusion_matrix.png"):  # the last epoch's
         assert f"jobs/run1/{name}" in keys, keys
     assert "jobs/run1/checkpoint/mobilenetv2-1_3.ckpt" not in keys  # pruned (keep 1) there too: train_url mirrors
+    # the event files went on from the first attempt's, each epoch once, and reached train_url as they ended
+    assert_tensorboard_holds_the_epochs(fresh)
+    events = sorted((fresh / "tensorboard").iterdir())
+    assert len(events) == 2
+    for path in events:
+        body = s3.client.get_object(Bucket="bucket", Key=f"jobs/run1/tensorboard/{path.name}")["Body"].read()
+        assert body == path.read_bytes(), path.name
 
 
 @pytest.mark.parametrize("url,message", [
@@ -134,13 +142,41 @@ def test_resume_auto_takes_checkpoint_urls_periodic_checkpoints(s3, tmp_path):
         s3.client.put_object(Bucket="bucket", Key=f"jobs/one/checkpoint/{name}", Body=name.encode())
     job = dict(enable_modelarts=True, data_url="s3://bucket/datasets/photos", train_url="s3://bucket/jobs/two",
                dataset_path=str(tmp_path / "d"), resume_ckpt="auto")
+    s3.client.put_object(Bucket="bucket", Key="jobs/one/metrics.csv", Body=b"epoch,step\n1,3\n2,6\n")
     cfg = sync_inputs(Config(**job, checkpoint_url="s3://bucket/jobs/one", output_path=str(tmp_path / "out")))
     assert cfg.pretrain_ckpt is None and cfg.resume_ckpt == "auto"
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint").iterdir()) == [
         "mobilenetv2-1_3.ckpt", "mobilenetv2-2_3.ckpt"]  # this model's only
+    assert (tmp_path / "out" / "metrics.csv").read_bytes() == b"epoch,step\n1,3\n2,6\n"  # their run's epochs
+    # a fine-tuning job that names its file starts from it: nothing is resumed
+    cfg = sync_inputs(Config(**job, checkpoint_url="s3://bucket/jobs/one", pretrain_ckpt="mobilenetv2-2_3.ckpt",
+                             output_path=str(tmp_path / "tune")))
+    assert cfg.pretrain_ckpt == str(tmp_path / "tune" / "pretrained" / "checkpoint" / "mobilenetv2-2_3.ckpt")
+    assert not (tmp_path / "tune" / "checkpoint").exists()
+    # two runs' checkpoints: which one to resume is not guessed
+    s3.client.put_object(Bucket="bucket", Key="jobs/one/old/mobilenetv2-5_3.ckpt", Body=b"another run")
+    with pytest.raises(UserError, match=r"^checkpoint_url s3://bucket/jobs/one holds periodic checkpoints of "
+                                        r"mobilenetv2 in 2 folders \(checkpoint, old\): point it at the one run"):
+        sync_inputs(Config(**job, checkpoint_url="s3://bucket/jobs/one", output_path=str(tmp_path / "out3")))
     s3.client.put_object(Bucket="bucket", Key="models/mbv2/mbv2-best.ckpt", Body=b"weights")
     cfg = sync_inputs(Config(**job, checkpoint_url="s3://bucket/models/mbv2", output_path=str(tmp_path / "out2")))
     assert cfg.pretrain_ckpt == str(tmp_path / "out2" / "pretrained" / "mbv2-best.ckpt")
+
+
+def test_train_url_mirrors_the_checkpoints_and_the_event_files(s3, tmp_path):
+    """An earlier job's checkpoints and TensorBoard events in a reused train_url go (a restart would fetch them,
+    and TensorBoard would show both runs' epochs as one run's); other objects stay."""
+    for key in ("reused/checkpoint/mobilenetv2-9_3.ckpt", "reused/tensorboard/events.out.tfevents.1.old",
+                "reused/notes.txt"):
+        s3.client.put_object(Bucket="bucket", Key=key, Body=b"earlier job")
+    out = tmp_path / "out"
+    for name in ("checkpoint/mobilenetv2-1_3.ckpt", "tensorboard/events.out.tfevents.2.new", "metrics.csv"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"this job")
+    assert s3.upload(out, "s3://bucket/reused") == 3
+    keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket="bucket", Prefix="reused/")["Contents"]}
+    assert keys == {"reused/checkpoint/mobilenetv2-1_3.ckpt", "reused/tensorboard/events.out.tfevents.2.new",
+                    "reused/metrics.csv", "reused/notes.txt"}
 
 
 class _SlowTransfer:

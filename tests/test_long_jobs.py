@@ -197,3 +197,6 @@ def test_a_restart_keeps_the_failed_attempts_logs(tmp_path):
     assert sorted(p.relative_to(logs).as_posix() for p in logs.rglob("*.log")) == [
         "attempt-1/msrun.log", "attempt-1/worker_0.log", "attempt-1/worker_1.log", "attempt-2/worker_0.log"]
     assert (logs / "attempt-1" / "worker_1.log").read_text() == "attempt 1 worker_1.log"
+    (logs / "worker_0.log").write_text("another job's attempt 1")  # a later job into the same folder
+    assert _keep_logs(logs, 1) == logs / "attempt-1.2"
+    assert (logs / "attempt-1" / "worker_0.log").read_text() == "attempt 1 worker_0.log"

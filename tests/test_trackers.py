@@ -222,3 +222,23 @@ def test_an_mlflow_server_that_dies_mid_run_is_one_warning(trained, tmp_path):
     assert re.fullmatch(rf"error: MLflow at {uri} cannot be reached \(.+; start the tracking server, fix --mlflow_uri "
                         r"/ MLFLOW_TRACKING_URI, or drop mlflow from --tracker\)", proc.stderr.strip()), proc.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_bad_store_is_one_line_and_the_default_one_is_made_with_the_run(tmp_path):
+    """A URI MLflow does not know and a damaged default database are refused in one line; the check before the
+    output folder's own checks makes nothing there."""
+    from src.engine.trackers import MLflow, check_reachable
+
+    out = tmp_path / "out"
+    cfg = load_config(["--tracker", "mlflow", "--output_path", str(out)])
+    check_reachable(cfg)
+    assert not out.exists()  # the default store is made with the run, after the folder is checked and locked
+    with pytest.raises(UserError, match=r"^MLflow at localhost:5000 cannot be reached \(.+; start the tracking "
+                                        r"server, fix --mlflow_uri / MLFLOW_TRACKING_URI, or drop mlflow"):
+        check_reachable(load_config(["--tracker", "mlflow", "--mlflow_uri", "localhost:5000"]))
+    out.mkdir()
+    (out / "mlflow.db").write_bytes(os.urandom(4096))
+    with pytest.raises(UserError, match=rf"^MLflow at sqlite:///{re.escape(str(out))}/mlflow.db cannot be reached "
+                                        rf"or refused the run \(.+; move the damaged {re.escape(str(out))}/mlflow.db "
+                                        r"aside, or pass --mlflow_uri, or drop mlflow from --tracker\)$"):
+        MLflow(cfg, None)

@@ -119,8 +119,10 @@ def train(cfg: Config) -> TrainResult:
         state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch,
                      trackers)
         result = _outcome(cfg, state, net, ranks, folder, start)
-        trackers.finish(Path(cfg.output_path))
-        if trackers.on and cfg.enable_modelarts:  # what they wrote at the end (MLflow's database, the last events)
+        tracking = trackers.on
+        # the folder's files are this run's once it has settled (a --max_steps run may stop in its first epoch)
+        trackers.finish(Path(cfg.output_path), files=folder is not None and folder.settled)
+        if tracking and cfg.enable_modelarts:  # what they wrote at the end (MLflow's database, the last events)
             upload_outputs(cfg)
         return result
     except BaseException as exc:
@@ -259,7 +261,8 @@ def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: 
     history = History(read_metrics(out / "metrics.csv", initial_epoch) if resume else [])
     trackers.attach(history)  # a resumed run's epochs that its trackers lack are logged now
     steps = StepLog(lr, cfg.batch_size, data.sinking, cfg.print_freq, train_step.stats,
-                    accumulation=cfg.gradient_accumulation_steps, on_line=trackers.step if trackers.on else None)
+                    accumulation=cfg.gradient_accumulation_steps,
+                    on_line=_per_job(trackers, ranks.group_size) if trackers.on else None)
     budget = StepBudget(cfg.max_steps, steps.groups, cfg.batch_size * cfg.gradient_accumulation_steps,
                         ranks.group_size) if cfg.max_steps else None
     state = RunState(budget=budget)
@@ -290,6 +293,14 @@ def _fit(cfg: Config, source: DataSource, data: Data, net: nn.Cell, train_step: 
         raise Interrupted(f"training interrupted at epoch {state.epoch} step {state.step} ({resume_hint}; "
                           f"every file written so far is complete{lost})", signum) from None
     return state
+
+
+def _per_job(trackers: Trackers, ranks: int):
+    """The speed line's numbers for the trackers, with images/s of the whole job (the line's are one rank's)."""
+    def step(global_step: int, scalars: dict[str, float]) -> None:
+        trackers.step(global_step, {**scalars, "images_per_s": scalars["images_per_s"] * ranks})
+
+    return step
 
 
 def _nothing(record, history) -> None:

@@ -39,7 +39,7 @@ MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 ARTIFACTS = ("config.yaml", "curves.png", "per_class.csv", "confusion_matrix.png", "checkpoint/best.ckpt")
 # one failed request must not hold training for minutes (MLflow's own defaults: 7 retries, 120 s timeout)
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                         "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
@@ -109,9 +109,9 @@ class TensorBoard:
     def checkpointed(self, history: History) -> None:
         pass
 
-    def finish(self, out: Path, history: History) -> None:
+    def finish(self, out: Path, history: History, files: bool) -> None:
         png = out / "confusion_matrix.png"
-        if png.is_file() and history.records:
+        if files and png.is_file() and history.records:
             from PIL import Image
             from tensorboardX.summary import image
 
@@ -136,9 +136,9 @@ class MLflow:
         self.uri, default = tracking_uri(cfg)
         if default:
             _relocate(out)
-        self.client = client = mlflow_client(self.uri)
         experiment_name = cfg.mlflow_experiment or cfg.model
         try:
+            self.client = client = mlflow_client(self.uri)
             experiment = client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 location = (out / MLFLOW_ARTIFACTS).as_uri() if default else None
@@ -146,10 +146,13 @@ class MLflow:
             else:
                 experiment_id = experiment.experiment_id
             self.run_id, self.logged = self._run(cfg, experiment_id, resumed, out)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - MLflow raises its own, requests' and SQLAlchemy's errors
-            raise UserError(f"MLflow at {self.uri} cannot be reached or refused the run ({_short(exc)}; start the "
-                            "tracking server, fix --mlflow_uri / MLFLOW_TRACKING_URI, or drop mlflow from "
-                            "--tracker)") from None
+            fix = f"move the damaged {out / MLFLOW_DB} aside, or pass --mlflow_uri" if default else \
+                "start the tracking server, fix --mlflow_uri / MLFLOW_TRACKING_URI"
+            raise UserError(f"MLflow at {self.uri} cannot be reached or refused the run ({_short(exc)}; {fix}, or "
+                            "drop mlflow from --tracker)") from None
         log.info("MLflow: run %s in experiment %r at %s", self.run_id, experiment_name, self.uri)
 
     def _run(self, cfg: Config, experiment_id: str, resumed: tuple[str, int] | None, out: Path
@@ -210,9 +213,9 @@ class MLflow:
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
         self.logged.update(r.epoch for r in history.records)
 
-    def finish(self, out: Path, history: History) -> None:
+    def finish(self, out: Path, history: History, files: bool) -> None:
         self.checkpointed(history)  # a --max_steps run ends between checkpoints
-        for name in ARTIFACTS:
+        for name in ARTIFACTS if files else ():
             path = out / name
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path), artifact_path=str(Path(name).parent)
@@ -223,7 +226,8 @@ class MLflow:
         self.client.set_terminated(self.run_id, status)
 
 
-def mlflow_client(uri: str):
+def mlflow_client(uri: str | None):
+    """MLflow's client of the store `uri` (None: only check that mlflow is installed)."""
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
@@ -232,7 +236,7 @@ def mlflow_client(uri: str):
         raise UserError("--tracker mlflow needs the mlflow package (pip install -r requirements-tracking.txt, or "
                         "drop mlflow from --tracker)") from None
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines as a database is created
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri) if uri is not None else None
 
 
 def check_reachable(cfg: Config) -> None:
@@ -241,11 +245,11 @@ def check_reachable(cfg: Config) -> None:
     if "mlflow" not in tracker_names(cfg.tracker):
         return
     uri, default = tracking_uri(cfg)
-    client = mlflow_client(uri)
-    if default:
+    if default:  # made with the run, in the output folder: not before the folder's own checks
+        mlflow_client(None)
         return
     try:
-        client.search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own, requests' and SQLAlchemy's errors
         raise UserError(f"MLflow at {uri} cannot be reached ({_short(exc)}; start the tracking server, fix "
                         "--mlflow_uri / MLFLOW_TRACKING_URI, or drop mlflow from --tracker)") from None
@@ -327,8 +331,9 @@ class Trackers:
     def checkpointed(self, history: History) -> None:
         self._each(lambda b: b.checkpointed(history))
 
-    def finish(self, out: Path) -> None:
-        self._each(lambda b: b.finish(out, self.history))
+    def finish(self, out: Path, files: bool = True) -> None:
+        """The run ended well; `files`: the output folder's files are this run's (artifacts to keep)."""
+        self._each(lambda b: b.finish(out, self.history, files))
         self.backends = []
 
     def fail(self, status: str) -> None:
