@@ -245,12 +245,12 @@ def test_two_cpu_workers_train_data_parallel_and_resume(tmp_path):
 
 
 def _start_node(rank: int, port: int, data: Path, out: Path, *extra: str, timeout: int = 60,
-                env: dict | None = None) -> subprocess.Popen:
+                extra_env: dict | None = None) -> subprocess.Popen:
     """One node of a two-node CPU job on this machine, as a user starts it on each server."""
     import os
 
     env = {**os.environ, "GLOG_v": "3", "NODE_NUM": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "CLUSTER_TIMEOUT": str(timeout), **(env or {})}
+           "MASTER_PORT": str(port), "CLUSTER_TIMEOUT": str(timeout), **(extra_env or {})}
     return subprocess.Popen(["sh", "scripts/run_train.sh", "CPU", str(data), "--output_path", str(out),
                              "--batch_size", "4", "--width", "0.25", "--image_size", "32", "--num_classes", "2",
                              "--warmup_epochs", "0", "--num_parallel_workers", "1", *extra],
@@ -320,9 +320,10 @@ def test_a_node_that_dies_ends_the_other_node(tmp_path):
 
     data = make_imagefolder(tmp_path / "data", per_class=(8, 2))
     out, port = tmp_path / "out", _free_port()
-    # MS_NODE_TIMEOUT: MindSpore's scheduler calls a silent node lost after 30 s by default (node 0 then ended ~38 s
-    # after the kill); 10 s here, the same path sooner
-    nodes = [_start_node(rank, port, data, out, "--epoch_size", "500", timeout=30, env={"MS_NODE_TIMEOUT": "10"})
+    # MS_NODE_TIMEOUT: how long MindSpore's scheduler waits for a silent node (node 0 ended 38 s after the kill
+    # without it, 19 s with 10): the same path, sooner
+    nodes = [_start_node(rank, port, data, out, "--epoch_size", "500", timeout=30,
+                         extra_env={"MS_NODE_TIMEOUT": "10"})
              for rank in (0, 1)]
     try:
         log1 = out / "logs" / "worker_1.log"
