@@ -154,6 +154,9 @@ class Config:
                           "epoch); the log line, train top-1/top-5 and a Ctrl-C come once per sink", min=-1)
     max_steps: int = _opt(0, "stop after N optimizer steps of this run and print the throughput (the PyTorch seed's "
                           "performance mode; 0: train every epoch); an epoch cut short writes no files", min=0)
+    compile_cache: str = _opt("auto", "where compiled graphs are kept for a rerun of the same configuration (a "
+                              "resume, a restart, the same recipe on other data of the same shape): auto "
+                              "($CLS_CACHE_DIR/compile, default ~/.cache/mindspore_cls/compile), a folder, or none")
     _begin("data pipeline and augmentation")
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
     num_parallel_workers: int = _opt(2, "data pipeline workers", min=1, max=64)

@@ -17,9 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")
-# the tests' image-check cache lives and dies with the test session (not in the user's ~/.cache)
-os.environ["CLS_CACHE_DIR"] = tempfile.mkdtemp(prefix="cls-cache-")
-atexit.register(shutil.rmtree, os.environ["CLS_CACHE_DIR"], True)
+# the tests' caches (image checks, compiled graphs) live and die with the test session, not in the user's ~/.cache;
+# pytest-xdist's workers inherit the folder of the process that started them and share it (it removes it at the end)
+if "CLS_TEST_CACHE_DIR" not in os.environ:
+    os.environ["CLS_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="cls-cache-")
+    atexit.register(shutil.rmtree, os.environ["CLS_TEST_CACHE_DIR"], True)
+os.environ["CLS_CACHE_DIR"] = os.environ["CLS_TEST_CACHE_DIR"]
 
 from src.device import prepare_cpu_environment  # noqa: E402
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mindspore.train import Model
 
+from src.compile_cache import compile_cache, data_facts
 from src.config import Config
 from src.data.checks import check_dataset
 from src.data.pipeline import create_dataset
@@ -51,11 +52,13 @@ def evaluate(cfg: Config) -> EvalResult:
         log.info("CPU: onnxruntime is the faster path for inference here: python export.py --file_format ONNX, "
                  "then python eval_onnx.py or predict.py --onnx_file")
     dataset = create_dataset(cfg, source, training=False)
-    eval_net = eval_cell(inference_net(cfg, weights), cfg).set_train(False)
     names = meta.class_names if meta.class_names and len(meta.class_names) == cfg.num_classes else \
         source.class_names
-    model = Model(eval_net, eval_network=eval_net, metrics={**accuracy_metrics(), "per_class": ConfusionCounts(names)})
-    result = model.eval(dataset, dataset_sink_mode=False)
+    with compile_cache(cfg, "eval", data_facts(source)):
+        eval_net = eval_cell(inference_net(cfg, weights), cfg).set_train(False)
+        model = Model(eval_net, eval_network=eval_net,
+                      metrics={**accuracy_metrics(), "per_class": ConfusionCounts(names)})
+        result = model.eval(dataset, dataset_sink_mode=False)
     csv_path, png_path = write_per_class(result["per_class"], Path(cfg.output_path))
     log_worst(result["per_class"])
     log.info("per-class results: %s, %s", csv_path, png_path)

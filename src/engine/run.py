@@ -17,6 +17,7 @@ from mindspore import nn
 from mindspore.train import Model
 
 from src.cloud import upload_outputs
+from src.compile_cache import compile_cache, data_facts
 from src.config import Config
 from src.data.checks import DataSource, check_dataset, train_class_counts
 from src.data.feature_cache import cached_features, feature_datasets
@@ -107,17 +108,18 @@ def train(cfg: Config) -> TrainResult:
     try:
         trackers = _open_trackers(cfg, folder, resume)  # before anything compiles
         _warn_about_settings(cfg, ranks)
-        net = _build_net(cfg, resume, pretrain)
-        data = _build_data(cfg, source, net, ranks, resume)
-        trackers.images_per_epoch = data.batches * cfg.batch_size * ranks.group_size
-        lr = schedule_of(cfg, data.updates)
-        train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches, loss_weights)
-        initial_epoch = _restore_training_state(cfg, train_step, resume)
-        _log_summary(cfg, source, data, net)
-        if ranks.is_main:
-            _log_classes(cfg, source, counts, loss_weights)
-        state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch,
-                     trackers)
+        with compile_cache(cfg, "train", data_facts(source, counts), ranks.rank, ranks.group_size):
+            net = _build_net(cfg, resume, pretrain)
+            data = _build_data(cfg, source, net, ranks, resume)
+            trackers.images_per_epoch = data.batches * cfg.batch_size * ranks.group_size
+            lr = schedule_of(cfg, data.updates)
+            train_step, eval_net = build_train_step(data.trainable, cfg, lr, data.batches, loss_weights)
+            initial_epoch = _restore_training_state(cfg, train_step, resume)
+            _log_summary(cfg, source, data, net)
+            if ranks.is_main:
+                _log_classes(cfg, source, counts, loss_weights)
+            state = _fit(cfg, source, data, net, train_step, eval_net, lr, ranks, folder, resume, initial_epoch,
+                         trackers)
         result = _outcome(cfg, state, net, ranks, folder, start)
         tracking = trackers.on
         # the folder's files are this run's once it has settled (a --max_steps run may stop in its first epoch)
