@@ -101,6 +101,7 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
     import mindspore as ms
     import numpy as np
 
+    from src.compile_cache import compile_cache
     from src.device import setup_device
     from src.engine.lr_schedule import build_lr_schedule
     from src.engine.train_step import build_train_step, inference_cell
@@ -110,23 +111,29 @@ def bench_net(cfg: Config, mode: str, steps: int, warmup: int, rounds: int = 1) 
     rng = np.random.default_rng(0)
     x = ms.Tensor(rng.standard_normal((cfg.batch_size, 3, cfg.image_size, cfg.image_size)).astype(np.float32))
     y = ms.Tensor(rng.integers(0, cfg.num_classes, cfg.batch_size).astype(np.int32))
-    net = net_from_config(cfg)
-    if mode == "train":
-        # one LR value per step the optimizer will take (the schedule is indexed by the global step)
-        lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, 1 + warmup + steps * rounds)
-        train_step, _ = build_train_step(net, cfg, lr, batches_per_epoch=len(lr))
+    # the time to first step as train.py has it: from the checked compile cache when this exact benchmark ran before
+    # (--compile_cache none: always compiled); the JSON's compile_cache says which
+    lr_steps = 1 + warmup + steps * rounds
+    with compile_cache(cfg, f"benchmark-{mode}", {"lr_steps": lr_steps}) as cache:
+        net = net_from_config(cfg)
+        if mode == "train":
+            # one LR value per step the optimizer will take (the schedule is indexed by the global step)
+            lr = build_lr_schedule("cosine", 0.0, 0.01, 0.0, 0, 1, lr_steps)
+            train_step, _ = build_train_step(net, cfg, lr, batches_per_epoch=len(lr))
 
-        def step():
-            train_step(x, y).asnumpy()
-    else:
-        net.set_train(False)
-        infer = inference_cell(net, cfg)
+            def step():
+                train_step(x, y).asnumpy()
+        else:
+            net.set_train(False)
+            infer = inference_cell(net, cfg)
 
-        def step():
-            infer(x).asnumpy()
-    compile_s, times = _time_steps(step, steps, warmup)
+            def step():
+                infer(x).asnumpy()
+        compile_s, times = _time_steps(step, steps, warmup)
     median = statistics.median(times)
-    return {"img_per_s": cfg.batch_size / median, "median_step_s": median, "compile_s": compile_s, "step": step}
+    cached = "off" if cache is None else f"{cache.loaded} loaded, {cache.stored} compiled"
+    return {"img_per_s": cfg.batch_size / median, "median_step_s": median, "compile_s": compile_s,
+            "compile_cache": cached, "step": step}
 
 
 def bench_data(cfg: Config, steps: int, warmup: int) -> dict:
@@ -275,7 +282,8 @@ def _report(cfg: Config, args: argparse.Namespace, side: _Worker) -> int:
     result = {"model": cfg.model if args.mode != "data" else None, "mode": args.mode, "batch_size": cfg.batch_size,
               "image_size": cfg.image_size, "amp_level": cfg.amp_level, **result}
     print(f"{args.mode} {result['model'] or cfg.dataset_path}: {result['img_per_s']:.2f} images/s, median step "
-          f"{result['median_step_s'] * 1000:.1f} ms, time to first step {result['compile_s']:.1f} s, "
+          f"{result['median_step_s'] * 1000:.1f} ms, time to first step {result['compile_s']:.1f} s"
+          f"{' (compile cache: ' + result['compile_cache'] + ')' if 'compile_cache' in result else ''}, "
           f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     threads = result["threads"]
     kernels = f", C++ kernels {threads['cpp_kernels_openmp']} OpenMP" if threads["cpp_kernels_openmp"] else ""

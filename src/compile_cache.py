@@ -42,11 +42,19 @@ from src.config import Config
 log = logging.getLogger("train")
 FORMAT = 1  # the store's layout; another value starts a new store
 ROOT = Path(__file__).resolve().parent.parent
-# config keys that only say where things are or where curves go: no graph holds them
+# config keys no graph holds: where things are and where curves go; what only the host reads (the data pipeline,
+# the callbacks, the checkpoint policy); and the LR schedule, which the optimizer holds as a Parameter (values are
+# not part of a graph; its length is in the compile's signature). No module that builds a graph reads any of them.
 EXCLUDED = frozenset({
-    "dataset_path", "train_list", "val_list", "train_csv", "val_csv", "class_names", "output_path", "pretrain_ckpt",
-    "resume_ckpt", "tracker", "mlflow_uri", "mlflow_experiment", "mlflow_run_name", "data_url", "train_url",
-    "checkpoint_url", "ckpt_file", "file_name", "onnx_file", "device_id", "compile_cache", "debug"})
+    "dataset_path", "train_list", "val_list", "train_csv", "val_csv", "csv_image_column", "csv_label_column",
+    "class_names", "output_path", "pretrain_ckpt", "resume_ckpt", "tracker", "mlflow_uri", "mlflow_experiment",
+    "mlflow_run_name", "data_url", "train_url", "checkpoint_url", "ckpt_file", "file_name", "onnx_file", "device_id",
+    "compile_cache", "debug",
+    "num_parallel_workers", "sampler", "crop_scale_min", "random_flip", "color_jitter", "auto_augment", "mean", "std",
+    "crop_pct", "interpolation", "resume_data", "print_freq", "save_checkpoint_epochs", "keep_checkpoint_max",
+    "eval_interval", "run_eval", "fingerprint_data", "max_steps",
+    "epoch_size", "lr_decay_mode", "lr_init", "lr_max", "lr_end", "warmup_epochs", "lr_step_size", "lr_gamma",
+    "lr_milestones", "lr_step_per_epoch", "num_cycles", "cycle_decay"})
 # environment variables of MindSpore's cluster set-up (addresses, timeouts): they differ per launch, no graph holds them
 CLUSTER_ENV = frozenset({"MS_SCHED_HOST", "MS_SCHED_PORT", "MS_NODE_ID", "MS_ROLE", "MS_NODE_TIMEOUT",
                          "MS_TOPO_TIMEOUT", "MS_RECEIVE_MSG_TIMEOUT", "MS_RETRY_INTERVAL", "MS_COMPILER_CACHE_ENABLE",
@@ -312,8 +320,10 @@ def _reap(root: Path) -> None:
 
 
 @contextmanager
-def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0, group_size: int = 1) -> Iterator[None]:
-    """Within the block, MindSpore's compiles go through the checked cache of the `compile_cache` key."""
+def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
+                  group_size: int = 1) -> Iterator[_State | None]:
+    """Within the block, MindSpore's compiles go through the checked cache of the `compile_cache` key. Yields the
+    cache's counts (loaded, stored), or None when it is not used."""
     root = store_root(cfg.compile_cache)
     if root is None:
         yield
@@ -359,7 +369,7 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0, 
     guard.install()
     start = time.perf_counter()
     try:
-        yield
+        yield state
     finally:
         guard.uninstall()
         os.environ.pop(ENABLE, None)

@@ -82,6 +82,7 @@ def test_resume_continues_epoch_and_lr(trained, tmp_path):
     # the copied folder's store points at the copy's artifact folder
     assert runs["FINISHED"].info.artifact_uri.startswith((resumed_out / "mlartifacts").as_uri())
     assert "resuming" in proc.stdout and "from epoch 1 (global step 3)" in proc.stdout
+    assert "compile cache: 3 graphs loaded, 0 compiled" in proc.stdout  # the shared run's: the weights below agree
     lines = PADDLE_LINE.findall(proc.stdout)
     assert [m[:2] for m in lines] == [("2", "0"), ("2", "2")]  # epoch 1 is not trained again
     full_lr = {m[:2]: m[2] for m in PADDLE_LINE.findall(full.stdout)}
