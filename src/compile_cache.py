@@ -50,9 +50,9 @@ EXCLUDED = frozenset({
     "class_names", "output_path", "pretrain_ckpt", "resume_ckpt", "tracker", "mlflow_uri", "mlflow_experiment",
     "mlflow_run_name", "data_url", "train_url", "checkpoint_url", "ckpt_file", "file_name", "onnx_file", "device_id",
     "compile_cache", "debug",
-    "num_parallel_workers", "sampler", "crop_scale_min", "random_flip", "color_jitter", "auto_augment", "mean", "std",
-    "crop_pct", "interpolation", "resume_data", "print_freq", "save_checkpoint_epochs", "keep_checkpoint_max",
-    "eval_interval", "run_eval", "fingerprint_data", "max_steps",
+    "dataset", "num_parallel_workers", "sampler", "crop_scale_min", "random_flip", "color_jitter", "auto_augment",
+    "mean", "std", "crop_pct", "interpolation", "resume_data", "print_freq", "save_checkpoint_epochs",
+    "keep_checkpoint_max", "eval_interval", "run_eval", "fingerprint_data", "max_steps",
     "epoch_size", "lr_decay_mode", "lr_init", "lr_max", "lr_end", "warmup_epochs", "lr_step_size", "lr_gamma",
     "lr_milestones", "lr_step_per_epoch", "num_cycles", "cycle_decay"})
 # environment variables of MindSpore's cluster set-up (addresses, timeouts): they differ per launch, no graph holds them
@@ -61,6 +61,7 @@ CLUSTER_ENV = frozenset({"MS_SCHED_HOST", "MS_SCHED_PORT", "MS_NODE_ID", "MS_ROL
                          "MS_COMPILER_CACHE_PATH"})
 OTHER_ENV = ("ONEDNN_MAX_CPU_ISA", "CLS_CPU_KERNELS", "OMP_NUM_THREADS", "DEVICE_ID", "RANK_SIZE", "RANK_ID")
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
+DEPENDENCY = "compile_dependency.hash"  # MindSpore's hash of the Python files, checked before it loads a graph
 # what MindSpore writes on a cell about its compiles (they hold object ids and times)
 BOOKKEEPING = frozenset({"arguments_key", "current_phase", "compile_phase", "phase"})
 MAX_BYTES = 2 << 30  # the store keeps the entries used last within this size
@@ -166,6 +167,7 @@ class _State:
     store: Path  # this key's entry: graphs/<signature>.<content hash>.mindir, compile_dependency.hash, key.json
     work: Path  # the private folder MindSpore is pointed at
     rank_dir: str
+    prefix: str  # MindSpore names its files <role>compile_cache_<n>.mindir in a cluster (MS_WORKER), else no role
     compiles: int = 0  # compiles of this process so far, as MindSpore counts them
     loaded: int = 0
     stored: int = 0
@@ -222,7 +224,7 @@ class _Guard:
             log.info("compile cache: off for the rest of this run (%s); every later graph is compiled", why)
 
     def _clear(self) -> None:
-        for path in self.state.graph_dir.glob("compile_cache_*.mindir"):
+        for path in self.state.graph_dir.glob("*compile_cache_*.mindir"):
             path.unlink()
 
     def _compile(self, obj, *args, phase: str = "predict", **kwargs):
@@ -244,7 +246,7 @@ class _Guard:
 
     def _checked(self, obj, args, phase, kwargs, new):
         state = self.state
-        target = state.graph_dir / f"compile_cache_{state.compiles}.mindir"
+        target = state.graph_dir / f"{state.prefix}compile_cache_{state.compiles}.mindir"
         placed = None
         if new is not None:
             try:
@@ -260,7 +262,10 @@ class _Guard:
             self._turn_off(f"{type(obj).__name__} compiled again")
             return result
         state.seen.add(new[0])
-        written = sorted(state.graph_dir.glob("compile_cache_*.mindir"))
+        written = sorted(state.graph_dir.glob("*compile_cache_*.mindir"))
+        if not written:  # MindSpore logs why on stderr (a full disk, say); the graph itself compiled
+            self._turn_off(f"MindSpore wrote no graph into {state.graph_dir}")
+            return result
         if written != [target]:
             self._turn_off(f"MindSpore's compile counter is not where this cache expected ({len(written)} files)")
             return result
@@ -288,9 +293,9 @@ class _Guard:
         try:
             (store / "graphs").mkdir(parents=True, exist_ok=True)
             _atomic_copy(written, store / "graphs" / f"{signature}.{_content_hash(written)}.mindir")
-            dependency = written.with_name("compile_dependency.hash")
+            dependency = written.with_name(f"{self.state.prefix}{DEPENDENCY}")
             if dependency.is_file():
-                _atomic_copy(dependency, store / dependency.name)
+                _atomic_copy(dependency, store / DEPENDENCY)
             self.state.stored += 1
         except OSError as exc:  # a full disk costs the cache, never the run
             log.warning("compile cache: cannot store a graph in %s (%s); this run goes on without the "
@@ -356,11 +361,11 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
                     "writable folder, or none)", root, exc.strerror or exc)
         yield
         return
-    state = _State(store, work, f"rank_{rank}")
-    dependency = store / "compile_dependency.hash"
+    state = _State(store, work, f"rank_{rank}", os.environ.get("MS_ROLE", "") if group_size > 1 else "")
+    dependency = store / DEPENDENCY
     if dependency.is_file():
         state.graph_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(dependency, state.graph_dir / dependency.name)
+        shutil.copyfile(dependency, state.graph_dir / f"{state.prefix}{DEPENDENCY}")
     stored = len(list((store / "graphs").glob("*.mindir")))
     log.info("compile cache: %s (%s)", store, f"{stored} graphs of earlier runs with this configuration"
              if stored else "a configuration not compiled before")
