@@ -17,15 +17,18 @@ folder it could misread:
   writes is stored (atomically, file by file) as soon as its compile returns. Anything unexpected (a compile
   counter out of step, a jit function compiling, an input it cannot describe) turns the cache off for the rest of
   the process: a graph is compiled, never guessed.
-Parameter values are not part of a cached graph (measured: a seed-2 run over a seed-1 cache ends with the weights of
-an uncached seed-2 run, bit for bit), so --pretrain_ckpt and --resume_ckpt load as without the cache.
+Parameter values are not part of a cached graph (measured with MindSpore's own cache: a seed-2 run over a seed-1 run's
+cache ended with the weights of an uncached seed-2 run, bit for bit; tests/test_compile_cache.py checks it for
+--pretrain_ckpt, test_cli.py for --resume_ckpt auto), so checkpoints load as without the cache.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -61,6 +64,9 @@ CLUSTER_ENV = frozenset({"MS_SCHED_HOST", "MS_SCHED_PORT", "MS_NODE_ID", "MS_ROL
                          "MS_COMPILER_CACHE_PATH"})
 OTHER_ENV = ("ONEDNN_MAX_CPU_ISA", "CLS_CPU_KERNELS", "OMP_NUM_THREADS", "DEVICE_ID", "RANK_SIZE", "RANK_ID")
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
+COMPILE_OPTIONS = frozenset({"do_convert", "jit_config_dict"})  # compile() keywords that are not the cell's inputs
+ENTRY = re.compile(r"[0-9a-f]{20}")  # a store entry's folder name (the key's hash)
+LOCK = "lock"
 DEPENDENCY = "compile_dependency.hash"  # MindSpore's hash of the Python files, checked before it loads a graph
 # what MindSpore writes on a cell about its compiles (they hold object ids and times)
 BOOKKEEPING = frozenset({"arguments_key", "current_phase", "compile_phase", "phase"})
@@ -82,6 +88,8 @@ def _sources_digest() -> str:
     digest = hashlib.sha256()
     files = sorted([*ROOT.glob("*.py"), *(ROOT / "src").rglob("*.py"), *(ROOT / "src").rglob("*.cc")])
     for path in files:
+        if path.name.startswith((".", "#")) or not path.is_file():  # an editor's lock or backup file
+            continue
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -231,11 +239,11 @@ class _Guard:
         state = self.state
         if state.off:
             return self.cell_compile(obj, *args, phase=phase, **kwargs)
-        inputs = _describe(list(args))
+        inputs = _describe([list(args), sorted([k, v] for k, v in kwargs.items() if k not in COMPILE_OPTIONS)])
         quick = (id(obj), phase, json.dumps(inputs))
         if quick in state.seen:  # compiled before in this process: MindSpore reuses it, no counter step
             return self._checked(obj, args, phase, kwargs, None)
-        if inputs is None or kwargs.get("jit_config_dict"):
+        if inputs is None or kwargs.get("jit_config_dict"):  # (a jit_config_dict changes how it compiles)
             self._turn_off(f"{type(obj).__name__} compiles with inputs this cache does not describe")
             return self.cell_compile(obj, *args, phase=phase, **kwargs)
         params = sorted([p.name, list(p.shape), str(p.dtype), bool(p.requires_grad)]
@@ -255,7 +263,29 @@ class _Guard:
             except OSError as exc:
                 self._turn_off(f"cannot use {state.graph_dir}: {exc.strerror or exc}")
                 return self.cell_compile(obj, *args, phase=phase, **kwargs)
-        result = self.cell_compile(obj, *args, phase=phase, **kwargs)
+        try:
+            result = self.cell_compile(obj, *args, phase=phase, **kwargs)
+        except BaseException:
+            self._turn_off("a compile failed")
+            self._clear_quietly()
+            raise
+        try:
+            return self._after(obj, result, target, placed, new)
+        except OSError as exc:  # the private folder went away under us (another host's clean-up, say)
+            self._turn_off(f"cannot use {state.graph_dir}: {exc.strerror or exc}")
+            return result
+        finally:
+            if placed is not None or state.off:
+                self._clear_quietly()  # a graph put in place never waits there for a later compile
+
+    def _clear_quietly(self) -> None:
+        try:
+            self._clear()
+        except OSError:
+            pass
+
+    def _after(self, obj, result, target: Path, placed: str | None, new):
+        state = self.state
         if state.off or not result[1]:
             return result
         if new is None:  # MindSpore compiled what it had compiled before: the counter moved without our knowing
@@ -270,22 +300,24 @@ class _Guard:
             self._turn_off(f"MindSpore's compile counter is not where this cache expected ({len(written)} files)")
             return result
         state.compiles += 1
-        if placed is not None and target.stat().st_mtime_ns == placed:
+        if placed is not None and _content_hash(target) == placed:  # MindSpore loaded it (else it wrote its own)
             state.loaded += 1
         else:
             self._store(new[1], target)
         target.unlink()
         return result
 
-    def _place(self, signature: str, target: Path) -> int | None:
-        """Put the stored graph of `signature` where MindSpore will look; its mtime, or None when none is stored."""
+    def _place(self, signature: str, target: Path) -> str | None:
+        """Put the stored graph of `signature` where MindSpore will look; its content hash, or None when none is
+        stored."""
         for path in (self.state.store / "graphs").glob(f"{signature}.*.mindir"):
-            if path.name.split(".")[1] != _content_hash(path):  # damaged: compile it again
+            digest = path.name.split(".")[1]
+            if digest != _content_hash(path):  # damaged: compile it again
                 path.unlink(missing_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
-            return target.stat().st_mtime_ns
+            return digest
         return None
 
     def _store(self, signature: str, written: Path) -> None:
@@ -303,18 +335,23 @@ class _Guard:
             self._turn_off("the store is not writable")
 
 
-def _reap(root: Path) -> None:
-    """Private folders of processes of this host that are gone (killed runs), and entries beyond MAX_BYTES."""
-    host = socket.gethostname()
-    for path in root.glob(f".run-{host}-*"):
+def _reap(root: Path, keep: Path) -> None:
+    """Private folders whose process is gone (a killed run: its lock is free), and the entries used longest ago
+    beyond MAX_BYTES. Only folders this module made are touched: `--compile_cache ~` deletes nothing of yours."""
+    for path in root.glob(".run-*"):
+        lock = path / LOCK
         try:
-            pid = int(path.name.split("-")[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
+            if time.time() - path.stat().st_mtime < 60:  # just made: its lock may not be taken yet
+                continue
+            with open(lock, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live run's
             continue
-    entries = [(p.stat().st_mtime, p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError:
+            pass
+        shutil.rmtree(path, ignore_errors=True)
+    entries = [(p.stat().st_mtime, p) for p in root.iterdir()
+               if ENTRY.fullmatch(p.name) and (p / "key.json").is_file() and p != keep]
     sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for _, p in entries}
     total = sum(sizes.values())
     for _, path in sorted(entries):
@@ -342,31 +379,36 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
         log.info("compile cache: not used with dataset_sink_mode (the device queue is part of the graph)")
         yield
         return
-    material = key_material(cfg, tool, facts, rank, group_size)
-    key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    store = root / key
+    lock = None
     try:
+        material = key_material(cfg, tool, facts, rank, group_size)
+        key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        store = root / key
         root.mkdir(parents=True, exist_ok=True)
-        _reap(root)
         store.mkdir(exist_ok=True)
         os.utime(store)  # last used, for _reap
+        _reap(root, keep=store)
         if not (store / "key.json").is_file():
             fd, tmp = tempfile.mkstemp(dir=store, prefix=".key.")
             with os.fdopen(fd, "w") as fh:
                 json.dump(material, fh, indent=1, default=str)
             os.replace(tmp, store / "key.json")
         work = Path(tempfile.mkdtemp(prefix=f".run-{socket.gethostname()}-{os.getpid()}-", dir=root))
+        lock = open(work / LOCK, "w")  # held until the process ends: _reap leaves the folder alone
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        state = _State(store, work, f"rank_{rank}", os.environ.get("MS_ROLE", ""))
+        dependency = store / DEPENDENCY
+        if dependency.is_file():
+            state.graph_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dependency, state.graph_dir / f"{state.prefix}{DEPENDENCY}")
+        stored = len(list((store / "graphs").glob("*.mindir")))
     except OSError as exc:
+        if lock:
+            lock.close()
         log.warning("compile cache: cannot use %s (%s); compiling every graph (set --compile_cache to a "
                     "writable folder, or none)", root, exc.strerror or exc)
         yield
         return
-    state = _State(store, work, f"rank_{rank}", os.environ.get("MS_ROLE", "") if group_size > 1 else "")
-    dependency = store / DEPENDENCY
-    if dependency.is_file():
-        state.graph_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(dependency, state.graph_dir / f"{state.prefix}{DEPENDENCY}")
-    stored = len(list((store / "graphs").glob("*.mindir")))
     log.info("compile cache: %s (%s)", store, f"{stored} graphs of earlier runs with this configuration"
              if stored else "a configuration not compiled before")
     guard = _Guard(state)
@@ -380,6 +422,7 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
         os.environ.pop(ENABLE, None)
         os.environ.pop(PATH, None)
         shutil.rmtree(work, ignore_errors=True)
+        lock.close()
         if state.compiles:
             log.info("compile cache: %d graphs loaded, %d compiled and stored%s (%.1f s in the block)", state.loaded,
                      state.stored, f"; off after that: {state.off}" if state.off else "",

@@ -154,8 +154,8 @@ class Config:
                           "epoch); the log line, train top-1/top-5 and a Ctrl-C come once per sink", min=-1)
     max_steps: int = _opt(0, "stop after N optimizer steps of this run and print the throughput (the PyTorch seed's "
                           "performance mode; 0: train every epoch); an epoch cut short writes no files", min=0)
-    compile_cache: str = _opt("auto", "where compiled graphs are kept for a rerun of the same configuration (a "
-                              "resume, a restart, the same recipe on other data of the same shape): auto "
+    compile_cache: str = _opt("auto", "where compiled graphs are kept for a rerun of the same configuration on the "
+                              "same data (a resume, a restart, the same recipe with other paths or LR values): auto "
                               "($CLS_CACHE_DIR/compile, default ~/.cache/mindspore_cls/compile), a folder, or none")
     _begin("data pipeline and augmentation")
     batch_size: int = _opt(32, "batch size per device", min=1, max=8192)
@@ -331,6 +331,8 @@ class Config:
             parse_policy(self.auto_augment)
         if self.sink_size == 0:
             raise UserError("--sink_size got 0 (use -1 for one sink per epoch, or a number of steps)")
+        if not self.compile_cache.strip():
+            raise UserError("--compile_cache got an empty value (use auto, a folder for the compiled graphs, or none)")
         if self.fingerprint_data and self.dataset_sink_mode and self.platform != "CPU":
             raise UserError("--fingerprint_data True needs the batches on the host, which data sinking bypasses "
                             "(use --dataset_sink_mode False for that run)")

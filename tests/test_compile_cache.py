@@ -4,17 +4,20 @@ written costs the cache only."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from conftest import ROOT, TINY_TRAIN, make_imagefolder, run_cli, with_flags
 
+import src.compile_cache as compile_cache
 from src.compile_cache import EXCLUDED, key_material
 from src.config import Config
 
@@ -124,6 +127,8 @@ def test_a_killed_run_leaves_no_graph_and_its_folder_is_removed_later(tmp_path):
     left = store / f".run-{socket.gethostname()}-{dead.pid}-abc"  # what a kill -9 during a compile leaves behind
     (left / "rank_0" / "graph_cache").mkdir(parents=True)
     (left / "rank_0" / "graph_cache" / "compile_cache_0.mindir").write_bytes(b"half a graph")
+    (left / "lock").touch()  # its process held the lock; the kernel let go of it with the process
+    os.utime(left, (time.time() - 120, time.time() - 120))
     run = _cells(tmp_path, store, "a")
     assert run.returncode == 0 and "a right" in run.stdout
     assert not left.exists()
@@ -186,3 +191,45 @@ def test_fine_tuning_from_the_cache_trains_the_same_weights(trained, tmp_path):
     assert _summary((outs[1] / "train.log").read_text()) == (3, 0)
     first, again = (_weights(next((o / "checkpoint").glob("mobilenetv2-1_*.ckpt"))) for o in outs)
     assert [k for k in first if not np.array_equal(first[k], again[k])] == []
+
+
+def test_the_clean_up_touches_only_the_caches_own_folders(tmp_path, monkeypatch):
+    """--compile_cache ~ or a folder of other things: over the size limit, only entries go, the oldest first, never
+    the one in use, never a folder of the user's; a live run's private folder stays."""
+    import fcntl
+
+    root = tmp_path / "home"
+    mine = root / "my_datasets"
+    mine.mkdir(parents=True)
+    (mine / "big.bin").write_bytes(b"x" * 5000)
+    entries = []
+    for i, name in enumerate(("a" * 20, "b" * 20, "c" * 20)):
+        entry = root / name
+        (entry / "graphs").mkdir(parents=True)
+        (entry / "key.json").write_text("{}")
+        (entry / "graphs" / "g.mindir").write_bytes(b"g" * 1000)
+        os.utime(entry, (1000 + i, 1000 + i))
+        entries.append(entry)
+    live = root / ".run-otherhost-1-xyz"
+    live.mkdir()
+    os.utime(live, (1000, 1000))
+    with open(live / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        monkeypatch.setattr(compile_cache, "MAX_BYTES", 1500)
+        compile_cache._reap(root, keep=entries[0])
+        assert live.exists()
+    os.utime(live, (1000, 1000))  # (opening its lock file touched the folder)
+    assert mine.exists() and (mine / "big.bin").stat().st_size == 5000
+    assert entries[0].exists()  # the oldest, but in use
+    assert not entries[1].exists()  # the oldest of the others
+    assert entries[2].exists()  # within the limit again
+    compile_cache._reap(root, keep=entries[0])
+    assert not live.exists()  # its lock is free now: its process is gone, on whatever host it ran
+
+
+def test_an_editors_lock_file_in_the_sources_does_not_stop_a_run(tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "run.py").write_text("x = 1\n")
+    (tmp_path / "src" / ".#run.py").symlink_to(tmp_path / "nowhere")  # what Emacs leaves while a file is edited
+    monkeypatch.setattr(compile_cache, "ROOT", tmp_path)
+    assert len(compile_cache._sources_digest()) == 64
