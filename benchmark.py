@@ -45,6 +45,11 @@ from src.config import Config, parse_command_line  # noqa: E402
 from src.errors import UserError, run_cli  # noqa: E402
 
 TORCH_NAMES = {"mobilenetv2": "mobilenet_v2", "resnet50": "resnet50", "mobilenetv3_large": "mobilenet_v3_large"}
+MINDCV_NAMES = {"mobilenetv2": "mobilenet_v2_100", "mobilenetv3_large": "mobilenet_v3_large_100",
+                "mobilenetv3_small": "mobilenet_v3_small_100", "resnet50": "resnet50", "resnet101": "resnet101"}
+MINDCV_SCRIPT = Path(__file__).resolve().parent / "tools" / "mindcv_reference.py"
+# the CPU settings this package's run makes that mindcv's side gets too (MindSpore sets OMP_NUM_THREADS itself)
+SHARED_CPU_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "OMP_WAIT_POLICY")
 # variables that change how many threads a side uses or how they wait; each side's JSON lists those it had
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "OMP_DYNAMIC",
                     "GOMP_SPINCOUNT", "KMP_DUPLICATE_LIB_OK", "KMP_BLOCKTIME", "KMP_AFFINITY", "MKL_NUM_THREADS",
@@ -58,7 +63,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     parser.add_argument("--json", default="False", choices=("True", "False", "true", "false", "1", "0"))
     parser.add_argument("--torch_reference", default=None, help="path of shared/bench/torch_reference.py")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating timings of this project and the reference")
+    parser.add_argument("--mindcv_reference", default="False", choices=("True", "False", "true", "false", "1", "0"),
+                        help="also time mindcv 0.3.0's net of --model (tools/mindcv_reference.py) each round")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating timings of this project and the references")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the timed side, started by main
 
 
@@ -242,6 +249,23 @@ def torch_reference(script: str, cfg: Config, mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _mindcv_env(ours: dict[str, str]) -> dict[str, str]:
+    """START_ENV plus the CPU settings this package's side ran with."""
+    return {name: ours[name] for name in SHARED_CPU_VARIABLES if name in ours}
+
+
+def mindcv_reference(cfg: Config, args: argparse.Namespace, ours: dict[str, str]) -> dict:
+    """One run of tools/mindcv_reference.py in a fresh process: START_ENV with this package's CPU settings."""
+    proc = subprocess.run([sys.executable, str(MINDCV_SCRIPT), "--model", MINDCV_NAMES[cfg.model], "--mode", args.mode,
+                           "--batch-size", str(cfg.batch_size), "--image-size", str(cfg.image_size), "--num-classes",
+                           str(cfg.num_classes), "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                          capture_output=True, text=True, env={**START_ENV, **_mindcv_env(ours)})
+    if proc.returncode != 0:
+        raise UserError(f"the mindcv reference failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''} "
+                        "(pip install -r requirements-dev.txt installs mindcv 0.3.0)")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _env_text(env: dict[str, str]) -> str:
     return " ".join(f"{name}={value}" for name, value in env.items()) or "none"
 
@@ -250,8 +274,14 @@ def main(argv: Sequence[str]) -> int:
     cfg, args = parse_command_line(argv, "benchmark", __doc__, add_arguments=_arguments)
     if args.worker:
         return worker(cfg, args)
-    if args.rounds < 1 or (args.rounds > 1 and (not args.torch_reference or args.mode == "data")):
-        raise UserError("--rounds needs --torch_reference and --mode train or infer, and must be at least 1")
+    args.mindcv_reference = args.mindcv_reference in ("True", "true", "1")
+    if args.rounds < 1 or (args.rounds > 1 and (not (args.torch_reference or args.mindcv_reference)
+                                                or args.mode == "data")):
+        raise UserError("--rounds needs --torch_reference or --mindcv_reference True, and --mode train or infer, "
+                        "and must be at least 1")
+    if args.mindcv_reference and (args.mode == "data" or cfg.model not in MINDCV_NAMES):
+        raise UserError(f"--mindcv_reference times a net: mindcv has {', '.join(MINDCV_NAMES)} (not "
+                        f"{cfg.model if args.mode != 'data' else 'the data pipeline'})")
     if args.mode == "train" and (cfg.gradient_accumulation_steps > 1 or cfg.mixes):
         raise UserError("--mode train times the train step on one fixed batch of int labels: "
                         "--gradient_accumulation_steps, --mixup and --cutmix do not apply (drop them; --mode data "
@@ -292,28 +322,46 @@ def _report(cfg: Config, args: argparse.Namespace, side: _Worker) -> int:
     if "per_image_ms" in result:
         print(f"decode + augment: {result['per_image_ms']:.2f} ms of CPU per image ({result['workers']} workers); "
               f"the {result['dataset']} data set check took {result['check_s']:.2f} s")
+    references = []
     if args.torch_reference and args.mode != "data":
-        ratios, ours, theirs, idle = [], [result["img_per_s"]], [], []
-        for i in range(args.rounds):
-            if i > 0:
-                ours.append(side.again()["img_per_s"])
+        references.append("torch")
+    if args.mindcv_reference:
+        references.append("mindcv")
+    ours, idle, runs = [result["img_per_s"]], [], {name: [] for name in references}
+    for i in range(args.rounds if references else 0):
+        if i > 0:
+            ours.append(side.again()["img_per_s"])
+        for name in references:
             before = side.cpu_s()
-            ref = torch_reference(args.torch_reference, cfg, args.mode)
+            ref = torch_reference(args.torch_reference, cfg, args.mode) if name == "torch" else \
+                mindcv_reference(cfg, args, result["env"])
             idle.append(side.cpu_s() - before)
-            theirs.append(ref["img_per_s"])
-            ratios.append(ours[-1] / theirs[-1])
-            print(f"PyTorch {ref['torch']} eager ({ref['layout']}, {ref.get('threads', '?')} threads): "
-                  f"{ref['img_per_s']:.2f} images/s; this project {ours[-1]:.2f} images/s; ratio {ratios[-1]:.2f}x",
-                  flush=True)
-        result.update(torch_img_per_s=statistics.median(theirs), ratio_vs_torch=statistics.median(ratios),
-                      torch_threads=ref.get("threads"), torch_env=thread_env(START_ENV.get),
-                      idle_worker_cpu_s=round(max(idle), 2))
-        print(f"PyTorch's thread variables: {_env_text(result['torch_env'])}; this project's idle worker used "
-              f"{max(idle):.2f} s of CPU while the reference ran", flush=True)
+            runs[name].append((ref, ours[-1] / ref["img_per_s"]))
+            what = f"PyTorch {ref['torch']} eager ({ref['layout']}, {ref.get('threads', '?')} threads)" \
+                if name == "torch" else f"mindcv {ref['mindcv']} {ref['model']} (first step {ref['compile_s']:.1f} s)"
+            print(f"{what}: {ref['img_per_s']:.2f} images/s; this project {ours[-1]:.2f} images/s; ratio "
+                  f"{runs[name][-1][1]:.2f}x", flush=True)
+    if "torch" in runs:
+        refs, ratios = zip(*runs["torch"])
+        result.update(torch_img_per_s=statistics.median(r["img_per_s"] for r in refs),
+                      ratio_vs_torch=statistics.median(ratios), torch_threads=refs[-1].get("threads"),
+                      torch_env=thread_env(START_ENV.get))
+        print(f"PyTorch's thread variables: {_env_text(result['torch_env'])}", flush=True)
         if args.rounds > 1:
-            result["ratios"] = ratios
+            result["ratios"] = list(ratios)
             print(f"median ratio over {args.rounds} alternating rounds: {result['ratio_vs_torch']:.2f}x "
                   f"(range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+    if "mindcv" in runs:
+        refs, ratios = zip(*runs["mindcv"])
+        result.update(mindcv_img_per_s=statistics.median(r["img_per_s"] for r in refs),
+                      ratio_vs_mindcv=statistics.median(ratios), mindcv_ratios=list(ratios),
+                      mindcv_compile_s=statistics.median(r["compile_s"] for r in refs),
+                      mindcv_env=_mindcv_env(result["env"]))
+        print(f"median ratio to mindcv over {args.rounds} rounds: {result['ratio_vs_mindcv']:.2f}x "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+    if idle:
+        result["idle_worker_cpu_s"] = round(max(idle), 2)
+        print(f"this project's idle worker used {max(idle):.2f} s of CPU while the references ran", flush=True)
     if args.json in ("True", "true", "1"):
         print(json.dumps(result))
     return 0

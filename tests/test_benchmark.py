@@ -125,3 +125,24 @@ print(json.dumps({"img_per_s": 100.0, "torch": "x", "layout": "nchw", "threads":
     assert proc.stderr.strip().splitlines()[-1] == ("error: this project's timing process was killed by SIGKILL (out "
                                                     "of memory? see dmesg; then run the benchmark again)")
     assert not proc.stdout.strip().splitlines()[-1].startswith("{")  # no result line
+
+
+def test_mindcv_reference_runs_mindcvs_net_with_this_packages_cpu_settings():
+    """mindcv 0.3.0, MindSpore's own model library, timed in its own process each round; it gets the CPU settings
+    this package's side ran with (ONEDNN_MAX_CPU_ISA on an AVX-512 CPU, OMP_WAIT_POLICY), so the two MindSpore sides
+    differ in the net and the step only."""
+    proc = run_cli("benchmark.py", "--model", "mobilenetv2", "--mode", "infer", "--mindcv_reference", "True",
+                   "--rounds", "2", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.stdout.count("mindcv 0.3.0 mobilenet_v2_100 (first step ") == 2
+    assert len(result["mindcv_ratios"]) == 2 and result["mindcv_img_per_s"] > 0
+    assert result["ratio_vs_mindcv"] == pytest.approx(sum(result["mindcv_ratios"]) / 2)  # the median of two
+    assert result["mindcv_env"] == {k: result["env"][k] for k in ("ONEDNN_MAX_CPU_ISA", "OMP_WAIT_POLICY")
+                                    if k in result["env"]}
+    assert "ratio_vs_torch" not in result
+
+
+def test_mindcv_reference_is_refused_for_the_data_mode():
+    proc = run_cli("benchmark.py", "--mode", "data", "--dataset_path", "x", "--mindcv_reference", "True")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --mindcv_reference times a net")
