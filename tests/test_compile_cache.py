@@ -96,13 +96,14 @@ def test_a_python_attribute_or_an_input_shape_of_another_value_is_another_graph(
     """What MindSpore's own cache got wrong (docs/performance.md): it ran the graph of scale 2 for scale 3, and of
     batch 2 for batch 3. Here each is compiled; the first is loaded again when asked for again."""
     store = tmp_path / "store"
-    assert _summary(_cells(tmp_path, store, "a").stdout) == (0, 1)
+    first = _cells(tmp_path, store, "a")
+    assert _summary(first.stdout) == (0, 1), first.stdout + first.stderr[-2000:]
     for scale, batch in ((3, 2), (2, 3)):
         run = _cells(tmp_path, store, "a", scale, batch)
         assert run.returncode == 0 and "a right" in run.stdout, run.stdout + run.stderr[-2000:]
-        assert _summary(run.stdout) == (0, 1)
+        assert _summary(run.stdout) == (0, 1), run.stdout + run.stderr[-2000:]
     again = _cells(tmp_path, store, "a")
-    assert "a right" in again.stdout and _summary(again.stdout) == (1, 0)
+    assert "a right" in again.stdout and _summary(again.stdout) == (1, 0), again.stdout + again.stderr[-2000:]
 
 
 def test_a_damaged_stored_graph_is_compiled_again(tmp_path):
