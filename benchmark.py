@@ -250,7 +250,7 @@ def torch_reference(script: str, cfg: Config, mode: str) -> dict:
 
 
 def _mindcv_env(ours: dict[str, str]) -> dict[str, str]:
-    """START_ENV plus the CPU settings this package's side ran with."""
+    """The CPU settings this package's side ran with that mindcv's side gets on top of START_ENV."""
     return {name: ours[name] for name in SHARED_CPU_VARIABLES if name in ours}
 
 

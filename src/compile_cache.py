@@ -7,11 +7,13 @@ two cells compiled in the other order silently ran each other's graphs. So this 
 folder it could misread:
 
 - A store entry is keyed by everything a graph can hold as a constant: MindSpore's and Python's versions, the
-  package's sources and its C++ kernel library, the tool, every resolved config key but the paths and the
-  trackers (EXCLUDED), what comes from the data (train images per class, val images), the rank and world size, and
-  the environment MindSpore compiles under. Another value of any of them is another entry.
+  package's sources and its C++ kernel library, the tool, every resolved config key but those no graph holds
+  (EXCLUDED: paths, trackers, the data pipeline, callbacks, checkpoint policy, the LR schedule's values), what comes
+  from the data (train images per class, val images), the rank and world size, and the environment MindSpore
+  compiles under. Another value of any of them is another entry.
 - Within an entry, graphs are stored by a signature of the compile itself (the cell's class, the phase, the inputs'
-  shapes and types, every parameter's name, shape and type), and verified by their content hash.
+  shapes and types, every parameter's name, shape and type, and every sub-cell's plain attributes, small constant
+  tensors and primitives' attributes), and verified by their content hash.
 - Each process compiles in a private folder that holds at most one graph at a time: right before each compile, the
   stored graph of that compile's signature is put there under the name MindSpore will look for; a new graph MindSpore
   writes is stored (atomically, file by file) as soon as its compile returns. Anything unexpected (a compile
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from src.config import Config
+from src.files import write_atomically
 
 log = logging.getLogger("train")
 FORMAT = 1  # the store's layout; another value starts a new store
@@ -192,14 +195,8 @@ def _content_hash(path: Path) -> str:
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """A reader sees no file or the whole copy; an OSError is the caller's (it costs the cache, not the run)."""
+    write_atomically(dest, lambda tmp: shutil.copyfile(src, tmp), errors=())
 
 
 class _Guard:
@@ -389,10 +386,8 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
         os.utime(store)  # last used, for _reap
         _reap(root, keep=store)
         if not (store / "key.json").is_file():
-            fd, tmp = tempfile.mkstemp(dir=store, prefix=".key.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(material, fh, indent=1, default=str)
-            os.replace(tmp, store / "key.json")
+            text = json.dumps(material, indent=1, default=str)
+            write_atomically(store / "key.json", lambda tmp: tmp.write_text(text), errors=())
         work = Path(tempfile.mkdtemp(prefix=f".run-{socket.gethostname()}-{os.getpid()}-", dir=root))
         lock = open(work / LOCK, "w")  # held until the process ends: _reap leaves the folder alone
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -401,7 +396,7 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
         if dependency.is_file():
             state.graph_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(dependency, state.graph_dir / f"{state.prefix}{DEPENDENCY}")
-        stored = len(list((store / "graphs").glob("*.mindir")))
+        stored = len(list((store / "graphs").glob("[0-9a-f]*.mindir")))  # (not a copy under way)
     except OSError as exc:
         if lock:
             lock.close()
