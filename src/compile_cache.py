@@ -7,10 +7,11 @@ two cells compiled in the other order silently ran each other's graphs. So this 
 folder it could misread:
 
 - A store entry is keyed by everything a graph can hold as a constant: MindSpore's and Python's versions, the
-  package's sources and its C++ kernel library, the tool, every resolved config key but those no graph holds
-  (EXCLUDED: paths, trackers, the data pipeline, callbacks, checkpoint policy, the LR schedule's values), what comes
-  from the data (train images per class, val images), the rank and world size, and the environment MindSpore
-  compiles under. Another value of any of them is another entry.
+  package's sources and its C++ kernel library, the tool, the files MindSpore itself hashes from the entry script,
+  every resolved config key but those no graph holds (EXCLUDED: paths, trackers, the data pipeline, callbacks,
+  checkpoint policy, the LR schedule's values), the classes (and train images per class when the loss weighs by
+  them), the rank and world size, and the environment MindSpore compiles under. Another value of any of them is
+  another entry.
 - Within an entry, graphs are stored by a signature of the compile itself (the cell's class, the phase, the inputs'
   shapes and types, every parameter's name, shape and type, and every sub-cell's plain attributes, small constant
   tensors and primitives' attributes), and verified by their content hash.
@@ -54,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = frozenset({
     "dataset_path", "train_list", "val_list", "train_csv", "val_csv", "csv_image_column", "csv_label_column",
     "class_names", "output_path", "pretrain_ckpt", "resume_ckpt", "tracker", "mlflow_uri", "mlflow_experiment",
-    "mlflow_run_name", "data_url", "train_url", "checkpoint_url", "ckpt_file", "file_name", "onnx_file", "device_id",
+    "mlflow_run_name", "data_url", "train_url", "checkpoint_url", "enable_modelarts", "ckpt_file", "file_name",
+    "onnx_file", "device_id",
     "compile_cache", "debug",
     "dataset", "num_parallel_workers", "sampler", "crop_scale_min", "random_flip", "color_jitter", "auto_augment",
     "mean", "std", "crop_pct", "interpolation", "resume_data", "print_freq", "save_checkpoint_epochs",
@@ -65,7 +67,8 @@ EXCLUDED = frozenset({
 CLUSTER_ENV = frozenset({"MS_SCHED_HOST", "MS_SCHED_PORT", "MS_NODE_ID", "MS_ROLE", "MS_NODE_TIMEOUT",
                          "MS_TOPO_TIMEOUT", "MS_RECEIVE_MSG_TIMEOUT", "MS_RETRY_INTERVAL", "MS_COMPILER_CACHE_ENABLE",
                          "MS_COMPILER_CACHE_PATH"})
-OTHER_ENV = ("ONEDNN_MAX_CPU_ISA", "CLS_CPU_KERNELS", "OMP_NUM_THREADS", "DEVICE_ID", "RANK_SIZE", "RANK_ID")
+# (RANK_ID and RANK_SIZE are not: the key holds the rank and world size the run actually has)
+OTHER_ENV = ("ONEDNN_MAX_CPU_ISA", "CLS_CPU_KERNELS", "OMP_NUM_THREADS")
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
 COMPILE_OPTIONS = frozenset({"do_convert", "jit_config_dict"})  # compile() keywords that are not the cell's inputs
 ENTRY = re.compile(r"[0-9a-f]{20}")  # a store entry's folder name (the key's hash)
@@ -97,6 +100,26 @@ def _sources_digest() -> str:
     return digest.hexdigest()
 
 
+def _entry_digest() -> str:
+    """MindSpore's own check, made part of the key: the hash of the Python files it finds from the entry script
+    (sys.argv[0] and what it imports outside site-packages). One store holds one such hash (DEPENDENCY), so two
+    entry points sharing a store (train.py and a test calling train(), or a run under cProfile) would replace each
+    other's hash and MindSpore would load none of the graphs (measured: 0 of 3 loaded after a cProfile run)."""
+    try:
+        from mindspore.graph.api import _get_compile_cache_dep_files
+
+        files = sorted(_get_compile_cache_dep_files())
+    except Exception as exc:  # noqa: BLE001 (a private function of MindSpore's: its absence costs only sharing)
+        return f"{os.path.realpath(sys.argv[0])} ({type(exc).__name__})"
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            digest.update(Path(path).read_bytes() + b"\0")
+        except OSError:
+            digest.update(f"{path} unreadable\0".encode())
+    return digest.hexdigest()
+
+
 def _kernel_library(cfg: Config) -> str:
     """The C++ kernels' library path (graphs name it in their Custom ops; its name holds its sources' hash)."""
     if cfg.platform != "CPU":
@@ -114,8 +137,10 @@ def key_material(cfg: Config, tool: str, facts: dict[str, Any], rank: int, group
 
     env = {k: v for k, v in os.environ.items() if k.startswith("MS_") and k not in CLUSTER_ENV}
     env.update({k: os.environ[k] for k in OTHER_ENV if k in os.environ})
+    if cfg.platform != "CPU" and "DEVICE_ID" in os.environ:  # the device a graph is built for
+        env["DEVICE_ID"] = os.environ["DEVICE_ID"]
     return {"format": FORMAT, "mindspore": ms.__version__, "python": sys.version.split()[0], "tool": tool,
-            "sources": _sources_digest(), "kernels": _kernel_library(cfg),
+            "sources": _sources_digest(), "entry": _entry_digest(), "kernels": _kernel_library(cfg),
             "config": {k: v for k, v in sorted(cfg.to_dict().items()) if k not in EXCLUDED},
             "data": facts, "rank": rank, "group_size": group_size, "env": dict(sorted(env.items()))}
 
@@ -309,11 +334,14 @@ class _Guard:
         stored."""
         for path in (self.state.store / "graphs").glob(f"{signature}.*.mindir"):
             digest = path.name.split(".")[1]
-            if digest != _content_hash(path):  # damaged: compile it again
-                path.unlink(missing_ok=True)
+            try:
+                if digest != _content_hash(path):  # damaged: compile it again
+                    path.unlink(missing_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            except FileNotFoundError:  # replaced by another run's newer graph meanwhile
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
             return digest
         return None
 
@@ -321,7 +349,11 @@ class _Guard:
         store = self.state.store
         try:
             (store / "graphs").mkdir(parents=True, exist_ok=True)
-            _atomic_copy(written, store / "graphs" / f"{signature}.{_content_hash(written)}.mindir")
+            name = f"{signature}.{_content_hash(written)}.mindir"
+            _atomic_copy(written, store / "graphs" / name)
+            for older in (store / "graphs").glob(f"{signature}.*.mindir"):  # one graph per signature: the newest
+                if older.name != name:
+                    older.unlink(missing_ok=True)
             dependency = written.with_name(f"{self.state.prefix}{DEPENDENCY}")
             if dependency.is_file():
                 _atomic_copy(dependency, store / DEPENDENCY)
@@ -424,7 +456,9 @@ def compile_cache(cfg: Config, tool: str, facts: dict[str, Any], rank: int = 0,
                      time.perf_counter() - start)
 
 
-def data_facts(source, train_counts: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """What a graph can take from the data rather than the config (class weights come from the class counts)."""
-    return {"classes": len(source.class_names), "train_per_class": list(train_counts) if train_counts else None,
-            "val_images": source.val.num_images if source.val else None}
+def data_facts(source, train_counts: tuple[int, ...] | None = None, class_weights: str = "none") -> dict[str, Any]:
+    """What a graph can take from the data rather than the config: the classes, and the train images per class
+    when the loss weighs the classes by them. (How many images there are shows in the compiles' signatures: the
+    batch shapes, the steps per epoch of gradient accumulation, the LR schedule's length.)"""
+    weighted = class_weights != "none" and train_counts
+    return {"classes": len(source.class_names), "train_per_class": list(train_counts) if weighted else None}

@@ -12,13 +12,14 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mindspore as ms
 import numpy as np
 from conftest import ROOT, TINY_TRAIN, make_imagefolder, run_cli, with_flags
 
 import src.compile_cache as compile_cache
-from src.compile_cache import EXCLUDED, key_material
+from src.compile_cache import EXCLUDED, data_facts, key_material
 from src.config import Config
 
 SUMMARY = re.compile(r"compile cache: (\d+) graphs loaded, (\d+) compiled and stored")
@@ -145,7 +146,7 @@ def test_a_store_that_cannot_be_written_costs_the_cache_not_the_run(tmp_path):
     assert re.search(r"compile cache: cannot use .*a-file/store .*compiling every graph", run.stdout + run.stderr)
 
 
-def test_the_key_holds_every_config_value_but_the_paths():
+def test_the_key_holds_every_config_value_but_the_paths(monkeypatch):
     base = key_material(Config(), "train", {"classes": 2}, 0, 1)
     same = {"output_path": "/elsewhere", "dataset_path": "/other/data", "tracker": "mlflow", "epoch_size": 3,
             "lr_max": 0.5, "print_freq": 7, "num_parallel_workers": 3, "auto_augment": "randaug-m9-n2"}
@@ -156,7 +157,34 @@ def test_the_key_holds_every_config_value_but_the_paths():
     assert key_material(Config(), "eval", {"classes": 2}, 0, 1) != base
     assert key_material(Config(), "train", {"classes": 3}, 0, 1) != base
     assert key_material(Config(), "train", {"classes": 2}, 1, 2) != base
+    assert key_material(Config(enable_modelarts=True), "train", {"classes": 2}, 0, 1) == base  # a ModelArts restart
+    monkeypatch.setenv("RANK_SIZE", "1")  # what a one-device launcher exports: the key has the rank and world size
+    monkeypatch.setenv("RANK_ID", "0")
+    assert key_material(Config(), "train", {"classes": 2}, 0, 1) == base
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    assert key_material(Config(), "train", {"classes": 2}, 0, 1) != base
+    source = SimpleNamespace(class_names=["cat", "dog"])  # the image counts reach a graph only as class weights
+    assert data_facts(source, (10, 6)) == data_facts(source, (8, 8)) == {"classes": 2, "train_per_class": None}
+    assert data_facts(source, (10, 6), "balanced") != data_facts(source, (8, 8), "balanced")
     assert EXCLUDED <= set(Config().to_dict())  # a renamed key would silently join the key: keep the list true
+
+
+def test_the_key_holds_the_files_mindspore_checks_from_the_entry_script(tmp_path, monkeypatch):
+    """MindSpore keeps one hash of the entry script's files per folder: train.py, a test calling train() and a run
+    under cProfile must not share a store (each replaced the others' hash, and none of the graphs loaded), while two
+    clones of the package in other folders do."""
+    from mindspore.graph import api
+
+    def entry(name: str, text: str) -> str:
+        script = tmp_path / name / "train.py"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(text)
+        monkeypatch.setattr(api, "entry_script_path", str(script))
+        return key_material(Config(), "train", {"classes": 2}, 0, 1)["entry"]
+
+    first = entry("clone1", "print('train')\n")
+    assert entry("clone2", "print('train')\n") == first
+    assert entry("profiled", "import cProfile\n") != first
 
 
 def _weights(ckpt: Path) -> dict[str, np.ndarray]:

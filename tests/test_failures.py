@@ -364,33 +364,35 @@ def test_resume_refuses_another_number_of_steps_per_epoch(trained, earlier_run, 
     assert (out / "train.log").read_bytes().startswith(before["train.log"])  # the attempt is appended to the log
 
 
-# train.py with a fault injected into MindSpore's checkpoint writer, as a disk or a kill would cause it
+# train.py with a fault injected into MindSpore's checkpoint writer, as a disk or a kill would cause it; the fault
+# and the file it hits are its first two arguments, so every such run has the same script (one compile cache entry)
 FAULTY_TRAIN = """
 import errno, os, runpy, signal, sys
 sys.path.insert(0, {root!r})
 import mindspore as ms
 real_save = ms.save_checkpoint
+fault, target = sys.argv[1:3]
 
 def faulty_save(obj, path, *args, **kwargs):
-    if {fault!r} == "enospc" and {target!r} in os.path.basename(path):
+    if fault == "enospc" and target in os.path.basename(path):
         raise OSError(errno.ENOSPC, "No space left on device", path)
     real_save(obj, path, *args, **kwargs)
-    if {fault!r} == "kill" and {target!r} in os.path.basename(path):
+    if fault == "kill" and target in os.path.basename(path):
         with open(path, "r+b") as f:  # the file is half written when the process dies
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
 ms.save_checkpoint = faulty_save
-sys.argv = ["train.py", *sys.argv[1:]]
+sys.argv = ["train.py", *sys.argv[3:]]
 runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
 """
 
 
 def _faulty_training(trained, out: Path, tmp_path: Path, fault: str, target: str) -> subprocess.CompletedProcess:
     script = tmp_path / "faulty_train.py"
-    script.write_text(FAULTY_TRAIN.format(root=str(ROOT), fault=fault, target=target))
-    return run_cli(str(script), "--dataset_path", str(trained.data), "--output_path", str(out), "--epoch_size", "2",
-                   "--save_checkpoint_epochs", "1", *TINY_TRAIN)
+    script.write_text(FAULTY_TRAIN.format(root=str(ROOT)))
+    return run_cli(str(script), fault, target, "--dataset_path", str(trained.data), "--output_path", str(out),
+                   "--epoch_size", "2", "--save_checkpoint_epochs", "1", *TINY_TRAIN)
 
 
 def test_a_full_disk_in_the_first_epochs_outputs_keeps_the_earlier_run(trained, earlier_run, tmp_path):

@@ -108,7 +108,7 @@ def train(cfg: Config) -> TrainResult:
     try:
         trackers = _open_trackers(cfg, folder, resume)  # before anything compiles
         _warn_about_settings(cfg, ranks)
-        with compile_cache(cfg, "train", data_facts(source, counts), ranks.rank, ranks.group_size):
+        with compile_cache(cfg, "train", data_facts(source, counts, cfg.class_weights), ranks.rank, ranks.group_size):
             net = _build_net(cfg, resume, pretrain)
             data = _build_data(cfg, source, net, ranks, resume)
             trackers.images_per_epoch = data.batches * cfg.batch_size * ranks.group_size
